@@ -1,0 +1,70 @@
+"""Studio settings: where data lives and how much of the device jobs may use."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+GiB = 1024**3
+
+
+def default_data_dir() -> Path:
+    env = os.environ.get("STUDIO_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "data"
+
+
+@dataclass(frozen=True)
+class Config:
+    data_dir: Path
+    budget_gb: float = 0.0  # 0: the device's total minus `reserve_gb`
+    reserve_gb: float = 1.0  # left for the desktop and other programs (the CUDA context is in each estimate)
+    idle_unload_s: float = 600.0  # cached models unused this long are unloaded
+    cancel_grace_s: float = 10.0  # a job that ignores cancel this long is killed with its worker
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "studio.db"
+
+    @property
+    def settings_path(self) -> Path:
+        return self.data_dir / "settings.json"
+
+    def budget_bytes(self, device_total: int) -> int:
+        if self.budget_gb > 0:
+            return int(self.budget_gb * GiB)
+        return max(0, device_total - int(self.reserve_gb * GiB))
+
+    @classmethod
+    def load(cls, data_dir: Path | str | None = None, **overrides) -> "Config":
+        """Settings from `<data_dir>/settings.json`, then explicit overrides (CLI flags)."""
+        data_dir = Path(data_dir) if data_dir else default_data_dir()
+        cfg = cls(data_dir=data_dir.resolve())
+        path = cfg.settings_path
+        if path.exists():
+            saved = json.loads(path.read_text())
+            known = {f.name for f in fields(cls)} - {"data_dir"}
+            cfg = replace(cfg, **{k: float(v) for k, v in saved.items() if k in known})
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        return replace(cfg, **overrides) if overrides else cfg
+
+    def save(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in asdict(self).items() if k != "data_dir"}
+        self.settings_path.write_text(json.dumps(data, indent=2))
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.runs_dir, self.uploads_dir, self.datasets_dir):
+            d.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,131 @@
+"""The device layer: GPU readings through NVML (nvidia-ml-py), or RAM readings when there is no NVIDIA driver."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass
+from typing import Iterable, Protocol
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceReading:
+    kind: str  # "cuda" or "cpu": what jobs run on and what the gate measures
+    name: str
+    total: int  # bytes
+    used: int  # bytes, by every process
+    free: int  # bytes available now
+    studio_used: int = 0  # bytes held by the studio's own processes
+    utilization: int | None = None  # percent
+    temperature: int | None = None  # degrees C
+    power_w: float | None = None
+    driver: str | None = None
+    cuda: str | None = None  # CUDA version the driver supports
+    note: str = ""  # shown to the user as is
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Device(Protocol):
+    """Anything that can be read; tests inject a fake with the same method."""
+
+    def read(self, pids: Iterable[int] = ()) -> DeviceReading: ...
+
+
+class NvmlDevice:
+    """One NVIDIA GPU through NVML (memory info v2, so `used` excludes reserved memory)."""
+
+    def __init__(self, index: int = 0):
+        import pynvml
+
+        self._nvml = pynvml
+        pynvml.nvmlInit()
+        self.index = index
+        self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self.name = pynvml.nvmlDeviceGetName(self.handle)
+        self.driver = pynvml.nvmlSystemGetDriverVersion()
+        v = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        self.cuda = f"{v // 1000}.{v % 1000 // 10}"
+
+    def read(self, pids: Iterable[int] = ()) -> DeviceReading:
+        nv = self._nvml
+        try:
+            mem = nv.nvmlDeviceGetMemoryInfo(self.handle, version=nv.nvmlMemory_v2)
+        except (nv.NVMLError, TypeError):
+            mem = nv.nvmlDeviceGetMemoryInfo(self.handle)
+        pids = set(pids)
+        studio = 0
+        try:
+            for p in nv.nvmlDeviceGetComputeRunningProcesses(self.handle):
+                if p.pid in pids and p.usedGpuMemory:
+                    studio += p.usedGpuMemory
+        except nv.NVMLError:
+            pass
+
+        def opt(fn, *a):
+            try:
+                return fn(self.handle, *a)
+            except nv.NVMLError:
+                return None
+
+        util = opt(nv.nvmlDeviceGetUtilizationRates)
+        power = opt(nv.nvmlDeviceGetPowerUsage)
+        return DeviceReading(
+            kind="cuda",
+            name=self.name,
+            total=mem.total,
+            used=mem.used,
+            free=mem.free,
+            studio_used=studio,
+            utilization=util.gpu if util else None,
+            temperature=opt(nv.nvmlDeviceGetTemperature, nv.NVML_TEMPERATURE_GPU),
+            power_w=power / 1000 if power else None,
+            driver=self.driver,
+            cuda=self.cuda,
+        )
+
+
+class CpuDevice:
+    """No NVIDIA GPU: jobs run on the CPU and are gated against RAM."""
+
+    def __init__(self, note: str):
+        self.note = note
+        self.name = f"CPU ({os.cpu_count()} cores)"
+
+    def read(self, pids: Iterable[int] = ()) -> DeviceReading:
+        import psutil
+
+        vm = psutil.virtual_memory()
+        studio = 0
+        for pid in pids:
+            try:
+                studio += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return DeviceReading(
+            kind="cpu",
+            name=self.name,
+            total=vm.total,
+            used=vm.total - vm.available,
+            free=vm.available,
+            studio_used=studio,
+            utilization=int(psutil.cpu_percent(interval=None)),
+            note=self.note,
+        )
+
+
+def detect(index: int = 0) -> Device:
+    """The GPU when NVML finds one, else the CPU with a plain reason."""
+    try:
+        import pynvml
+    except ImportError:
+        return CpuDevice("nvidia-ml-py is not installed: jobs run on the CPU, gated against RAM.")
+    try:
+        return NvmlDevice(index)
+    except pynvml.NVMLError_LibraryNotFound:
+        return CpuDevice("No NVIDIA driver found: jobs run on the CPU, gated against RAM.")
+    except pynvml.NVMLError as e:
+        log.warning("NVML failed: %s", e)
+        return CpuDevice(f"NVML could not read the GPU ({e}): jobs run on the CPU, gated against RAM.")

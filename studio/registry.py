@@ -1,0 +1,26 @@
+"""The one table of job kinds: kind -> worker module. Modules are imported only when used."""
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+WORKERS: dict[str, str] = {}
+
+
+def register(kind: str, module: str) -> None:
+    if kind in WORKERS:
+        raise ValueError(f"duplicate worker kind {kind!r}")
+    WORKERS[kind] = module
+
+
+register("selftest", "workers.selftest")
+register("tinylm", "workers.tinylm")
+register("tinylm_generate", "workers.tinylm_generate")
+
+
+def module_for(kind: str) -> ModuleType:
+    try:
+        name = WORKERS[kind]
+    except KeyError:
+        raise ValueError(f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(WORKERS))}") from None
+    return importlib.import_module(name)

@@ -1,0 +1,96 @@
+"""Job kind `tinylm_generate`: sample text from a trained Tiny LM, with or without the KV cache."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.gate import Estimate
+
+
+@dataclass(frozen=True)
+class Params:
+    checkpoint: str  # a tinylm job id, or the path of its run folder / checkpoint folder
+    prompt: str = "\n"  # text to continue; must use characters the model saw (char tokenizer)
+    max_new_tokens: int = 200  # tokens to generate
+    temperature: float = 0.8  # 0 = greedy
+    top_k: int = 40  # sample among the k most likely tokens; 0 = all
+    kv_cache: bool = True  # reuse keys/values of earlier tokens instead of re-running the whole context
+    seed: int = 0  # 0: a fresh random seed each run
+
+    def __post_init__(self):
+        if not self.checkpoint.strip():
+            raise ValueError("checkpoint is empty: pick a finished Tiny LM training job")
+        if not 1 <= self.max_new_tokens <= 100_000:
+            raise ValueError(f"max_new_tokens must be between 1 and 100000; got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 5:
+            raise ValueError(f"temperature must be between 0 and 5; got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be 0 or more; got {self.top_k}")
+
+
+def checkpoint_dir(checkpoint: str, data_dir: Path) -> Path:
+    """Resolve a job id or a path to the folder holding state.json."""
+    for cand in (Path(data_dir) / "runs" / checkpoint / "checkpoint", Path(checkpoint).expanduser() / "checkpoint",
+                 Path(checkpoint).expanduser()):
+        if (cand / "state.json").exists():
+            return cand
+    raise ValueError(f"no Tiny LM checkpoint found for {checkpoint!r}: give a tinylm job id or its run folder")
+
+
+def validate(p: Params, config) -> None:
+    checkpoint_dir(p.checkpoint, config.data_dir)
+
+
+def estimate(p: Params, device) -> Estimate:
+    from workers.tinylm import load_state
+
+    cuda = getattr(device, "kind", "cpu") == "cuda"
+    try:  # a checkpoint given as a path can be read; a job id gets the bound of the largest preset
+        state = load_state(checkpoint_dir(p.checkpoint, Path("/nonexistent")))
+        c, n = state["config"], state["n_params"]
+    except (ValueError, OSError, KeyError):
+        c, n = {"n_layer": 6, "n_embd": 384, "block_size": 256}, 11_000_000  # gpu-baby with a BPE vocabulary
+    kv = 2 * c["n_layer"] * c["block_size"] * c["n_embd"] * 4
+    return Estimate(parts={"weights": 4 * n, "kv_cache": kv, "workspace": 32 * 2**20,
+                           "context": (620 if cuda else 400) * 2**20})
+
+
+def run(p: Params, ctx) -> dict:
+    import torch
+
+    from workers.tinylm import load_checkpoint, load_state
+    from workers.tinylm_data import load_tokenizer
+    from workers.tinylm_model import GPT, GPTConfig, generate
+
+    ckpt = checkpoint_dir(p.checkpoint, ctx.data_dir)
+    state = load_state(ckpt)
+
+    def load():
+        model = GPT(GPTConfig(**state["config"])).to(ctx.device)
+        load_checkpoint(ckpt, model)
+        model.eval()
+        return (model, load_tokenizer(ckpt / "tokenizer.json")), 4 * model.num_params()
+
+    (model, tok), hit = ctx.cached(f"tinylm:{ckpt.resolve()}:{state['model_file']}", load)
+    ids = tok.encode(p.prompt) if p.prompt else []
+    if not ids:
+        ids = [0]
+    gen = torch.Generator().manual_seed(p.seed or int(time.time_ns() % 2**31))
+    done = [0]
+
+    def on_token():
+        done[0] += 1
+        ctx.progress(done[0], p.max_new_tokens, "generating")
+
+    x = torch.tensor([ids], dtype=torch.long, device=ctx.device)
+    t0 = time.perf_counter()
+    out = generate(model, x, p.max_new_tokens, temperature=p.temperature, top_k=p.top_k or None,
+                   use_cache=p.kv_cache, generator=gen, on_token=on_token)
+    seconds = time.perf_counter() - t0
+    completion = tok.decode(out[0, len(ids):].tolist())
+    (ctx.run_dir / "sample.txt").write_text(p.prompt + completion)
+    ctx.artifact(ctx.run_dir / "sample.txt", "generated text")
+    return {"text": p.prompt + completion, "completion": completion, "tokens": p.max_new_tokens,
+            "seconds": seconds, "tokens_per_s": p.max_new_tokens / seconds, "kv_cache": p.kv_cache,
+            "model_cached": hit}
