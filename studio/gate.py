@@ -9,6 +9,12 @@ from .config import GiB
 PARTS = ("weights", "optimizer", "activations", "kv_cache", "workspace", "context")
 
 
+def runtime_context_bytes(device) -> int:
+    """Memory a job's process holds before any tensor: the CUDA context (~620 MiB of NVML-used memory),
+    or on the CPU the worker's Python + torch resident set (~700 MiB measured)."""
+    return (620 if getattr(device, "kind", "cpu") == "cuda" else 700) * 2**20
+
+
 @dataclass(frozen=True)
 class Estimate:
     """Bytes a job needs on its device, with a breakdown a user can read."""

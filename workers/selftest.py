@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from studio.gate import Estimate
+from studio.gate import Estimate, runtime_context_bytes
 
 
 @dataclass(frozen=True)
@@ -17,8 +17,7 @@ class Params:
 
 
 def estimate(p: Params, device) -> Estimate:
-    cuda = getattr(device, "kind", "cpu") == "cuda"
-    return Estimate(parts={"workspace": p.mib * 2**20, "context": (620 if cuda else 400) * 2**20})
+    return Estimate(parts={"workspace": p.mib * 2**20, "context": runtime_context_bytes(device)})
 
 
 def run(p: Params, ctx) -> dict:

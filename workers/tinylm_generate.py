@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.gate import Estimate
+from studio.gate import Estimate, runtime_context_bytes
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,6 @@ def validate(p: Params, config) -> None:
 def estimate(p: Params, device) -> Estimate:
     from workers.tinylm import load_state
 
-    cuda = getattr(device, "kind", "cpu") == "cuda"
     try:  # a checkpoint given as a path can be read; a job id gets the bound of the largest preset
         state = load_state(checkpoint_dir(p.checkpoint, Path("/nonexistent")))
         c, n = state["config"], state["n_params"]
@@ -53,7 +52,7 @@ def estimate(p: Params, device) -> Estimate:
         c, n = {"n_layer": 6, "n_embd": 384, "block_size": 256}, 11_000_000  # gpu-baby with a BPE vocabulary
     kv = 2 * c["n_layer"] * c["block_size"] * c["n_embd"] * 4
     return Estimate(parts={"weights": 4 * n, "kv_cache": kv, "workspace": 32 * 2**20,
-                           "context": (620 if cuda else 400) * 2**20})
+                           "context": runtime_context_bytes(device)})
 
 
 def run(p: Params, ctx) -> dict:

@@ -119,12 +119,13 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n  # tied head counted once
 
-    def _positions(self, start: int, T: int, k_len: int, device):
+    def _positions(self, start: int, T: int, k_len: int, device, dtype):
         """RoPE tables or the ALiBi bias for T queries at absolute positions start.. against k_len keys."""
         if self.cfg.pos == "rope":
-            t = torch.arange(start, start + T, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq)
-            return (freqs.cos(), freqs.sin()), None
+            # angles in float64: positions past the context (a sliding cache) keep full precision
+            t = torch.arange(start, start + T, device=device, dtype=torch.float64)
+            freqs = torch.outer(t, self.inv_freq.double())
+            return (freqs.cos().to(dtype), freqs.sin().to(dtype)), None
         if self.cfg.pos == "alibi":
             q = torch.arange(k_len - T, k_len, device=device)[:, None]
             k = torch.arange(k_len, device=device)[None, :]
@@ -142,7 +143,7 @@ class GPT(nn.Module):
             if past + T > self.cfg.block_size:
                 raise ValueError(f"learned positions stop at {self.cfg.block_size} tokens")
             x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
-        rope, bias = self._positions(start, T, past + T, idx.device)
+        rope, bias = self._positions(start, T, past + T, idx.device, x.dtype)
         if bias is not None:
             bias = bias.to(x.dtype)
         new_cache = []
@@ -179,9 +180,9 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
              use_cache: bool = True, generator: torch.Generator | None = None, on_token=None) -> torch.Tensor:
     """Extend `idx` by `max_new_tokens`. The cached path gives the same tokens as the uncached one.
 
-    Past the training context, the uncached path sees the last `block_size` tokens. The cache then slides for
-    RoPE and ALiBi (both depend only on relative distance, so dropping the oldest keys is exact); learned absolute
-    positions cannot slide, so that model re-encodes the window each step.
+    Past the training context the model sees the last `block_size` tokens. A cache cannot slide exactly there,
+    even for RoPE and ALiBi: deeper layers' cached keys still carry the dropped tokens. So once the context is
+    full, each step re-encodes the window, exactly as the uncached path does; the cache pays off inside it.
     """
     model.eval()
     bs = model.cfg.block_size
@@ -206,9 +207,6 @@ def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, temperature: fl
         if on_token:
             on_token()
         pending = nxt
-        if cache[0][0].shape[2] >= bs:  # the next token would exceed the context
-            if model.cfg.pos == "learned":
-                cache, pending = None, idx[:, -bs:]
-            else:
-                cache = [(k[:, :, 1 - bs:], v[:, :, 1 - bs:]) for k, v in cache]
+        if cache[0][0].shape[2] >= bs:  # the next token would exceed the context: re-encode the window
+            cache, pending = None, idx[:, -bs:]
     return idx

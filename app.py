@@ -1,0 +1,416 @@
+#!/usr/bin/env python3
+"""Studio: a local AI workbench for one GPU.
+
+    python3 app.py                          serve the UI on http://127.0.0.1:7860
+    python3 app.py run KIND --param k=v     run one job through the same gate, queue and worker
+    python3 app.py jobs list|show|cancel|resume|retry [ID]
+    python3 app.py queue pause|resume
+    python3 app.py doctor                   device, drivers, packages, folders, and a self-test job
+    python3 app.py test [pytest args]       the test suite
+
+On first use it creates .venv beside this file and installs requirements.txt into it (again when that file
+changes), then re-runs itself inside it. Set STUDIO_NO_BOOTSTRAP=1 to use the current environment as it is.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+
+
+def bootstrap() -> None:
+    """Create or refresh .venv from requirements.txt and re-run this command inside it (stdlib only)."""
+    if os.environ.get("STUDIO_NO_BOOTSTRAP") == "1":
+        return
+    if sys.version_info < (3, 10):
+        sys.exit(f"Studio needs Python 3.10 or newer; this is {sys.version.split()[0]}")
+    py = VENV / "bin" / "python"
+    in_venv = Path(sys.prefix).resolve() == VENV.resolve()
+    req = (ROOT / "requirements.txt").read_bytes()
+    digest = hashlib.sha256(req + sys.version.encode()).hexdigest()
+    stamp = VENV / ".requirements.sha256"
+    if in_venv and stamp.exists() and stamp.read_text() == digest:
+        return
+    if not py.exists():
+        print(f"[studio] creating {VENV} …", flush=True)
+        subprocess.check_call([sys.executable, "-m", "venv", str(VENV)])
+    if not stamp.exists() or stamp.read_text() != digest:
+        print("[studio] installing requirements.txt into .venv (first run, or it changed) …", flush=True)
+        subprocess.check_call([str(py), "-m", "pip", "install", "--upgrade", "pip"], stdout=subprocess.DEVNULL)
+        subprocess.check_call([str(py), "-m", "pip", "install", "-r", str(ROOT / "requirements.txt")])
+        stamp.write_text(digest)
+    if not in_venv:
+        os.execv(str(py), [str(py), str(Path(__file__).resolve()), *sys.argv[1:]])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+def _quiet_env() -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _config(args):
+    from studio import Config
+
+    return Config.load(args.data_dir, budget_gb=getattr(args, "budget_gb", None))
+
+
+def _gib(b) -> str:
+    return "—" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def _follow(studio, job, quiet: bool = False) -> int:
+    """Print a job's events until it ends; Ctrl-C cancels it. Exit code: 0 done, 2 refused, 1 otherwise."""
+    import time
+
+    from studio import JobStatus
+
+    if job.status is JobStatus.REFUSED:
+        print(job.error)
+        return 2
+    print(f"job {job.id} ({job.kind}) queued; estimate {_gib(job.estimate_bytes)}"
+          f" of {_gib(job.budget_bytes)} budget — run folder {studio.run_dir(job.id)}", flush=True)
+    last_print, waited = 0.0, None
+    try:
+        events = studio.follow(job.id, poll_s=0.2)
+        while True:
+            try:
+                ev = next(events)
+            except StopIteration:
+                break
+            t = ev["type"]
+            if t == "progress" and not quiet and time.time() - last_print > 1.0:
+                frac = ev.get("fraction")
+                pct = f"{100 * frac:5.1f}% " if frac is not None else ""
+                print(f"  {pct}{ev.get('message', '')}", flush=True)
+                last_print = time.time()
+            elif t == "metric" and not quiet:
+                vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()
+                                if k not in ("t", "type"))
+                print(f"  metric {vals}", flush=True)
+            elif t in ("log", "started") and not quiet:
+                print(f"  {ev.get('message') or 'started on ' + str(ev.get('device'))}", flush=True)
+            elif t == "sample" and not quiet:
+                first = ev["text"].strip().splitlines()[0] if ev["text"].strip() else ""
+                print(f"  sample: {first[:100]}", flush=True)
+            elif t == "artifact":
+                print(f"  artifact: {studio.run_dir(job.id) / ev['path']}", flush=True)
+            if waited is None:
+                w = studio.job(job.id).wait_reason
+                if w:
+                    print(f"  {w}", flush=True)
+                    waited = w
+    except KeyboardInterrupt:
+        print("\ncancelling …", flush=True)
+        studio.cancel(job.id)
+        for _ in studio.follow(job.id, poll_s=0.2):
+            pass
+    final = studio.wait(job.id, timeout=30)
+    print(f"{final.status.value}: job {final.id} — run folder {studio.run_dir(final.id)}")
+    if final.error:
+        print(final.error)
+    if final.result:
+        import json
+
+        print(json.dumps(final.result, indent=2))
+    return 0 if final.status is JobStatus.DONE else 1
+
+
+def _open_studio(args, need_worker: bool = True):
+    """A Studio on the data folder: the device owner if none is running, else a client of the running server."""
+    from studio import Studio
+
+    studio = Studio(_config(args))
+    if need_worker and not studio.try_start():
+        print(f"[studio] a studio server owns {studio.config.data_dir}: submitting to its queue", flush=True)
+    return studio
+
+
+def _submit_and_follow(studio, submit, quiet: bool = False) -> int:
+    """Submit unless the queue is paused (the job would never start), then follow it to the end."""
+    if studio.store.paused:
+        print(f"The queue is paused: {studio.store.get_meta('pause_reason') or ''}\n"
+              "Resume it with: python app.py queue resume")
+        return 1
+    try:
+        job = submit()
+    except ValueError as e:
+        print(f"error: {e}")
+        return 1
+    return _follow(studio, job, quiet=quiet)
+
+
+def cmd_run(args) -> int:
+    from studio.params import parse_cli
+
+    try:
+        params = parse_cli(args.param)
+    except ValueError as e:
+        print(f"error: {e}")
+        return 1
+    studio = _open_studio(args)
+    budget = int(args.budget_gb * 2**30) if args.budget_gb else None
+    try:
+        return _submit_and_follow(studio, lambda: studio.submit(args.kind, params, budget_bytes=budget), args.quiet)
+    finally:
+        studio.shutdown()
+
+
+def cmd_jobs(args) -> int:
+    import json
+    import time
+
+    studio = _open_studio(args, need_worker=args.action in ("resume", "retry"))
+    try:
+        if args.action == "list":
+            print(f"{'id':18} {'kind':16} {'status':11} {'created':19} {'estimate':>10} {'peak':>10}  note")
+            for j in studio.jobs(limit=args.limit):
+                created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created))
+                note = (j.error or j.wait_reason or j.message or "").splitlines()[0][:60] if (j.error or j.wait_reason or j.message) else ""
+                print(f"{j.id:18} {j.kind:16} {j.status.value:11} {created:19} {_gib(j.estimate_bytes):>10} "
+                      f"{_gib(j.peak_bytes):>10}  {note}")
+            print(f"queue: {'paused — ' + (studio.store.get_meta('pause_reason') or '') if studio.store.paused else 'running'}")
+            return 0
+        if not args.id:
+            print(f"error: jobs {args.action} needs a job id (see: python app.py jobs list)")
+            return 1
+        try:
+            job = studio.job(args.id)
+        except KeyError as e:
+            print(f"error: {e.args[0]}")
+            return 1
+        if args.action == "show":
+            d = {k: v for k, v in vars(job).items() if k not in ("traceback", "extra")}
+            d["status"] = job.status.value
+            print(json.dumps(d, indent=2, default=str))
+            evs, _ = studio.events(job.id)
+            for e in evs[-args.tail:]:
+                print(json.dumps(e, default=str))
+            return 0
+        if args.action == "cancel":
+            job = studio.cancel(job.id)
+            print(f"job {job.id}: {job.status.value}{' (cancel requested)' if not job.status.final else ''}")
+            return 0
+        return _submit_and_follow(studio, lambda: studio.resume(job.id) if args.action == "resume"
+                                  else studio.retry(job.id))
+    finally:
+        studio.shutdown()
+
+
+def cmd_queue(args) -> int:
+    studio = _open_studio(args, need_worker=False)
+    if args.action == "pause":
+        studio.pause()
+    else:
+        studio.resume_queue()
+    print(f"queue {'paused' if studio.store.paused else 'running'}; {len(studio.store.queued())} job(s) queued")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+    import time
+    import urllib.request
+    from importlib import metadata
+
+    from studio import JobStatus
+    from studio.device import detect
+
+    cfg = _config(args)
+    print(f"Studio doctor — Python {platform.python_version()} on {platform.platform()}")
+    dev = detect()
+    r = dev.read()
+    print(f"device:   {r.kind} · {r.name} · total {_gib(r.total)} · free {_gib(r.free)} · budget "
+          f"{_gib(cfg.budget_bytes(r.total))}")
+    if r.kind == "cuda":
+        print(f"driver:   {r.driver} (CUDA {r.cuda}) · util {r.utilization}% · {r.temperature} °C · {r.power_w} W")
+    else:
+        print(f"note:     {r.note}")
+    try:
+        import torch
+
+        print(f"torch:    {torch.__version__} (CUDA build {torch.version.cuda}); CUDA available: "
+              f"{torch.cuda.is_available()}")
+    except ImportError as e:
+        print(f"torch:    not importable ({e})")
+    versions = []
+    for name in ("gradio", "gradio-client", "nvidia-ml-py", "numpy", "safetensors", "tokenizers", "psutil"):
+        try:
+            versions.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name} MISSING")
+    print(f"packages: {', '.join(versions)}")
+    print(f"data:     {cfg.data_dir} (runs {cfg.runs_dir}, uploads {cfg.uploads_dir}, datasets {cfg.datasets_dir})")
+    try:
+        urllib.request.urlopen("https://huggingface.co", timeout=3)
+        print("hub:      huggingface.co reachable")
+    except OSError as e:
+        print(f"hub:      huggingface.co NOT reachable ({getattr(e, 'reason', e)}); models must be local paths")
+    studio = _open_studio(args)
+    try:
+        if studio.owner:
+            t0 = time.time()
+            while not studio.worker_info.ready and time.time() - t0 < 120:
+                time.sleep(0.05)
+            print(f"worker:   started in {time.time() - t0:.1f} s (pid {studio.worker_info.pid}, "
+                  f"{studio.worker_info.device})")
+        if studio.store.paused:
+            print(f"queue:    PAUSED — {studio.store.get_meta('pause_reason')}; self-test skipped "
+                  "(python app.py queue resume)")
+            return 1
+        job = studio.submit("selftest", {"mib": 64})
+        job = studio.wait(job.id, timeout=300)
+        if job.status is not JobStatus.DONE:
+            print(f"selftest: {job.status.value} — {job.error}")
+            return 1
+        res = job.result
+        print(f"selftest: OK on {res['device']} ({res['device_name']}): allocated and freed "
+              f"{res['allocated_bytes'] / 2**20:.0f} MiB; submit→start {(job.started - job.created) * 1000:.1f} ms")
+        return 0
+    finally:
+        studio.shutdown()
+
+
+def cmd_serve(args) -> int:
+    from studio import Studio
+
+    auth = None
+    if args.auth:
+        if ":" not in args.auth:
+            print("error: --auth takes user:password")
+            return 2
+        auth = [tuple(args.auth.split(":", 1))]
+    elif args.auth_file:
+        lines = [ln.strip() for ln in Path(args.auth_file).read_text().splitlines() if ln.strip() and ":" in ln]
+        auth = [tuple(ln.split(":", 1)) for ln in lines]
+        if not auth:
+            print(f"error: {args.auth_file} holds no user:password lines")
+            return 2
+    if (args.listen or args.share) and not auth:
+        what = "--listen (every machine on your network)" if args.listen else "--share (a public link)"
+        print(f"Refusing to start: {what} would expose the studio, its files and your GPU without a login.\n"
+              "Add --auth user:password or --auth-file FILE (one user:password per line).")
+        return 2
+    cfg = _config(args)
+    cfg.ensure_dirs()
+    os.environ["GRADIO_TEMP_DIR"] = str(cfg.uploads_dir)  # uploads land in the studio's own folder
+    studio = Studio(cfg)
+
+    def on_term(signum, frame):  # `kill` (SIGTERM) is a clean stop: shut the worker down and keep the queue
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    if not studio.try_start():
+        print(f"Another studio already serves {cfg.data_dir}. Stop it first, or use --data-dir for a second one.")
+        return 1
+    try:
+        demo = build_ui(studio, auth=bool(auth))
+        from tabs.theme import CSS
+
+        demo.queue(default_concurrency_limit=16).launch(
+            server_name="0.0.0.0" if args.listen else "127.0.0.1",
+            server_port=args.port,
+            auth=auth,
+            share=args.share,
+            allowed_paths=[str(cfg.runs_dir), str(cfg.uploads_dir)],
+            css=CSS,
+            footer_links=["api"],
+            inbrowser=False,
+            prevent_thread_lock=False,
+        )
+    finally:
+        studio.shutdown()
+    return 0
+
+
+def build_ui(studio, auth: bool = False):
+    """The Blocks: the live meter on top, then one tab per job kind, Jobs and Settings."""
+    import gradio as gr
+
+    from tabs import header, jobs, settings, tinylm
+
+    with gr.Blocks(title="Studio") as demo:
+        ui = {"header": header.build(studio, auth)}
+        with gr.Tabs():
+            with gr.Tab("Tiny LM", id="tinylm"):
+                ui["tinylm"] = tinylm.build(studio, auth)
+            with gr.Tab("Jobs", id="jobs"):
+                ui["jobs"] = jobs.build(studio, auth)
+            with gr.Tab("Settings", id="settings"):
+                ui["settings"] = settings.build(studio)
+        tinylm.reattach(demo, studio, ui["tinylm"], auth)
+    demo.studio_ui = ui  # named components, for tests and scripts
+    return demo
+
+
+def cmd_test(args) -> int:
+    import shutil
+
+    if not shutil.which("chromium"):
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            print("[studio] installing chromium for the browser test (apt-get) …", flush=True)
+            subprocess.run(["apt-get", "update", "-qq"], check=False)
+            subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False,
+                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        if not shutil.which("chromium"):
+            print("[studio] chromium is missing, so the screenshot test will be skipped. Install it with: "
+                  "sudo apt-get install chromium", flush=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    return subprocess.call([sys.executable, "-m", "pytest", *(args.pytest_args or ["-q", "tests"])], cwd=ROOT, env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    argv = sys.argv[1:] if argv is None else argv
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", default=None, help="data folder (default: $STUDIO_DATA_DIR or ./data)")
+    ap = argparse.ArgumentParser(prog="app.py", description="Studio: a local AI workbench for one GPU.")
+    sub = ap.add_subparsers(dest="cmd")
+
+    s = sub.add_parser("serve", parents=[common], help="serve the UI (the default)")
+    s.add_argument("--port", type=int, default=7860)
+    s.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (needs --auth)")
+    s.add_argument("--share", action="store_true", help="a public Gradio link (needs --auth)")
+    s.add_argument("--auth", help="user:password")
+    s.add_argument("--auth-file", help="a file of user:password lines")
+    s.add_argument("--budget-gb", type=float, default=None, help="memory budget for jobs (default: total - reserve)")
+
+    r = sub.add_parser("run", parents=[common], help="run one job and follow it")
+    r.add_argument("kind")
+    r.add_argument("--param", "-p", action="append", default=[], help="key=value (repeat)")
+    r.add_argument("--budget-gb", type=float, default=None, help="budget for this job only")
+    r.add_argument("--quiet", "-q", action="store_true", help="print only the outcome")
+
+    j = sub.add_parser("jobs", parents=[common], help="list, show, cancel, resume or retry jobs")
+    j.add_argument("action", choices=["list", "show", "cancel", "resume", "retry"])
+    j.add_argument("id", nargs="?")
+    j.add_argument("--limit", type=int, default=30)
+    j.add_argument("--tail", type=int, default=20, help="events shown by `show`")
+
+    q = sub.add_parser("queue", parents=[common], help="pause or resume the queue")
+    q.add_argument("action", choices=["pause", "resume"])
+
+    sub.add_parser("doctor", parents=[common], help="check the device, packages and worker")
+    t = sub.add_parser("test", help="run the test suite")
+    t.add_argument("pytest_args", nargs=argparse.REMAINDER)
+
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["serve", *argv]
+    args = ap.parse_args(argv)
+    _quiet_env()
+    handler = {"serve": cmd_serve, "run": cmd_run, "jobs": cmd_jobs, "queue": cmd_queue, "doctor": cmd_doctor,
+               "test": cmd_test}[args.cmd]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    bootstrap()
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""Small helpers the tabs share: formatting, reading a job's events into plot rows, the request's user."""
+from __future__ import annotations
+
+import html
+import time
+from typing import Any
+
+
+def gib(b: float | None) -> str:
+    return "—" if b is None else f"{b / 2**30:.2f} GiB"
+
+
+def user_of(request: Any, auth: bool) -> str | None:
+    """The logged-in user when the studio runs with auth (jobs are then scoped to their owner)."""
+    return getattr(request, "username", None) if auth and request is not None else None
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else \
+        f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def progress_html(job, eta_s: float | None = None) -> str:
+    """A job's status line with a progress bar, the wait reason or the error."""
+    frac = job.progress or 0.0
+    head = f"<b>{html.escape(job.kind)}</b> job <code>{job.id}</code> — <b>{job.status.value}</b>"
+    parts = [head]
+    if job.status.value == "RUNNING":
+        eta = f" · ETA {duration(eta_s)}" if eta_s else ""
+        parts.append(f"<div class='job-progress'><div style='width:{100 * frac:.1f}%'></div></div>"
+                     f"{100 * frac:.0f}% · {html.escape(job.message or '')}{eta}")
+    if job.wait_reason and job.status.value == "QUEUED":
+        parts.append(html.escape(job.wait_reason))
+    if job.error:
+        parts.append(f"<span style='color:#b91c1c'>{html.escape(job.error)}</span>")
+    return "<br>".join(parts)
+
+
+def eta(job) -> float | None:
+    if job.status.value != "RUNNING" or not job.started or not job.progress or job.progress <= 0:
+        return None
+    elapsed = time.time() - job.started
+    return elapsed * (1 - job.progress) / job.progress
+
+
+def metric_rows(events: list[dict], keys: tuple[str, ...] = ("train_loss", "val_loss")) -> list[dict]:
+    """Long-format rows (step, value, series) for a gr.LinePlot."""
+    rows = []
+    for e in events:
+        if e["type"] == "metric":
+            for k in keys:
+                if e.get(k) is not None:
+                    rows.append({"step": e["step"], "loss": e[k], "series": k})
+    return rows

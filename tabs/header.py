@@ -1,0 +1,60 @@
+"""The header: the live device meter (a 1 s gr.Timer) and the queue at a glance."""
+from __future__ import annotations
+
+import html
+
+from .common import gib
+
+
+def meter_html(m: dict) -> str:
+    d = m["device"]
+    total = max(d["total"], 1)
+    budget = m["budget"]
+    used_pct, studio_pct = 100 * d["used"] / total, 100 * min(d["studio_used"], d["used"]) / total
+    what = "VRAM" if d["kind"] == "cuda" else "RAM"
+    bar = (f"<span class='meter-bar' title='grey: all processes, orange: the studio, line: job budget'>"
+           f"<span class='used' style='width:{used_pct:.1f}%'></span>"
+           f"<span class='studio' style='width:{studio_pct:.1f}%'></span>"
+           f"<span class='budget' style='left:{min(100, 100 * budget / total):.1f}%'></span></span>")
+    items = [f"<b>{html.escape(d['name'])}</b>",
+             f"{what} {bar} {gib(d['used'])} / {gib(d['total'])}",
+             f"studio {gib(d['studio_used'])}",
+             f"budget {gib(budget)}"]
+    if d["kind"] == "cuda":
+        extra = [f"{d['utilization']}% util" if d["utilization"] is not None else "",
+                 f"{d['temperature']} °C" if d["temperature"] is not None else "",
+                 f"{d['power_w']:.0f} W" if d["power_w"] else ""]
+        items.append(" · ".join(x for x in extra if x))
+    if m["running"]:
+        r = m["running"][0]
+        pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
+        items.append(f"running <b>{html.escape(r['kind'])}</b> <code>{r['id']}</code>{pct}")
+    else:
+        items.append("idle")
+    q = f"queue {m['queued']}"
+    if m["paused"]:
+        q += " · <b style='color:#b91c1c'>paused</b>"
+    items.append(q)
+    if m["cache_bytes"]:
+        items.append(f"cached models {gib(m['cache_bytes'])}")
+    notes = []
+    if d["kind"] != "cuda":
+        notes.append(f"No GPU in use: {html.escape(d['note'])}")
+    if m["paused"] and m["pause_reason"]:
+        notes.append(html.escape(m["pause_reason"]))
+    if m["waiting"]:
+        notes.append(html.escape(m["waiting"]))
+    note = "".join(f"<div class='meter-note'>{n}</div>" for n in notes)
+    return f"<div class='meter-row'>{''.join(f'<span>{i}</span>' for i in items if i)}</div>{note}"
+
+
+def build(studio, auth: bool = False) -> dict:
+    import gradio as gr
+
+    with gr.Row():
+        gr.Markdown("## Studio")
+    meter = gr.HTML(meter_html(studio.meter()), elem_id="studio-meter")
+    timer = gr.Timer(1.0)
+    timer.tick(lambda: meter_html(studio.meter()), outputs=meter, api_name="meter", show_progress="hidden",
+               queue=False)
+    return dict(meter=meter, timer=timer)

@@ -1,0 +1,35 @@
+"""Settings: the memory budget, the reserve left for other programs, idle unload, and where data lives."""
+from __future__ import annotations
+
+from .common import gib
+
+
+def build(studio) -> dict:
+    import gradio as gr
+
+    c = studio.config
+    total = studio.device.read().total
+    gr.Markdown("Jobs whose estimate exceeds the budget are refused at submit, with what would fit. "
+                "Budget 0 means the device's total minus the reserve.")
+    with gr.Row():
+        budget = gr.Number(c.budget_gb, label="Budget (GiB, 0 = total − reserve)", minimum=0)
+        reserve = gr.Number(c.reserve_gb, label="Reserve for the desktop and other programs (GiB)", minimum=0)
+        idle = gr.Number(c.idle_unload_s, label="Unload cached models after idle (s)", minimum=10)
+    data_dir = gr.Textbox(str(c.data_dir), label="Data folder (change with --data-dir or STUDIO_DATA_DIR and "
+                          "restart)", interactive=False)
+    save = gr.Button("Save settings", variant="primary")
+    status = gr.Markdown(f"Current budget: {gib(c.budget_bytes(total))} of {gib(total)}.")
+
+    def on_save(budget_gb, reserve_gb, idle_s):
+        if budget_gb is None or budget_gb < 0 or reserve_gb is None or reserve_gb < 0:
+            raise gr.Error("Budget and reserve must be 0 or more.")
+        if idle_s is None or idle_s < 10:
+            raise gr.Error("Idle unload must be at least 10 s.")
+        if budget_gb and budget_gb * 2**30 > total:
+            raise gr.Error(f"The budget cannot exceed the device's {gib(total)}.")
+        cfg = studio.update_config(budget_gb=float(budget_gb), reserve_gb=float(reserve_gb),
+                                   idle_unload_s=float(idle_s))
+        return f"Saved. Budget now {gib(cfg.budget_bytes(total))} of {gib(total)}."
+
+    save.click(on_save, inputs=[budget, reserve, idle], outputs=status, api_name="save_settings")
+    return dict(budget=budget, reserve=reserve, idle=idle, data_dir=data_dir, save=save, status=status)

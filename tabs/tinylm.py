@@ -1,0 +1,224 @@
+"""Tiny LM tab: train a small transformer from scratch with a live loss plot and samples; generate from it."""
+
+import html
+import shutil
+import time
+from pathlib import Path
+
+from workers.tinylm import PRESETS
+
+from .common import eta, gib, metric_rows, progress_html, user_of
+
+DATA_CHOICES = ["TinyShakespeare", "Upload text file(s)", "Folder on this machine"]
+PLOT_COLUMNS = ["step", "loss", "series"]
+
+
+def _plot(rows):
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=PLOT_COLUMNS)
+
+
+def _stats(job, events: list[dict]) -> str:
+    metrics = [e for e in events if e["type"] == "metric"]
+    lines = []
+    if metrics:
+        m = metrics[-1]
+        lines.append(f"step **{m['step']}** · train loss **{m['train_loss']:.3f}** · val loss **{m['val_loss']:.3f}**"
+                     f" · perplexity **{m['perplexity']:.2f}**")
+        mfu = f" · MFU **{100 * m['mfu']:.1f}%**" if m.get("mfu") is not None else ""
+        lines.append(f"**{m['tokens_per_s']:,.0f}** tokens/s · {m['gflops']:.1f} GFLOP/s{mfu} · "
+                     f"lr {m['lr']:.2e} · {m['seconds']:.0f} s")
+    est = gib(job.estimate_bytes)
+    lines.append(f"memory estimate {est}" + (f" · measured peak {gib(job.peak_bytes)}" if job.peak_bytes else ""))
+    if job.result and job.result.get("reached_target"):
+        lines.append(f"reached the target val loss in **{job.result['seconds_to_target']:.1f} s**")
+    return "  \n".join(lines)
+
+
+def follow(studio, job_id: str):
+    """Yield (status, plot, sample, stats, job_id) while a job runs; used by Train and on page load."""
+    offset, evs = 0, []
+    last = 0.0
+    while True:
+        new, offset = studio.events(job_id, offset)
+        evs.extend(new)
+        job = studio.job(job_id)
+        if new or job.status.final or time.time() - last > 1.0:
+            last = time.time()
+            samples = [e for e in evs if e["type"] == "sample"]
+            sample = f"step {samples[-1]['step']}:\n{samples[-1]['text']}" if samples else ""
+            yield progress_html(job, eta(job)), _plot(metric_rows(evs)), sample, _stats(job, evs), job_id
+        if job.status.final:
+            return
+        time.sleep(0.25)
+
+
+def checkpoint_choices(studio, owner: str | None = None) -> list[tuple[str, str]]:
+    out = []
+    for j in studio.jobs(limit=100, owner=owner, kind="tinylm"):
+        if (studio.run_dir(j.id) / "checkpoint" / "state.json").exists():
+            loss = (j.result or {}).get("val_loss")
+            label = f"{j.id} · {j.params.get('preset')} · {j.params.get('pos')} · {j.status.value}"
+            out.append((label + (f" · val {loss:.3f}" if loss else ""), j.id))
+    return out
+
+
+def build(studio, auth: bool = False) -> dict:
+    import gradio as gr
+
+    gr.Markdown("Train a 1–10 M parameter transformer from scratch, watch its loss fall and its samples improve, "
+                "then generate from it. Runs on the GPU when there is one, else on the CPU.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            data_source = gr.Radio(DATA_CHOICES, value=DATA_CHOICES[0], label="Data")
+            files = gr.File(label="Text or code files", file_count="multiple", visible=False)
+            folder = gr.Textbox(label="Folder of text or code on this machine", placeholder="/home/me/project",
+                                visible=False)
+            with gr.Row():
+                preset = gr.Dropdown(list(PRESETS), value="cpu-quick", label="Preset",
+                                     info="cpu-quick: 0.8 M params, context 64 · gpu-baby: 10.7 M, context 256")
+                pos = gr.Radio(["rope", "alibi", "learned"], value="rope", label="Positions")
+                tokenizer = gr.Radio(["char", "bpe"], value="char", label="Tokenizer")
+            with gr.Row():
+                max_steps = gr.Number(0, label="Max steps (0 = preset)", precision=0, minimum=0)
+                target_val_loss = gr.Number(0, label="Stop at val loss (0 = off)", minimum=0)
+            with gr.Accordion("Model size (0 = preset)", open=False):
+                with gr.Row():
+                    batch_size = gr.Number(0, label="Batch", precision=0, minimum=0)
+                    block_size = gr.Number(0, label="Context", precision=0, minimum=0)
+                    n_layer = gr.Number(0, label="Layers", precision=0, minimum=0)
+                    n_head = gr.Number(0, label="Heads", precision=0, minimum=0)
+                    n_embd = gr.Number(0, label="Width", precision=0, minimum=0)
+                    lr = gr.Number(0, label="Learning rate", minimum=0)
+            with gr.Row():
+                train = gr.Button("Train", variant="primary")
+                cancel = gr.Button("Cancel", variant="stop")
+        with gr.Column(scale=3):
+            status = gr.HTML("No training job yet.")
+            plot = gr.LinePlot(_plot([]), x="step", y="loss", color="series", title="Loss", height=260)
+            stats = gr.Markdown()
+            sample = gr.Textbox(label="Sample as training goes", lines=6, interactive=False)
+    job_id = gr.State("")
+
+    gr.Markdown("### Generate")
+    with gr.Row():
+        with gr.Column(scale=2):
+            with gr.Row():
+                checkpoint = gr.Dropdown(checkpoint_choices(studio), label="Trained model", scale=4)
+                refresh = gr.Button("↻", scale=1, min_width=40)
+            prompt = gr.Textbox("ROMEO:", label="Prompt", lines=2)
+            with gr.Row():
+                max_new_tokens = gr.Slider(1, 2000, 256, step=1, label="Length (tokens)")
+                temperature = gr.Slider(0, 2, 0.8, step=0.05, label="Temperature (0 = greedy)")
+                top_k = gr.Slider(0, 200, 40, step=1, label="Top-k (0 = off)")
+            kv_cache = gr.Checkbox(True, label="KV cache")
+            gen = gr.Button("Generate", variant="primary")
+        with gr.Column(scale=3):
+            output = gr.Textbox(label="Output", lines=10, interactive=False)
+            gen_stats = gr.Markdown()
+
+    def on_source(choice):
+        return gr.update(visible=choice == DATA_CHOICES[1]), gr.update(visible=choice == DATA_CHOICES[2])
+
+    data_source.change(on_source, data_source, [files, folder], api_name=False, show_progress="hidden")
+
+    def _data_path(source, uploaded, folder_path) -> str:
+        if source == DATA_CHOICES[0]:
+            return "tinyshakespeare"
+        if source == DATA_CHOICES[2]:
+            if not (folder_path or "").strip():
+                raise gr.Error("Enter a folder path, or pick another data source.")
+            return folder_path.strip()
+        paths = [Path(f if isinstance(f, str) else f.name) for f in (uploaded or [])]
+        if not paths:
+            raise gr.Error("Upload at least one text file, or pick another data source.")
+        if len(paths) == 1:
+            return str(paths[0])
+        dest = studio.config.uploads_dir / f"tinylm-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in paths:
+            shutil.copy(p, dest / p.name)
+        return str(dest)
+
+    def on_train(data_source, files, folder, preset, pos, tokenizer, max_steps, target_val_loss, batch_size,
+                 block_size, n_layer, n_head, n_embd, lr, request: gr.Request):
+        params = dict(data=_data_path(data_source, files, folder), preset=preset, pos=pos, tokenizer=tokenizer,
+                      target_val_loss=target_val_loss or 0.0)
+        # a 0 in a size field means "the preset's value"
+        for name, value in dict(max_steps=max_steps, batch_size=batch_size, block_size=block_size, n_layer=n_layer,
+                                n_head=n_head, n_embd=n_embd, lr=lr).items():
+            if value:
+                params[name] = value
+        try:
+            job = studio.submit("tinylm", params, owner=user_of(request, auth))
+        except ValueError as e:
+            raise gr.Error(str(e))
+        if job.status.value == "REFUSED":
+            yield html.escape(job.error), _plot([]), "", "", job.id
+            return
+        yield from follow(studio, job.id)
+
+    outputs = [status, plot, sample, stats, job_id]
+    train.click(on_train, [data_source, files, folder, preset, pos, tokenizer, max_steps, target_val_loss,
+                           batch_size, block_size, n_layer, n_head, n_embd, lr], outputs, api_name="tinylm_train",
+                show_progress="hidden")
+
+    def on_cancel(current):
+        if not current:
+            return "No job to cancel."
+        job = studio.cancel(current)
+        return progress_html(job) + ("<br>Cancel requested: it stops at the next step and keeps a checkpoint."
+                                     if not job.status.final else "")
+
+    cancel.click(on_cancel, job_id, status, api_name="tinylm_cancel")
+
+    def on_refresh(request: gr.Request):
+        return gr.update(choices=checkpoint_choices(studio, user_of(request, auth)))
+
+    refresh.click(on_refresh, None, checkpoint, api_name="tinylm_checkpoints")
+
+    def on_generate(checkpoint, prompt, max_new_tokens, temperature, top_k, kv_cache, request: gr.Request):
+        if not checkpoint:
+            raise gr.Error("Pick a trained model first (train one above, then press ↻).")
+        try:
+            job = studio.submit("tinylm_generate", dict(checkpoint=checkpoint, prompt=prompt,
+                                                        max_new_tokens=max_new_tokens, temperature=temperature,
+                                                        top_k=top_k, kv_cache=kv_cache),
+                                owner=user_of(request, auth))
+        except ValueError as e:
+            raise gr.Error(str(e))
+        while not (job := studio.job(job.id)).status.final:
+            yield "", progress_html(job)
+            time.sleep(0.1)
+        if job.status.value != "DONE":
+            raise gr.Error(job.error or job.status.value)
+        r = job.result
+        yield r["text"], (f"**{r['tokens_per_s']:,.0f} tokens/s** · {r['tokens']} tokens in {r['seconds']:.2f} s · "
+                          f"KV cache {'on' if r['kv_cache'] else 'off'} · model "
+                          f"{'from the cache' if r['model_cached'] else 'loaded'} · job `{job.id}`")
+
+    gen.click(on_generate, [checkpoint, prompt, max_new_tokens, temperature, top_k, kv_cache], [output, gen_stats],
+              api_name="tinylm_generate", show_progress="hidden")
+
+    return dict(data_source=data_source, files=files, folder=folder, preset=preset, pos=pos, tokenizer=tokenizer,
+                max_steps=max_steps, target_val_loss=target_val_loss, batch_size=batch_size, block_size=block_size,
+                n_layer=n_layer, n_head=n_head, n_embd=n_embd, lr=lr, train=train, cancel=cancel, status=status,
+                plot=plot, stats=stats, sample=sample, job_id=job_id, checkpoint=checkpoint, refresh=refresh,
+                prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                kv_cache=kv_cache, generate=gen, output=output, gen_stats=gen_stats)
+
+
+def reattach(demo, studio, ui: dict, auth: bool = False) -> None:
+    """On page load, pick up the newest unfinished Tiny LM job so a reload keeps streaming it."""
+    import gradio as gr
+
+    def on_load(request: gr.Request):
+        for j in studio.jobs(limit=20, owner=user_of(request, auth), kind="tinylm"):
+            if not j.status.final:
+                yield from follow(studio, j.id)
+                return
+        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+
+    demo.load(on_load, None, [ui["status"], ui["plot"], ui["sample"], ui["stats"], ui["job_id"]],
+              api_name="tinylm_attach", show_progress="hidden")

@@ -1,0 +1,140 @@
+"""Tiny LM: the model, KV cache, position schemes, tokenizers, checkpoints and bad inputs."""
+import json
+
+import pytest
+import torch
+from conftest import TINY
+
+from studio import JobStatus
+from workers.tinylm import load_checkpoint, save_checkpoint
+from workers.tinylm_data import BpeTokenizer, CharTokenizer
+from workers.tinylm_model import GPT, GPTConfig, generate
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
+@pytest.mark.parametrize("new_tokens", [20, 60])  # inside, then well past, the 32-token context
+def test_kv_cache_matches_no_cache_token_for_token(pos, new_tokens):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=32, n_layer=2, n_head=4, n_embd=32, pos=pos)).double()
+    prompt = torch.randint(0, 50, (1, 7))
+    greedy = [generate(model, prompt, new_tokens, temperature=0, use_cache=c) for c in (True, False)]
+    assert torch.equal(greedy[0], greedy[1])
+    sampled = [generate(model, prompt, new_tokens, temperature=1.0, top_k=10, use_cache=c,
+                        generator=torch.Generator().manual_seed(3)) for c in (True, False)]
+    assert torch.equal(sampled[0], sampled[1])
+
+
+def test_alibi_and_rope_use_no_learned_positions():
+    for pos in ("rope", "alibi"):
+        m = GPT(GPTConfig(vocab_size=20, block_size=16, n_layer=1, n_head=2, n_embd=16, pos=pos))
+        assert m.wpe is None
+        assert m.head.weight is m.tok.weight  # tied
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=30, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    model = GPT(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 30, (2, 16))
+    model(x, x)[1].backward()
+    opt.step()
+    save_checkpoint(tmp_path, model, opt, {"step": 7})
+    other = GPT(cfg)
+    opt2 = torch.optim.AdamW(other.parameters(), lr=1e-3)
+    state = load_checkpoint(tmp_path, other, opt2)
+    assert state["step"] == 7
+    for a, b in zip(model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"][0], opt2.state_dict()["state"][0]
+    assert torch.equal(s1["exp_avg"], s2["exp_avg"])
+    assert not list(tmp_path.glob("*.pt"))  # no pickles
+
+
+def test_tokenizers(corpus):
+    text = corpus.read_text()
+    ch = CharTokenizer.train(text)
+    assert ch.decode(ch.encode(text[:200])) == text[:200]
+    with pytest.raises(ValueError, match="never saw"):
+        ch.encode("Zebra ✓")
+    bpe = BpeTokenizer.train(text, 300)
+    ids = bpe.encode(text[:500])
+    assert bpe.decode(ids) == text[:500] and len(ids) < 500  # merges compress
+
+
+@pytest.mark.parametrize("pos", ["rope", "alibi", "learned"])
+def test_loss_falls_for_each_position_scheme(studio, corpus, pos):
+    job = studio.wait(studio.submit("tinylm", {"data": str(corpus), "pos": pos, "max_steps": 120, "lr": 3e-3,
+                                                **TINY}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    metrics = [e for e in studio.events(job.id)[0] if e["type"] == "metric"]
+    assert len(metrics) == 6
+    first, last = metrics[0]["val_loss"], metrics[-1]["val_loss"]
+    assert last < first - 0.4, (first, last)
+    assert last < 2.2  # far below the ~3.3 of a uniform guess over the corpus's characters
+    m = metrics[-1]
+    assert m["perplexity"] == pytest.approx(2.718281828 ** m["val_loss"], rel=1e-6) and m["tokens_per_s"] > 0
+    assert any(e["type"] == "sample" and e["text"] for e in studio.events(job.id)[0])
+    card = json.loads((studio.run_dir(job.id) / "run.json").read_text())
+    assert card["params"]["pos"] == pos and len(card["data_hash"]) == 64 and "torch" in card["versions"]
+    assert job.peak_bytes > 0 and job.result["n_params"] > 0
+
+
+def test_target_val_loss_stops_early_and_generation_uses_the_cache(studio, corpus):
+    job = studio.wait(studio.submit("tinylm", {"data": str(corpus), "max_steps": 2000, "target_val_loss": 2.3,
+                                                "lr": 3e-3, **TINY}).id, 300)
+    assert job.status is JobStatus.DONE and job.result["reached_target"]
+    assert job.result["steps"] < 2000 and job.result["val_loss"] <= 2.3
+    gen = [studio.wait(studio.submit("tinylm_generate", {"checkpoint": job.id, "prompt": "The king",
+                                                         "max_new_tokens": 40, "seed": 5, "kv_cache": c}).id, 120)
+           for c in (True, False)]
+    assert all(g.status is JobStatus.DONE for g in gen)
+    assert gen[0].result["text"] == gen[1].result["text"]  # same seed, with and without the cache
+    assert gen[0].result["text"].startswith("The king") and len(gen[0].result["completion"]) == 40
+    assert gen[0].result["model_cached"] is False and gen[1].result["model_cached"] is True  # loaded once
+    bad = studio.wait(studio.submit("tinylm_generate", {"checkpoint": job.id, "prompt": "Zebra ✓"}).id, 60)
+    assert bad.status is JobStatus.FAILED and "never saw" in bad.error
+
+
+def test_bpe_tokenizer_trains(studio, corpus):
+    job = studio.wait(studio.submit("tinylm", {"data": str(corpus), "tokenizer": "bpe", "vocab_size": 300,
+                                                "max_steps": 40, **TINY}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    tok = json.loads((studio.run_dir(job.id) / "checkpoint" / "tokenizer.json").read_text())
+    assert tok["type"] == "bpe"
+
+
+def test_folder_of_code_is_a_corpus(studio, tmp_path, corpus):
+    src = tmp_path / "project"
+    (src / "pkg").mkdir(parents=True)
+    (src / "pkg" / "a.py").write_text(corpus.read_text()[:30000])
+    (src / "b.md").write_text(corpus.read_text()[30000:])
+    (src / "logo.png").write_bytes(b"\x89PNG\x00\x00binary")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    job = studio.wait(studio.submit("tinylm", {"data": str(src), "max_steps": 20, **TINY}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    card = json.loads((studio.run_dir(job.id) / "run.json").read_text())
+    assert "2 files" in card["data"]
+
+
+def test_bad_inputs_give_clear_errors_and_nothing_breaks(studio, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    binary = tmp_path / "model.bin"
+    binary.write_bytes(bytes(range(256)) * 100)
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("café".encode("latin-1") * 10)
+    short = tmp_path / "short.txt"
+    short.write_text("To be or not to be.\n" * 10)
+    before = len(studio.jobs())
+    for path, msg in [(empty, "is empty"), (binary, "binary file, not text"), (latin, "not UTF-8"),
+                      (tmp_path / "missing.txt", "not found")]:
+        with pytest.raises(ValueError, match=msg):
+            studio.submit("tinylm", {"data": str(path)})
+    assert len(studio.jobs()) == before  # nothing queued
+    job = studio.wait(studio.submit("tinylm", {"data": str(short), **TINY}).id, 120)
+    assert job.status is JobStatus.FAILED and "too short" in job.error
+    with pytest.raises(ValueError, match="no Tiny LM checkpoint"):
+        studio.submit("tinylm_generate", {"checkpoint": "no-such-job"})
+    assert studio.wait(studio.submit("selftest", {}).id, 60).status is JobStatus.DONE
