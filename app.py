@@ -299,7 +299,6 @@ def cmd_serve(args) -> int:
         return 2
     cfg = _config(args)
     cfg.ensure_dirs()
-    os.environ["GRADIO_TEMP_DIR"] = str(cfg.uploads_dir)  # uploads land in the studio's own folder
     studio = Studio(cfg)
 
     def on_term(signum, frame):  # `kill` (SIGTERM) is a clean stop: shut the worker down and keep the queue
@@ -310,23 +309,20 @@ def cmd_serve(args) -> int:
         print(f"Another studio already serves {cfg.data_dir}. Stop it first, or use --data-dir for a second one.")
         return 1
     try:
-        demo = build_ui(studio, auth=bool(auth))
-        from tabs.theme import CSS
-
-        demo.queue(default_concurrency_limit=16).launch(
-            server_name="0.0.0.0" if args.listen else "127.0.0.1",
-            server_port=args.port,
-            auth=auth,
-            share=args.share,
-            allowed_paths=[str(cfg.runs_dir), str(cfg.uploads_dir)],
-            css=CSS,
-            footer_links=["api"],
-            inbrowser=False,
-            prevent_thread_lock=False,
-        )
+        launch(build_ui(studio, auth=bool(auth)), studio, server_name="0.0.0.0" if args.listen else "127.0.0.1",
+               server_port=args.port, auth=auth, share=args.share)
     finally:
         studio.shutdown()
     return 0
+
+
+def launch(demo, studio, **kwargs):
+    """Serve the Blocks; Gradio may serve files only from the studio's runs and uploads folders."""
+    from tabs.theme import CSS
+
+    cfg = studio.config
+    return demo.queue(default_concurrency_limit=16).launch(
+        allowed_paths=[str(cfg.runs_dir), str(cfg.uploads_dir)], css=CSS, footer_links=["api"], **kwargs)
 
 
 def build_ui(studio, auth: bool = False):
@@ -335,6 +331,8 @@ def build_ui(studio, auth: bool = False):
 
     from tabs import header, jobs, settings, tinylm
 
+    # Gradio reads this as each component is built: uploads land in the studio's own folder
+    os.environ["GRADIO_TEMP_DIR"] = str(studio.config.uploads_dir)
     with gr.Blocks(title="Studio") as demo:
         ui = {"header": header.build(studio, auth)}
         with gr.Tabs():
@@ -398,12 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("action", choices=["pause", "resume"])
 
     sub.add_parser("doctor", parents=[common], help="check the device, packages and worker")
-    t = sub.add_parser("test", help="run the test suite")
-    t.add_argument("pytest_args", nargs=argparse.REMAINDER)
+    sub.add_parser("test", help="run the test suite (arguments after it go to pytest)")
 
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["serve", *argv]
-    args = ap.parse_args(argv)
+    if argv[0] == "test":  # everything after `test` goes to pytest as is
+        args = argparse.Namespace(cmd="test", pytest_args=argv[1:])
+    else:
+        args = ap.parse_args(argv)
     _quiet_env()
     handler = {"serve": cmd_serve, "run": cmd_run, "jobs": cmd_jobs, "queue": cmd_queue, "doctor": cmd_doctor,
                "test": cmd_test}[args.cmd]

@@ -46,12 +46,11 @@ def eta(job) -> float | None:
     return elapsed * (1 - job.progress) / job.progress
 
 
-def metric_rows(events: list[dict], keys: tuple[str, ...] = ("train_loss", "val_loss")) -> list[dict]:
-    """Long-format rows (step, value, series) for a gr.LinePlot."""
-    rows = []
-    for e in events:
-        if e["type"] == "metric":
-            for k in keys:
-                if e.get(k) is not None:
-                    rows.append({"step": e["step"], "loss": e[k], "series": k})
-    return rows
+def loss_frame(events: list[dict], keys: tuple[str, ...] = ("train_loss", "val_loss")):
+    """Long-format (step, loss, series) rows of a job's metric events, for a gr.LinePlot."""
+    import pandas as pd
+
+    rows = [{"step": e["step"], "loss": e[k], "series": k}
+            for e in events if e["type"] == "metric" for k in keys if e.get(k) is not None]
+    # explicit dtypes: an empty frame must still read as numbers, or the plot draws its axes as categories
+    return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})

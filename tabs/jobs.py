@@ -4,7 +4,7 @@ import html
 import json
 import time
 
-from .common import duration, gib, metric_rows, progress_html, user_of
+from .common import duration, gib, loss_frame, progress_html, user_of
 
 HEADERS = ["id", "kind", "status", "created", "ran for", "estimate", "peak", "note"]
 
@@ -27,8 +27,6 @@ def queue_md(studio) -> str:
 
 def details(studio, job_id: str):
     """(summary markdown, log text, metrics rows, artifact paths) for one job."""
-    import pandas as pd
-
     job = studio.job(job_id)
     evs, _ = studio.events(job_id)
     est = job.estimate or {}
@@ -58,7 +56,7 @@ def details(studio, job_id: str):
     files = [str(run_dir / e["path"]) for e in evs if e["type"] == "artifact" and (run_dir / e["path"]).exists()]
     if (run_dir / "run.json").exists():
         files.append(str(run_dir / "run.json"))
-    return "<br>".join(md), "\n".join(log[-400:]), pd.DataFrame(metric_rows(evs), columns=["step", "loss", "series"]), files
+    return "<br>".join(md), "\n".join(log[-400:]), loss_frame(evs), files
 
 
 def build(studio, auth: bool = False) -> dict:

@@ -7,17 +7,9 @@ from pathlib import Path
 
 from workers.tinylm import PRESETS
 
-from .common import eta, gib, metric_rows, progress_html, user_of
+from .common import eta, gib, loss_frame, progress_html, user_of
 
 DATA_CHOICES = ["TinyShakespeare", "Upload text file(s)", "Folder on this machine"]
-PLOT_COLUMNS = ["step", "loss", "series"]
-
-
-def _plot(rows):
-    import pandas as pd
-
-    return pd.DataFrame(rows, columns=PLOT_COLUMNS)
-
 
 def _stats(job, events: list[dict]) -> str:
     metrics = [e for e in events if e["type"] == "metric"]
@@ -48,7 +40,7 @@ def follow(studio, job_id: str):
             last = time.time()
             samples = [e for e in evs if e["type"] == "sample"]
             sample = f"step {samples[-1]['step']}:\n{samples[-1]['text']}" if samples else ""
-            yield progress_html(job, eta(job)), _plot(metric_rows(evs)), sample, _stats(job, evs), job_id
+            yield progress_html(job, eta(job)), loss_frame(evs), sample, _stats(job, evs), job_id
         if job.status.final:
             return
         time.sleep(0.25)
@@ -96,7 +88,7 @@ def build(studio, auth: bool = False) -> dict:
                 cancel = gr.Button("Cancel", variant="stop")
         with gr.Column(scale=3):
             status = gr.HTML("No training job yet.")
-            plot = gr.LinePlot(_plot([]), x="step", y="loss", color="series", title="Loss", height=260)
+            plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260)  # no empty first value: it would fix an empty legend
             stats = gr.Markdown()
             sample = gr.Textbox(label="Sample as training goes", lines=6, interactive=False)
     job_id = gr.State("")
@@ -105,7 +97,8 @@ def build(studio, auth: bool = False) -> dict:
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
-                checkpoint = gr.Dropdown(checkpoint_choices(studio), label="Trained model", scale=4)
+                checkpoint = gr.Dropdown(checkpoint_choices(studio), label="Trained model (a job, or a run folder path)",
+                                         scale=4, allow_custom_value=True)
                 refresh = gr.Button("↻", scale=1, min_width=40)
             prompt = gr.Textbox("ROMEO:", label="Prompt", lines=2)
             with gr.Row():
@@ -155,7 +148,7 @@ def build(studio, auth: bool = False) -> dict:
         except ValueError as e:
             raise gr.Error(str(e))
         if job.status.value == "REFUSED":
-            yield html.escape(job.error), _plot([]), "", "", job.id
+            yield html.escape(job.error), loss_frame([]), "", "", job.id
             return
         yield from follow(studio, job.id)
 

@@ -118,12 +118,13 @@ def estimate(p: Params, device) -> Estimate:
     if not cuda or r.pos == "alibi":
         per_layer += 5 * H * T * T * B * act_bytes / 2
     logits = B * T * vocab * 4 * 3  # logits, softmax and their gradient in fp32
+    backward = 2 * per_layer  # gradients of one layer's activations live beside the stored ones in backward
     return Estimate(
         parts={
             "weights": 4 * n,
             "grads": 4 * n,
             "optimizer": 8 * n,  # AdamW: two fp32 moments
-            "activations": int(L * per_layer + logits),
+            "activations": int(L * per_layer + backward + logits),
             "workspace": 64 * 2**20,
             "context": runtime_context_bytes(device),
         },

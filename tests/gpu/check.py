@@ -1,0 +1,132 @@
+"""GPU checks: every job kind at real shape on CUDA, capped at 12 GiB like the target card.
+
+    python tests/gpu/check.py [--data input.txt] [--cap-gib 12] [--max-steps 5000]
+
+Prints what it measures and, last, one JSON object: per kind the estimate vs the NVML peak of this process,
+throughput, and the gate's decisions against the real device. Runs on the CPU too (no cap, no NVML), which is
+only a smoke test of the script itself.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from studio.config import GiB  # noqa: E402
+from studio.context import JobContext, ModelCache  # noqa: E402
+from studio.device import detect  # noqa: E402
+from studio.gate import Refused, gate  # noqa: E402
+from studio.params import build  # noqa: E402
+from studio.worker import PeakSampler  # noqa: E402
+
+
+def run_kind(module, params: dict, run_dir: Path, data_dir: Path, device: str, cache: ModelCache, reading):
+    """Run one job in this process; return (result, estimate bytes, NVML/RSS peak, torch peak, seconds)."""
+    import torch
+
+    p = build(module.Params, params)
+    est = module.estimate(p, reading).total
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ctx = JobContext(run_dir.name, module.__name__, run_dir, data_dir, device, threading.Event(), cache)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.time()
+    with PeakSampler(device) as s:
+        result = module.run(p, ctx)
+    torch_peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
+    return result, est, s.peak, torch_peak, time.time() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default=None, help="TinyShakespeare input.txt (default: a synthetic corpus)")
+    ap.add_argument("--cap-gib", type=float, default=12.0, help="per-process CUDA memory cap (the target card)")
+    ap.add_argument("--max-steps", type=int, default=5000, help="gpu-baby training steps at most")
+    ap.add_argument("--target", type=float, default=1.47, help="val loss to time")
+    ap.add_argument("--eval-iters", type=int, default=None, help="override the preset's (for a quick CPU smoke run)")
+    args = ap.parse_args()
+
+    import torch
+
+    from workers import selftest, tinylm, tinylm_generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = detect()
+    reading = dev.read()
+    summary: dict = {"device": reading.name, "kind": reading.kind, "total_gib": reading.total / GiB, "kinds": {}}
+    if device == "cuda":
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib * GiB / reading.total))
+        summary["cap_gib"] = args.cap_gib
+    print(f"device {reading.name} ({reading.kind}), {reading.total / GiB:.1f} GiB; cap {args.cap_gib} GiB", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = Path(tmp)
+        data = args.data
+        if not data:
+            from tests.conftest import make_corpus
+
+            data = str(make_corpus(data_dir / "corpus.txt", n_chars=1_000_000))
+        cache = ModelCache()
+
+        def record(name, result, est, peak, torch_peak, secs, **extra):
+            row = {"estimate_gib": est / GiB, "peak_gib": peak / GiB, "seconds": secs,
+                   "torch_reserved_gib": torch_peak / GiB if torch_peak else None, **extra}
+            summary["kinds"][name] = row
+            print(name, json.dumps(row), flush=True)
+
+        res = run_kind(selftest, {"mib": 1024}, data_dir / "runs" / "self", data_dir, device, cache, reading)
+        record("selftest", *res)
+
+        # the "GPU baby" preset until val loss <= target, as the Tiny LM tab runs it
+        extra = {"eval_iters": args.eval_iters} if args.eval_iters else {}
+        res = run_kind(tinylm, {"data": data, "preset": "gpu-baby", "target_val_loss": args.target,
+                                "max_steps": args.max_steps, **extra}, data_dir / "runs" / "baby", data_dir, device, cache,
+                       reading)
+        r = res[0]
+        record("tinylm/gpu-baby", *res, val_loss=r["val_loss"], reached=r["reached_target"],
+               seconds_to_target=r["seconds_to_target"], tokens_per_s=r["tokens_per_s"], compiled=r["compiled"],
+               steps=r["steps"])
+
+        for pos in ("alibi", "learned"):
+            steps = min(200, args.max_steps)
+            res = run_kind(tinylm, {"data": data, "preset": "gpu-baby", "pos": pos, "max_steps": steps,
+                                    "eval_every": steps, "eval_iters": args.eval_iters or 10}, data_dir / "runs" / pos, data_dir, device, cache, reading)
+            record(f"tinylm/gpu-baby/{pos}", *res, tokens_per_s=res[0]["tokens_per_s"])
+
+        speeds = {}
+        for kv in (True, False):
+            res = run_kind(tinylm_generate, {"checkpoint": str(data_dir / "runs" / "baby"), "max_new_tokens": 255,
+                                             "kv_cache": kv, "seed": 1}, data_dir / "runs" / f"gen{kv}", data_dir,
+                           device, cache, reading)
+            speeds[kv] = res[0]["tokens_per_s"]
+            record(f"tinylm_generate/kv={kv}", *res, tokens_per_s=speeds[kv])
+        summary["kv_speedup"] = speeds[True] / speeds[False]
+
+    # the gate against the real device, with the target card's budget
+    budget = int((args.cap_gib - 1.0) * GiB)
+    decisions = {}
+    for label, params in {"gpu-baby": {"preset": "gpu-baby"},
+                          "gpu-baby batch 4096": {"preset": "gpu-baby", "batch_size": 4096}}.items():
+        p = build(tinylm.Params, params)
+        try:
+            est = gate(p, tinylm.estimate, reading, budget, tinylm.shrink)
+            decisions[label] = f"accepted ({est.total / GiB:.2f} GiB)"
+        except Refused as e:
+            decisions[label] = e.reason
+    summary["gate"] = decisions
+    for k, v in decisions.items():
+        print(f"gate {k}: {v}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()

@@ -1,0 +1,112 @@
+"""`python app.py …` as a user types it: run, jobs, queue, serve's safety refusals, an unclean stop."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import ROOT, TINY
+
+from studio import Config, JobStatus, Studio
+
+ENV = {**os.environ, "STUDIO_NO_BOOTSTRAP": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def app(*args, timeout=300):
+    return subprocess.run([sys.executable, str(ROOT / "app.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=ENV, cwd=ROOT)
+
+
+def tiny_params(corpus, **extra):
+    out = []
+    for k, v in {"data": str(corpus), **TINY, **extra}.items():
+        out += ["--param", f"{k}={v}"]
+    return out
+
+
+def test_run_trains_and_exits_0(tmp_path, corpus):
+    r = app("run", "tinylm", "--data-dir", str(tmp_path), *tiny_params(corpus, max_steps=40))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "DONE: job" in r.stdout and "metric step=40" in r.stdout and "val_loss=" in r.stdout
+    run_dir = r.stdout.split("DONE: job ")[1].split("run folder ")[1].splitlines()[0].strip()
+    assert (tmp_path / "runs").resolve() in Path(run_dir).resolve().parents
+    listing = app("jobs", "list", "--data-dir", str(tmp_path))
+    assert listing.returncode == 0 and "tinylm" in listing.stdout and "DONE" in listing.stdout
+    job_id = listing.stdout.splitlines()[1].split()[0]
+    shown = app("jobs", "show", job_id, "--data-dir", str(tmp_path))
+    assert shown.returncode == 0 and '"status": "DONE"' in shown.stdout and '"type": "end"' in shown.stdout
+
+
+def test_run_refused_exits_2_and_bad_params_exit_1(tmp_path, corpus):
+    r = app("run", "tinylm", "--data-dir", str(tmp_path), "--budget-gb", "0.3", "--param", "preset=gpu-baby")
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "Refused: needs" in r.stdout and "budget 0.30 GiB" in r.stdout
+    r = app("run", "tinylm", "--data-dir", str(tmp_path), "--param", "n_layer=500")
+    assert r.returncode == 1 and "n_layer must be between" in r.stdout
+    r = app("run", "tinylm", "--data-dir", str(tmp_path), "--param", "data")
+    assert r.returncode == 1 and "key=value" in r.stdout
+
+
+def test_run_submits_to_a_running_studio(studio):
+    """With a studio serving the data folder, `run` goes through its queue and its one worker."""
+    r = app("run", "selftest", "--data-dir", str(studio.config.data_dir))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "submitting to its queue" in r.stdout and "DONE" in r.stdout
+    job = next(j for j in studio.jobs(limit=5) if j.kind == "selftest")
+    started = [e for e in studio.events(job.id)[0] if e["type"] == "started"]
+    assert started[0]["worker_pid"] == studio.worker_info.pid
+
+
+def test_jobs_cancel_from_another_process(studio, corpus):
+    job = studio.submit("tinylm", {"data": str(corpus), "max_steps": 100000, **TINY})
+    t0 = time.time()
+    while not (studio.job(job.id).progress or 0) and time.time() - t0 < 120:
+        time.sleep(0.1)
+    r = app("jobs", "cancel", job.id, "--data-dir", str(studio.config.data_dir))
+    assert r.returncode == 0 and "cancel requested" in r.stdout
+    assert studio.wait(job.id, 60).status is JobStatus.CANCELLED
+
+
+def test_serve_refuses_lan_and_share_without_auth(tmp_path):
+    for flag in ("--listen", "--share"):
+        r = app("serve", flag, "--data-dir", str(tmp_path), timeout=60)
+        assert r.returncode == 2 and "Refusing to start" in r.stdout and "--auth" in r.stdout
+
+
+def test_doctor_reports_and_runs_a_selftest(tmp_path):
+    r = app("doctor", "--data-dir", str(tmp_path), timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for needle in ("device:   cpu", "No NVIDIA driver", "torch:", "gradio", "selftest: OK", "submit→start"):
+        assert needle in r.stdout
+
+
+def test_unclean_stop_of_the_app_then_resume(tmp_path, corpus):
+    """kill -9 of `app.py run` mid-training: the next studio marks the job INTERRUPTED, pauses the queue, and the
+    job resumes from its checkpoint once the user resumes the queue."""
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "run", "tinylm", "--data-dir", str(tmp_path),
+                             *tiny_params(corpus, max_steps=300, checkpoint_every=20)], env=ENV, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cfg = Config.load(tmp_path)
+    t0 = time.time()
+    while not list(cfg.runs_dir.glob("*/checkpoint/state.json")) and time.time() - t0 < 180:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(30)
+    time.sleep(2.5)  # the orphaned worker notices its parent is gone and exits
+    studio = Studio(cfg).start()
+    try:
+        job = studio.jobs()[0]
+        assert job.status is JobStatus.INTERRUPTED and "stopped while this job was running" in job.error
+        assert studio.store.paused
+    finally:
+        studio.shutdown()
+    r = app("jobs", "resume", job.id, "--data-dir", str(tmp_path))
+    assert r.returncode == 1 and "queue is paused" in r.stdout
+    assert app("queue", "resume", "--data-dir", str(tmp_path)).stdout.startswith("queue running")
+    r = app("jobs", "resume", job.id, "--data-dir", str(tmp_path))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"resuming job {job.id} from step" in r.stdout and '"steps": 300' in r.stdout
+    state = json.loads(next(cfg.runs_dir.glob(f"{job.id}/checkpoint/state.json")).read_text())
+    assert state["step"] >= 20

@@ -1,0 +1,95 @@
+"""The served UI, driven through gradio_client as a script would, and what Gradio may serve."""
+import re
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import free_port
+
+import app
+from studio import JobStatus
+
+
+@pytest.fixture(scope="module")
+def served(studio):
+    demo = app.build_ui(studio)
+    port = free_port()
+    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_tinylm_train_and_generate_through_gradio_client(served, studio, corpus):
+    from gradio_client import Client, handle_file
+
+    client = Client(served, verbose=False)
+    status, plot, sample, stats = client.predict(
+        data_source="Upload text file(s)", files=[handle_file(str(corpus))], folder="", preset="cpu-quick",
+        pos="rope", tokenizer="char", max_steps=60, target_val_loss=0, batch_size=8, block_size=32, n_layer=2,
+        n_head=2, n_embd=32, lr=0.003, api_name="/tinylm_train")
+    job_id = re.search(r"<code>([^<]+)</code>", status).group(1)
+    job = studio.job(job_id)
+    assert job.status is JobStatus.DONE, job.error
+    assert "DONE" in status and "val loss" in stats and "tokens/s" in stats
+    assert str(studio.config.uploads_dir) in job.params["data"]  # the upload landed in the studio's folder
+    series = plot["columns"].index("series")
+    assert {row[series] for row in plot["data"]} == {"train_loss", "val_loss"}  # one eval, at the last step
+    assert sample.startswith("step 60:")
+
+    text, gen_stats = client.predict(checkpoint=job_id, prompt="The", max_new_tokens=30, temperature=0.8, top_k=10,
+                                     kv_cache=True, api_name="/tinylm_generate")
+    assert text.startswith("The") and len(text) == 33 and "tokens/s" in gen_stats
+
+    meter = client.predict(api_name="/meter")
+    assert "RAM" in meter and "No GPU in use" in meter and "budget" in meter
+
+    table, queue = client.predict(api_name="/jobs_list")
+    assert job_id in [row[0] for row in table["data"]] and "Queue running" in queue
+    summary, log, _, files = client.predict(jid=job_id, api_name="/job_show")
+    assert "estimate" in summary and "measured peak" in summary and "metric" in log
+    assert any(f.endswith(".safetensors") for f in files) and any(f.endswith("run.json") for f in files)
+
+
+def test_bad_input_in_the_ui_is_a_clear_error_and_the_app_keeps_serving(served, tmp_path):
+    from gradio_client import Client, handle_file
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    client = Client(served, verbose=False)
+    with pytest.raises(Exception, match="is empty"):
+        client.predict(data_source="Upload text file(s)", files=[handle_file(str(empty))], folder="",
+                       api_name="/tinylm_train")
+    assert "RAM" in client.predict(api_name="/meter")
+
+
+def test_files_are_served_only_from_the_studio_folders(served, studio):
+    job = studio.wait(studio.submit("selftest", {}).id, 60)
+    ok = urllib.request.urlopen(f"{served}gradio_api/file={studio.run_dir(job.id) / 'run.json'}")
+    assert ok.status == 200 and b'"selftest"' in ok.read()
+    for path in ("/etc/passwd", str(app.ROOT / "app.py"), str(studio.config.db_path)):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{served}gradio_api/file={path}")
+        assert e.value.code in (403, 404)
+
+
+def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio):
+    from gradio_client import Client
+
+    demo = app.build_ui(studio, auth=True)
+    port = free_port()
+    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               auth=[("ann", "pw1"), ("bob", "pw2")])
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        with pytest.raises(Exception):
+            Client(url, verbose=False).predict(api_name="/meter")
+        ann = Client(url, auth=("ann", "pw1"), verbose=False)
+        bob = Client(url, auth=("bob", "pw2"), verbose=False)
+        mine = studio.submit("selftest", {}, owner="ann")
+        studio.wait(mine.id, 60)
+        assert mine.id in [r[0] for r in ann.predict(api_name="/jobs_list")[0]["data"]]
+        assert mine.id not in [r[0] for r in bob.predict(api_name="/jobs_list")[0]["data"]]
+        with pytest.raises(Exception, match="another user"):
+            bob.predict(jid=mine.id, api_name="/job_show")
+    finally:
+        demo.close()
