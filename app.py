@@ -65,8 +65,31 @@ def _gib(b) -> str:
     return "—" if b is None else f"{b / 2**30:.2f} GiB"
 
 
+def _print_event(studio, job_id: str, ev: dict, quiet: bool) -> None:
+    t = ev["type"]
+    if t == "artifact":
+        print(f"  artifact: {studio.run_dir(job_id) / ev['path']}", flush=True)
+    elif quiet:
+        return
+    elif t == "progress":
+        frac = ev.get("fraction")
+        print(f"  {f'{100 * frac:5.1f}% ' if frac is not None else ''}{ev.get('message', '')}", flush=True)
+    elif t == "metric":
+        vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()
+                        if k not in ("t", "type"))
+        print(f"  metric {vals}", flush=True)
+    elif t == "log":
+        print(f"  {ev['message']}", flush=True)
+    elif t == "started":
+        print(f"  started on {ev.get('device')} (worker pid {ev.get('worker_pid')})", flush=True)
+    elif t == "sample":
+        first = (ev["text"].strip().splitlines() or [""])[0]
+        print(f"  sample: {first[:100]}", flush=True)
+
+
 def _follow(studio, job, quiet: bool = False) -> int:
     """Print a job's events until it ends; Ctrl-C cancels it. Exit code: 0 done, 2 refused, 1 otherwise."""
+    import json
     import time
 
     from studio import JobStatus
@@ -76,48 +99,34 @@ def _follow(studio, job, quiet: bool = False) -> int:
         return 2
     print(f"job {job.id} ({job.kind}) queued; estimate {_gib(job.estimate_bytes)}"
           f" of {_gib(job.budget_bytes)} budget — run folder {studio.run_dir(job.id)}", flush=True)
-    last_print, waited = 0.0, None
-    try:
-        events = studio.follow(job.id, poll_s=0.2)
-        while True:
-            try:
-                ev = next(events)
-            except StopIteration:
+    offset, last_progress, wait_shown = 0, 0.0, None
+    cancelling = False
+    while True:
+        try:
+            evs, offset = studio.events(job.id, offset)
+            current = studio.job(job.id)
+            for ev in evs:
+                if ev["type"] == "progress" and time.time() - last_progress < 1.0:
+                    continue  # one progress line a second is plenty in a terminal
+                last_progress = time.time() if ev["type"] == "progress" else last_progress
+                _print_event(studio, job.id, ev, quiet)
+            if current.wait_reason and current.wait_reason != wait_shown and current.status is JobStatus.QUEUED:
+                print(f"  {current.wait_reason}", flush=True)
+                wait_shown = current.wait_reason
+            if current.status.final:
                 break
-            t = ev["type"]
-            if t == "progress" and not quiet and time.time() - last_print > 1.0:
-                frac = ev.get("fraction")
-                pct = f"{100 * frac:5.1f}% " if frac is not None else ""
-                print(f"  {pct}{ev.get('message', '')}", flush=True)
-                last_print = time.time()
-            elif t == "metric" and not quiet:
-                vals = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in ev.items()
-                                if k not in ("t", "type"))
-                print(f"  metric {vals}", flush=True)
-            elif t in ("log", "started") and not quiet:
-                print(f"  {ev.get('message') or 'started on ' + str(ev.get('device'))}", flush=True)
-            elif t == "sample" and not quiet:
-                first = ev["text"].strip().splitlines()[0] if ev["text"].strip() else ""
-                print(f"  sample: {first[:100]}", flush=True)
-            elif t == "artifact":
-                print(f"  artifact: {studio.run_dir(job.id) / ev['path']}", flush=True)
-            if waited is None:
-                w = studio.job(job.id).wait_reason
-                if w:
-                    print(f"  {w}", flush=True)
-                    waited = w
-    except KeyboardInterrupt:
-        print("\ncancelling …", flush=True)
-        studio.cancel(job.id)
-        for _ in studio.follow(job.id, poll_s=0.2):
-            pass
-    final = studio.wait(job.id, timeout=30)
+            time.sleep(0.2)
+        except KeyboardInterrupt:
+            if cancelling:
+                raise
+            print("\ncancelling … (Ctrl-C again to leave it running)", flush=True)
+            studio.cancel(job.id)
+            cancelling = True
+    final = studio.job(job.id)
     print(f"{final.status.value}: job {final.id} — run folder {studio.run_dir(final.id)}")
     if final.error:
         print(final.error)
     if final.result:
-        import json
-
         print(json.dumps(final.result, indent=2))
     return 0 if final.status is JobStatus.DONE else 1
 
@@ -318,11 +327,10 @@ def cmd_serve(args) -> int:
 
 def launch(demo, studio, **kwargs):
     """Serve the Blocks; Gradio may serve files only from the studio's runs and uploads folders."""
-    from tabs.theme import CSS
-
     cfg = studio.config
     return demo.queue(default_concurrency_limit=16).launch(
-        allowed_paths=[str(cfg.runs_dir), str(cfg.uploads_dir)], css=CSS, footer_links=["api"], **kwargs)
+        allowed_paths=[str(cfg.runs_dir), str(cfg.uploads_dir)], css_paths=[ROOT / "assets" / "studio.css"],
+        footer_links=["api"], **kwargs)
 
 
 def build_ui(studio, auth: bool = False):
@@ -360,7 +368,10 @@ def cmd_test(args) -> int:
             print("[studio] chromium is missing, so the screenshot test will be skipped. Install it with: "
                   "sudo apt-get install chromium", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    return subprocess.call([sys.executable, "-m", "pytest", *(args.pytest_args or ["-q", "tests"])], cwd=ROOT, env=env)
+    pytest_args = args.pytest_args or ["-q", "tests"]
+    if not any(a.startswith("--timeout") for a in pytest_args):
+        pytest_args = ["--timeout=600", *pytest_args]  # a hung test fails instead of stalling CI
+    return subprocess.call([sys.executable, "-m", "pytest", *pytest_args], cwd=ROOT, env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -111,7 +111,7 @@ def build(studio, auth: bool = False) -> dict:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return (row[0], *details(studio, guard(row[0], request)))
 
-    jobs.select(on_select, None, [job_id, summary, log, plot, artifacts], api_name=False)
+    jobs.select(on_select, None, [job_id, summary, log, plot, artifacts], api_name="jobs_select")
 
     def on_show(jid, request: gr.Request):
         return details(studio, guard(jid, request))

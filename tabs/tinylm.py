@@ -114,7 +114,7 @@ def build(studio, auth: bool = False) -> dict:
     def on_source(choice):
         return gr.update(visible=choice == DATA_CHOICES[1]), gr.update(visible=choice == DATA_CHOICES[2])
 
-    data_source.change(on_source, data_source, [files, folder], api_name=False, show_progress="hidden")
+    data_source.change(on_source, data_source, [files, folder], api_name="tinylm_data_source", show_progress="hidden")
 
     def _data_path(source, uploaded, folder_path) -> str:
         if source == DATA_CHOICES[0]:

@@ -190,3 +190,22 @@ def test_restart_after_unclean_stop(tmp_path):
         assert not again.store.paused
     finally:
         again.shutdown()
+
+
+def test_model_cache_is_lru_and_unloads_idle_models():
+    from studio.context import ModelCache
+
+    freed = []
+    cache = ModelCache(on_evict=lambda: freed.append(1))
+    loads = []
+
+    def loader(name, size):
+        return lambda: (loads.append(name) or name, size)
+
+    assert cache.get("a", loader("a", 100)) == ("a", False)
+    cache.get("b", loader("b", 200))
+    assert cache.get("a", loader("a", 100)) == ("a", True)  # a hit: not loaded again, now most recent
+    assert loads == ["a", "b"] and cache.bytes == 300
+    assert cache.evict(150) == 200 and cache.keys() == ["a"]  # least recently used goes first
+    time.sleep(0.05)
+    assert cache.evict_idle(0.01) == 100 and cache.bytes == 0 and len(freed) == 2

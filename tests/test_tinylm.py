@@ -138,3 +138,25 @@ def test_bad_inputs_give_clear_errors_and_nothing_breaks(studio, tmp_path):
     with pytest.raises(ValueError, match="no Tiny LM checkpoint"):
         studio.submit("tinylm_generate", {"checkpoint": "no-such-job"})
     assert studio.wait(studio.submit("selftest", {}).id, 60).status is JobStatus.DONE
+
+
+def test_tinyshakespeare_download_checks_its_sha256_and_explains_offline(tmp_path, monkeypatch):
+    """The real download code against local file:// URLs (tests never touch the network)."""
+    import hashlib
+
+    from workers import tinylm_data
+
+    src = tmp_path / "input.txt"
+    src.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)
+    seen = []
+    monkeypatch.setattr(tinylm_data, "TINYSHAKESPEARE_URL", src.as_uri())
+    with pytest.raises(RuntimeError, match="corrupt"):  # the pinned checksum is the real corpus's
+        tinylm_data.ensure_tinyshakespeare(tmp_path / "ds", lambda *a: seen.append(a))
+    assert not (tmp_path / "ds" / "tinyshakespeare.txt").exists()
+    monkeypatch.setattr(tinylm_data, "TINYSHAKESPEARE_SHA256", hashlib.sha256(src.read_bytes()).hexdigest())
+    path = tinylm_data.ensure_tinyshakespeare(tmp_path / "ds", lambda *a: seen.append(a))
+    assert path.read_bytes() == src.read_bytes() and seen[-1][0] == src.stat().st_size
+    monkeypatch.setattr(tinylm_data, "TINYSHAKESPEARE_URL", (tmp_path / "nowhere.txt").as_uri())
+    assert tinylm_data.ensure_tinyshakespeare(tmp_path / "ds", print) == path  # cached: no second download
+    with pytest.raises(RuntimeError, match="Could not download TinyShakespeare.*save input.txt"):
+        tinylm_data.ensure_tinyshakespeare(tmp_path / "other", print)
