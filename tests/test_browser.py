@@ -36,8 +36,10 @@ def test_screenshot_shows_meter_and_tinylm_tab(studio, corpus, tmp_path):
             time.sleep(0.1)
         dom = chromium("--dump-dom", url).stdout.decode()
         for needle in ("studio-meter", "RAM", "No GPU in use", "Tiny LM", "Train", "Generate", "Jobs", "Settings",
-                       f"running <b>tinylm</b>"):
+                       "running <b>tinylm</b>"):
             assert needle in dom, needle
+        # a freshly loaded page re-attaches to the running job: its status streams into the Tiny LM tab
+        assert f"job <code>{job.id}</code> — <b>RUNNING</b>" in dom
         shot = Path(os.environ.get("STUDIO_SCREENSHOT", tmp_path / "studio.png"))
         chromium(f"--screenshot={shot}", url)
         data = shot.read_bytes()

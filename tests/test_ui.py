@@ -4,7 +4,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import free_port
+from conftest import TINY, free_port
 
 import app
 from studio import JobStatus
@@ -93,3 +93,23 @@ def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio):
             bob.predict(jid=mine.id, api_name="/job_show")
     finally:
         demo.close()
+
+
+def test_jobs_and_settings_endpoints(served, studio, corpus):
+    from gradio_client import Client
+
+    client = Client(served, verbose=False)
+    assert "paused" in client.predict(api_name="/queue_pause").lower()
+    job = studio.submit("tinylm", {"data": str(corpus), "max_steps": 30, "checkpoint_every": 10, **TINY})
+    summary = client.predict(jid=job.id, api_name="/job_cancel")[0]
+    assert "CANCELLED" in summary and "Cancelled before it started" in summary
+    assert "running" in client.predict(api_name="/queue_resume").lower()
+    new_id, summary, *_ = client.predict(jid=job.id, api_name="/job_retry")
+    assert new_id != job.id and studio.wait(new_id, 120).status is JobStatus.DONE
+    with pytest.raises(Exception, match="only interrupted, cancelled or failed"):
+        client.predict(jid=new_id, api_name="/job_resume")
+    msg = client.predict(budget_gb=0, reserve_gb=2, idle_s=300, api_name="/save_settings")
+    assert "Saved" in msg and studio.config.reserve_gb == 2 and studio.config.idle_unload_s == 300
+    with pytest.raises(Exception, match="cannot exceed"):
+        client.predict(budget_gb=10_000, reserve_gb=1, idle_s=300, api_name="/save_settings")
+    client.predict(budget_gb=0, reserve_gb=1, idle_s=600, api_name="/save_settings")
