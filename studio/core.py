@@ -213,6 +213,8 @@ class Studio:
             module.validate(p, self.config)
         reading = self.device.read()
         budget = budget_bytes or self.config.budget_bytes(reading.total)
+        if hasattr(module, "fit"):  # kinds that size themselves to the budget (an LLM's GPU layers)
+            p = module.fit(p, reading, budget)
         values = params_mod.to_dict(p)
         try:
             est = gate(p, module.estimate, reading, budget, getattr(module, "shrink", None))

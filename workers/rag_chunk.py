@@ -1,0 +1,214 @@
+"""Reading and chunking notes and code for RAG: Markdown by headings, code by top-level definitions, with overlap.
+
+Every chunk keeps where it came from (file, first and last line, or PDF page) so answers can cite it.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+import zipfile
+from dataclasses import dataclass
+from html.parser import HTMLParser
+from pathlib import Path
+
+MARKDOWN = {".md", ".markdown", ".rst", ".txt", ".text", ""}
+CODE = {".py", ".js", ".ts", ".tsx", ".jsx", ".java", ".kt", ".go", ".rs", ".c", ".h", ".cc", ".cpp", ".hpp",
+        ".cs", ".rb", ".php", ".swift", ".scala", ".sh", ".lua", ".sql", ".r", ".jl", ".m"}
+OTHER_TEXT = {".json", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".csv", ".tex", ".css"}
+HTML = {".html", ".htm"}
+PDF = {".pdf"}
+SUPPORTED = MARKDOWN | CODE | OTHER_TEXT | HTML | PDF
+MAX_FILE_BYTES = 20 * 2**20
+MAX_ARCHIVE_BYTES = 500 * 2**20  # uncompressed total of a zip
+MAX_ARCHIVE_FILES = 20_000
+
+# a line that starts a top-level unit of code in the common languages
+CODE_START = re.compile(r"^(?:@\w|async\s+def\s|def\s|class\s|function\s|export\s|func\s|fn\s|pub\s+fn\s|impl\s|"
+                        r"struct\s|interface\s|public\s|private\s|protected\s|static\s|const\s+\w+\s*=\s*\()")
+
+
+@dataclass
+class Chunk:
+    source: str  # path relative to the ingested root
+    start: int  # first line (1-based), or the PDF page
+    end: int  # last line, or the PDF page
+    text: str
+    heading: str = ""  # Markdown heading path or code unit, for display
+    unit: str = "line"  # "line" or "page"
+
+    @property
+    def where(self) -> str:
+        if self.unit == "page":
+            return f"{self.source} p. {self.start}"
+        return f"{self.source}:{self.start}-{self.end}"
+
+
+class _HTMLText(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.parts: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in ("script", "style"):
+            self._skip += 1
+        elif tag in ("p", "br", "div", "li", "h1", "h2", "h3", "h4", "tr", "pre"):
+            self.parts.append("\n")
+
+    def handle_endtag(self, tag):
+        if tag in ("script", "style") and self._skip:
+            self._skip -= 1
+
+    def handle_data(self, data):
+        if not self._skip:
+            self.parts.append(data)
+
+
+def read_text(path: Path) -> str:
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise ValueError(f"{path.name} is binary, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name} is not UTF-8 text (undecodable byte at offset {e.start})") from None
+    if path.suffix.lower() in HTML:
+        p = _HTMLText()
+        p.feed(text)
+        text = re.sub(r"\n\s*\n+", "\n\n", "".join(p.parts))
+    return text
+
+
+def read_pdf_pages(path: Path) -> list[str]:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(str(path))
+        return [page.extract_text() or "" for page in reader.pages]
+    except (PdfReadError, ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{path.name} is not a readable PDF ({e})") from None
+
+
+def _windows(lines: list[str], first_line: int, size: int, overlap: int, heading: str, source: str) -> list[Chunk]:
+    """Pack lines into chunks of at most `size` characters, repeating about `overlap` characters between them."""
+    out, i = [], 0
+    while i < len(lines):
+        j, n = i, 0
+        while j < len(lines) and (n + len(lines[j]) + 1 <= size or j == i):
+            n += len(lines[j]) + 1
+            j += 1
+        text = "\n".join(lines[i:j]).strip()
+        if text:
+            out.append(Chunk(source, first_line + i, first_line + j - 1, text, heading))
+        if j >= len(lines):
+            break
+        back, k = 0, j  # step back over `overlap` characters of whole lines
+        while k - 1 > i and back + len(lines[k - 1]) + 1 <= overlap:
+            k -= 1
+            back += len(lines[k]) + 1
+        i = k
+    return out
+
+
+def _sections(lines: list[str], is_start) -> list[tuple[int, str]]:
+    """(first line index, title) of each section; the text before the first start is its own section."""
+    starts = [(0, "")]
+    in_fence = False
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+        if not in_fence and i > 0 and is_start(line):
+            starts.append((i, line.strip()))
+        elif i == 0 and is_start(line):
+            starts[0] = (0, line.strip())
+    return starts
+
+
+def chunk_text(text: str, source: str, size: int = 1200, overlap: int = 150) -> list[Chunk]:
+    """Split by structure first (Markdown headings, top-level code units), then into windows with overlap."""
+    lines = text.splitlines()
+    suffix = Path(source).suffix.lower()
+    if suffix in CODE:
+        starts = _sections(lines, lambda ln: bool(CODE_START.match(ln)))
+    elif suffix in MARKDOWN:
+        starts = _sections(lines, lambda ln: bool(re.match(r"^#{1,6}\s", ln)))
+    else:
+        starts = [(0, "")]
+    chunks: list[Chunk] = []
+    trail: list[str] = []  # the Markdown heading path
+    for n, (start, title) in enumerate(starts):
+        stop = starts[n + 1][0] if n + 1 < len(starts) else len(lines)
+        heading = title
+        if suffix in MARKDOWN and title.startswith("#"):
+            level = len(title) - len(title.lstrip("#"))
+            trail = trail[: level - 1] + [title.lstrip("# ").strip()]
+            heading = " > ".join(trail)
+        chunks += _windows(lines[start:stop], start + 1, size, overlap, heading, source)
+    return _merge_small(chunks, size)
+
+
+def _merge_small(chunks: list[Chunk], size: int) -> list[Chunk]:
+    """Join neighbouring tiny sections (a run of short functions) so chunks are not a line each."""
+    out: list[Chunk] = []
+    for c in chunks:
+        prev = out[-1] if out else None
+        if prev and prev.source == c.source and len(prev.text) + len(c.text) + 1 <= size // 2 and c.start > prev.end:
+            out[-1] = Chunk(prev.source, prev.start, c.end, prev.text + "\n" + c.text, prev.heading or c.heading)
+        else:
+            out.append(c)
+    return out
+
+
+def chunk_file(path: Path, source: str, size: int = 1200, overlap: int = 150) -> list[Chunk]:
+    if path.suffix.lower() in PDF:
+        chunks = []
+        for page_no, page in enumerate(read_pdf_pages(path), start=1):
+            for c in _windows(page.splitlines(), 1, size, overlap, f"page {page_no}", source):
+                chunks.append(Chunk(source, page_no, page_no, c.text, c.heading, unit="page"))
+        return chunks
+    return chunk_text(read_text(path), source, size, overlap)
+
+
+def file_hash(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def list_files(root: Path) -> list[Path]:
+    """Supported files under `root` (a file or a folder), skipping hidden folders and oversized files."""
+    if root.is_file():
+        return [root]
+    files = []
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).parts
+        if any(p.startswith(".") or p in ("node_modules", "__pycache__", ".venv", "venv") for p in rel[:-1]):
+            continue
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in SUPPORTED and \
+                f.stat().st_size <= MAX_FILE_BYTES:
+            files.append(f)
+    return files
+
+
+def safe_extract(archive: Path, dest: Path) -> Path:
+    """Extract a zip without letting any entry escape `dest` (no `..`, no absolute paths, no links), with limits."""
+    dest = dest.resolve()
+    try:
+        zf = zipfile.ZipFile(archive)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{archive.name} is not a valid zip archive") from None
+    with zf:
+        infos = zf.infolist()
+        if len(infos) > MAX_ARCHIVE_FILES:
+            raise ValueError(f"{archive.name} has {len(infos)} entries; the limit is {MAX_ARCHIVE_FILES}")
+        if sum(i.file_size for i in infos) > MAX_ARCHIVE_BYTES:
+            raise ValueError(f"{archive.name} unpacks to more than {MAX_ARCHIVE_BYTES // 2**20} MiB")
+        for info in infos:
+            target = (dest / info.filename).resolve()
+            if not target.is_relative_to(dest) or info.filename.startswith("/"):
+                raise ValueError(f"{archive.name} holds an unsafe path {info.filename!r} (outside the archive "
+                                 "folder); nothing was extracted")
+            if (info.external_attr >> 16) & 0o170000 == 0o120000:
+                raise ValueError(f"{archive.name} holds a symbolic link {info.filename!r}; nothing was extracted")
+        dest.mkdir(parents=True, exist_ok=True)
+        zf.extractall(dest)
+    return dest

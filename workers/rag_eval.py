@@ -1,0 +1,165 @@
+"""Job kind `rag_eval`: measure retrieval (hit@k, recall@k, MRR) and, with a model, answers (ROUGE-L, BLEU, judge).
+
+The eval set is JSONL with `question`, `answer` (the expected answer) and `source` (the expected file, relative to
+the ingested folder; a list of files is accepted too). Results are kept per run so changes in chunking, embedder
+or reranker can be compared side by side.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.gate import Estimate, runtime_context_bytes
+
+JUDGE_PROMPT = ("Rate how well the answer matches the expected answer, from 1 (wrong or unsupported) to 5 (correct "
+                "and complete). Reply with JSON {\"score\": N}.\n\nQuestion: {q}\nExpected: {a}\nAnswer: {r}")
+
+
+@dataclass(frozen=True)
+class Params:
+    collection: str
+    evalset: str  # a JSONL file: {"question", "answer", "source"} per line
+    k: int = 4  # retrieval depth for hit@k and recall@k
+    reranker: str = ""  # a cross-encoder preset or local folder; empty: embedding order
+    model: str = ""  # an LLM preset or .gguf to answer each question (ROUGE-L, BLEU); empty: retrieval only
+    judge: bool = False  # also ask the model to score each answer 1-5 (an LLM-judge rubric)
+    max_tokens: int = 200
+    n_ctx: int = 4096
+    n_gpu_layers: int = -1  # -1: as many as fit the budget
+    threads: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.k <= 50:
+            raise ValueError(f"k must be between 1 and 50; got {self.k}")
+        if self.judge and not self.model:
+            raise ValueError("judge needs a model")
+
+
+def load_evalset(path: Path) -> list[dict]:
+    if not path.exists():
+        raise ValueError(f"eval set not found: {path}")
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path.name} line {n} is not JSON ({e.msg})") from None
+        missing = [k for k in ("question", "source") if not row.get(k)]
+        if missing:
+            raise ValueError(f"{path.name} line {n} lacks {', '.join(missing)}")
+        row["sources"] = row["source"] if isinstance(row["source"], list) else [row["source"]]
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path.name} has no questions")
+    return rows
+
+
+def validate(p: Params, config) -> None:
+    from workers.rag import load_manifest
+
+    load_evalset(Path(p.evalset).expanduser())
+    if load_manifest(config.data_dir, p.collection) is None:
+        raise ValueError(f"collection {p.collection!r} does not exist; ingest some files into it first")
+    if p.model:
+        from workers.llm import resolve
+
+        resolve(p.model, config.data_dir)
+
+
+def fit(p: Params, device, budget: int) -> Params:
+    from dataclasses import replace
+
+    from workers.llm import fit_layers, resolve
+
+    if not p.model or p.n_gpu_layers != -1:
+        return p
+    return replace(p, n_gpu_layers=fit_layers(resolve(p.model), p.n_ctx, device, budget))
+
+
+def estimate(p: Params, device) -> Estimate:
+    parts = {"weights": 150 * 2**20, "activations": 64 * 2**20, "context": runtime_context_bytes(device)}
+    if p.reranker:
+        parts["weights"] += 1150 * 2**20
+    if p.model:
+        from workers.llm import llm_estimate, resolve
+
+        llm = llm_estimate(resolve(p.model), p.n_ctx, p.n_gpu_layers, device)
+        for k in ("weights", "kv_cache", "workspace"):
+            parts[k] = parts.get(k, 0) + llm[k]
+    return Estimate(parts=parts)
+
+
+def _norm(path: str) -> str:
+    return str(Path(path)).lstrip("./")
+
+
+def run(p: Params, ctx) -> dict:
+    from rouge_score import rouge_scorer
+    from sacrebleu.metrics import BLEU
+
+    from workers.rag import retrieve
+
+    rows = load_evalset(Path(p.evalset).expanduser())
+    llm = None
+    if p.model:
+        from workers.chat import Params as ChatParams
+        from workers.chat import load_llm
+
+        llm = load_llm(ctx, ChatParams(prompt="-", model=p.model, n_ctx=p.n_ctx, n_gpu_layers=p.n_gpu_layers,
+                                       threads=p.threads))[0]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    bleu = BLEU(effective_order=True)
+    per, t0 = [], time.perf_counter()
+    for i, row in enumerate(rows):
+        ctx.progress(i, len(rows), row["question"][:60])
+        hits = retrieve(ctx, p.collection, row["question"], k=p.k, reranker=p.reranker)
+        got = [_norm(h.source) for h in hits]
+        want = {_norm(s) for s in row["sources"]}
+        rank = next((r for r, s in enumerate(got, start=1) if s in want), None)
+        item = {"question": row["question"], "expected_sources": sorted(want), "retrieved": [h.where for h in hits],
+                "hit": rank is not None, "recall": len(want & set(got)) / len(want), "rr": 1 / rank if rank else 0.0}
+        if llm is not None:
+            from workers.chat import RAG_INSTRUCTIONS
+            from workers.llm import stream_chat
+
+            blocks = "\n\n".join(f"[{n}] {h.where}\n{h.text}" for n, h in enumerate(hits, start=1))
+            prompt = f"{RAG_INSTRUCTIONS}\n\nSources:\n{blocks}\n\nQuestion: {row['question']}"
+            answer = "".join(stream_chat(llm, [{"role": "user", "content": prompt}], max_tokens=p.max_tokens,
+                                         temperature=0.0, top_p=1.0, seed=1))
+            expected = row.get("answer", "")
+            item["answer"] = answer
+            item["rougeL"] = scorer.score(expected, answer)["rougeL"].fmeasure if expected else None
+            item["bleu"] = bleu.sentence_score(answer, [expected]).score if expected else None
+            if p.judge:
+                from workers.llm import json_schema_grammar
+
+                g = json_schema_grammar({"type": "object", "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
+                                         "required": ["score"]})
+                verdict = "".join(stream_chat(llm, [{"role": "user", "content": JUDGE_PROMPT.format(
+                    q=row["question"], a=expected, r=answer)}], max_tokens=20, temperature=0.0, top_p=1.0,
+                    grammar=g, seed=1))
+                m = re.search(r"\d", verdict)
+                item["judge"] = int(m.group()) if m else None
+        per.append(item)
+        ctx.metric(i + 1, hit=float(item["hit"]), rr=item["rr"])
+
+    def mean(key):
+        vals = [x[key] for x in per if x.get(key) is not None]
+        return sum(vals) / len(vals) if vals else None
+
+    summary = {f"hit@{p.k}": mean("hit"), f"recall@{p.k}": mean("recall"), "mrr": mean("rr"),
+               "rougeL": mean("rougeL"), "bleu": mean("bleu"), "judge": mean("judge"), "questions": len(per),
+               "seconds": time.perf_counter() - t0, "collection": p.collection, "reranker": p.reranker or None,
+               "model": p.model or None, "k": p.k}
+    summary["hit"] = summary[f"hit@{p.k}"]
+    (ctx.run_dir / "results.jsonl").write_text("\n".join(json.dumps(x) for x in per) + "\n")
+    (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    ctx.artifact(ctx.run_dir / "results.jsonl", "per-question results")
+    ctx.artifact(ctx.run_dir / "summary.json", "summary")
+    ctx.progress(len(rows), len(rows), "done")
+    return summary

@@ -1,0 +1,109 @@
+"""Job kind `rag_ingest`: read notes and code (files, folders, zips), chunk, embed, and keep them in Chroma.
+
+Re-ingesting only processes files whose content changed, and removes the chunks of files that are gone.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from studio.gate import Estimate, runtime_context_bytes
+
+
+@dataclass(frozen=True)
+class Params:
+    collection: str  # a name: 3-63 letters, digits, '.', '_' or '-'
+    path: str  # a file, a folder, or a .zip of notes and code
+    embedder: str = "bge-small-en-v1.5"  # a preset, or a local sentence-transformers folder
+    chunk_chars: int = 1200  # longest chunk; Markdown sections and code units are split to fit
+    overlap_chars: int = 150  # text repeated between neighbouring chunks of one section
+
+    def __post_init__(self):
+        from workers.rag import check_collection_name
+
+        check_collection_name(self.collection)
+        if not 200 <= self.chunk_chars <= 20_000:
+            raise ValueError(f"chunk_chars must be between 200 and 20000; got {self.chunk_chars}")
+        if not 0 <= self.overlap_chars < self.chunk_chars // 2:
+            raise ValueError("overlap_chars must be at least 0 and under half of chunk_chars")
+
+
+def validate(p: Params, config) -> None:
+    from workers.rag import load_manifest
+
+    path = Path(p.path).expanduser()
+    if not path.exists():
+        raise ValueError(f"path not found: {path}")
+    m = load_manifest(config.data_dir, p.collection)
+    if m and m["embedder"] != p.embedder:
+        raise ValueError(f"collection {p.collection!r} was built with embedder {m['embedder']!r}; ingest with that "
+                         "embedder, or into a new collection")
+
+
+def estimate(p: Params, device) -> Estimate:
+    # an embedder of the MiniLM/bge-small class: ~130 MB of weights, batches of 32 chunks
+    return Estimate(parts={"weights": 150 * 2**20, "activations": 64 * 2**20, "context": runtime_context_bytes(device)})
+
+
+def run(p: Params, ctx) -> dict:
+    from workers.rag import Embedder, get_collection, load_embedder, load_manifest, rag_dir, save_manifest
+    from workers.rag_chunk import chunk_file, file_hash, list_files, safe_extract
+
+    t0 = time.perf_counter()
+    src = Path(p.path).expanduser().resolve()
+    if src.is_file() and src.suffix.lower() == ".zip":
+        root = safe_extract(src, rag_dir(ctx.data_dir) / "sources" / p.collection / src.stem)
+    else:
+        root = src
+    manifest = load_manifest(ctx.data_dir, p.collection) or {"embedder": p.embedder, "files": {}}
+    manifest["root"] = str(root)
+    files = list_files(root)
+    base = root if root.is_dir() else root.parent
+    emb = Embedder(load_embedder(ctx, p.embedder))
+    coll = get_collection(ctx.data_dir, p.collection, create=True)
+
+    seen, skipped = set(), []
+    counts = {"added": 0, "updated": 0, "unchanged": 0, "removed": 0, "chunks_written": 0}
+    for i, f in enumerate(files):
+        rel = str(f.relative_to(base))
+        seen.add(rel)
+        ctx.progress(i, len(files), f"{rel}")
+        sha = file_hash(f)
+        old = manifest["files"].get(rel)
+        if old and old["sha"] == sha:
+            counts["unchanged"] += 1
+            continue
+        try:
+            chunks = chunk_file(f, rel, p.chunk_chars, p.overlap_chars)
+        except ValueError as e:  # binary, not UTF-8, a corrupt PDF: reported, the rest goes on
+            skipped.append({"file": rel, "reason": str(e)})
+            ctx.log(f"skipped {rel}: {e}")
+            continue
+        if old:
+            coll.delete(where={"source": rel})
+        if chunks:
+            ids = [f"{rel}#{n}:{sha[:12]}" for n in range(len(chunks))]
+            for s in range(0, len(chunks), 64):
+                part = chunks[s : s + 64]
+                coll.add(ids=ids[s : s + 64], embeddings=emb.embed([c.text for c in part]),
+                         documents=[c.text for c in part],
+                         metadatas=[{"source": c.source, "start": c.start, "end": c.end, "unit": c.unit,
+                                     "heading": c.heading[:200]} for c in part])
+        manifest["files"][rel] = {"sha": sha, "chunks": len(chunks)}
+        counts["updated" if old else "added"] += 1
+        counts["chunks_written"] += len(chunks)
+    for rel in [r for r in manifest["files"] if r not in seen]:  # files deleted since the last ingest
+        coll.delete(where={"source": rel})
+        del manifest["files"][rel]
+        counts["removed"] += 1
+    save_manifest(ctx.data_dir, p.collection, manifest)
+    ctx.progress(len(files), len(files), "done")
+    if not manifest["files"]:
+        reasons = "; ".join(f"{s['file']}: {s['reason']}" for s in skipped[:3])
+        raise ValueError(f"nothing to ingest from {src}: no readable notes or code" + (f" ({reasons})" if reasons else ""))
+    seconds = time.perf_counter() - t0
+    processed = counts["added"] + counts["updated"]
+    return {**counts, "files": len(manifest["files"]), "chunks": coll.count(), "skipped": skipped,
+            "seconds": seconds, "docs_per_s": processed / seconds if seconds else None, "collection": p.collection,
+            "root": str(root)}
