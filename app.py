@@ -275,8 +275,17 @@ def cmd_doctor(args) -> int:
               f"{torch.cuda.is_available()}")
     except ImportError as e:
         print(f"torch:    not importable ({e})")
+    try:
+        import llama_cpp
+
+        offload = llama_cpp.llama_supports_gpu_offload()
+        print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}; GPU offload: {'yes' if offload else 'no'}"
+              + ("" if offload or r.kind != "cuda" else " (rebuild with the CUDA toolkit: see README)"))
+    except ImportError as e:
+        print(f"llama.cpp: not importable ({e})")
     versions = []
-    for name in ("gradio", "gradio-client", "nvidia-ml-py", "numpy", "safetensors", "tokenizers", "psutil"):
+    for name in ("gradio", "gradio-client", "nvidia-ml-py", "numpy", "safetensors", "tokenizers", "psutil",
+                 "chromadb", "sentence-transformers", "transformers", "huggingface-hub"):
         try:
             versions.append(f"{name} {metadata.version(name)}")
         except metadata.PackageNotFoundError:

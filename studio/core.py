@@ -260,6 +260,11 @@ class Studio:
             raise ValueError(f"job {job_id} saved no checkpoint before it stopped; use Retry to start over")
         return self.submit(old.kind, {**old.params, "resume_from": job_id}, owner=owner or old.owner, resume_of=job_id)
 
+    def unload_models(self) -> None:
+        """Empty the worker's model cache now (it also empties itself after the idle timeout)."""
+        if self._worker:
+            self._worker.inq.put({"type": "evict"})
+
     def pause(self, reason: str = "Paused by the user.") -> None:
         self.store.set_paused(True, reason)
 

@@ -69,9 +69,11 @@ def build(studio, auth: bool = False) -> dict:
                 stop = gr.Button("Stop", variant="stop")
             stats = gr.Markdown()
         with gr.Column(scale=2, min_width=260):
-            model = gr.Dropdown(model_choices(), value=model_choices()[0], label="Model (a preset or a .gguf path)",
+            model = gr.Dropdown(model_choices(), value=model_choices()[0],
+                                label="Model (a preset, a .gguf file or a transformers folder)",
                                 allow_custom_value=True)
-            collection = gr.Dropdown(collection_choices(studio), value="", label="Answer over collection")
+            collection = gr.Dropdown(collection_choices(studio), value="", label="Answer over collection",
+                                     allow_custom_value=True)  # choices refresh on focus; scripts may name one
             with gr.Accordion("Settings", open=False):
                 system = gr.Textbox("You are a helpful assistant running locally. Answer concisely.",
                                     label="System prompt", lines=2)
@@ -83,6 +85,7 @@ def build(studio, auth: bool = False) -> dict:
                 reranker = gr.Dropdown(["", *presets()["reranker"]], value="", label="Reranker",
                                        allow_custom_value=True)
                 tools = gr.Checkbox(False, label="Tools (search, open file, calculator, date)")
+                load_in_4bit = gr.Checkbox(False, label="Load transformers models in 4-bit (bitsandbytes NF4)")
             sources = gr.Markdown()
     job_id = gr.State("")
 
@@ -90,7 +93,7 @@ def build(studio, auth: bool = False) -> dict:
         return user_of(request, auth)
 
     def on_send(message, conversation, model, collection, system, temperature, top_p, max_tokens, n_ctx, top_k,
-                reranker, tools, request: gr.Request):
+                reranker, tools, load_in_4bit, request: gr.Request):
         if not (message or "").strip():
             raise gr.Error("Type a message first.")
         cid = conversation or convs.create(message.strip()[:60], owner(request),
@@ -100,7 +103,8 @@ def build(studio, auth: bool = False) -> dict:
             job = studio.submit("chat", dict(prompt=message, model=model, collection=collection or "",
                                              conversation=cid, system=system, temperature=temperature, top_p=top_p,
                                              max_tokens=int(max_tokens), n_ctx=int(n_ctx), top_k=int(top_k),
-                                             reranker=reranker or "", tools=bool(tools)), owner=owner(request))
+                                             reranker=reranker or "", tools=bool(tools),
+                                             load_in_4bit=bool(load_in_4bit)), owner=owner(request))
         except ValueError as e:
             raise gr.Error(str(e))
         choices = gr.update(choices=conversation_choices(convs, owner(request)), value=cid)
@@ -142,7 +146,7 @@ def build(studio, auth: bool = False) -> dict:
 
     outputs = [chatbot, prompt, stats, sources, job_id, conversation]
     inputs = [prompt, conversation, model, collection, system, temperature, top_p, max_tokens, n_ctx, top_k,
-              reranker, tools]
+              reranker, tools, load_in_4bit]
     send.click(on_send, inputs, outputs, api_name="chat", show_progress="hidden")
     prompt.submit(on_send, inputs, outputs, api_name="chat_submit", show_progress="hidden")
 
@@ -202,5 +206,6 @@ def build(studio, auth: bool = False) -> dict:
     return dict(conversation=conversation, new=new, delete=delete, title=title, rename=rename, export=export,
                 export_file=export_file, chatbot=chatbot, prompt=prompt, send=send, stop=stop, stats=stats,
                 model=model, collection=collection, system=system, temperature=temperature, top_p=top_p,
-                max_tokens=max_tokens, n_ctx=n_ctx, top_k=top_k, reranker=reranker, tools=tools, sources=sources,
+                max_tokens=max_tokens, n_ctx=n_ctx, top_k=top_k, reranker=reranker, tools=tools,
+                load_in_4bit=load_in_4bit, sources=sources,
                 job_id=job_id)

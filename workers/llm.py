@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -29,9 +30,10 @@ class ModelRef:
     """What a `model` param names: a preset (maybe not downloaded yet) or a local GGUF file."""
 
     name: str
-    path: Path | None  # the local file, when it is there
+    path: Path | None  # the local file or folder, when it is there
     preset: dict | None
     shape: dict  # n_layer, n_kv_head, head_dim, vocab, size (bytes)
+    backend: str = "gguf"  # "gguf" (llama.cpp) or "hf" (a transformers model folder)
 
 
 def is_gguf(path: Path) -> bool:
@@ -39,32 +41,93 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def gguf_shape(path: Path) -> dict:
-    """Layer count, KV heads, head size and vocabulary from a GGUF file's metadata (read with the gguf package)."""
-    from gguf import GGUFReader
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
-    reader = GGUFReader(str(path))
-    fields = reader.fields
-    arch = bytes(fields["general.architecture"].parts[-1]).decode()
 
-    def val(key, default=None):
-        f = fields.get(key)
-        if f is None:
-            return default
-        return int(f.parts[f.data[0]][0]) if f.data else default
+def read_gguf_metadata(path: Path) -> dict[str, Any]:
+    """The key/value header of a GGUF file (format v2/v3), stopping before the tensors: milliseconds even for
+    a large model. Arrays are summarised by their length, except short numeric ones."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{Path(path).name} is not a GGUF file")
+        version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+        if version < 2:
+            raise ValueError(f"{Path(path).name} is GGUF version {version}; convert it with a current llama.cpp")
 
-    n_head = val(f"{arch}.attention.head_count", 1)
-    n_embd = val(f"{arch}.embedding_length", 0)
-    tokens = fields.get("tokenizer.ggml.tokens")
+        def scalar(t):
+            fmt = _SCALAR[t]
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string():
+            (n,) = struct.unpack("<Q", f.read(8))
+            return f.read(n).decode("utf-8", errors="replace")
+
+        def value(t):
+            if t == 8:
+                return string()
+            if t == 9:
+                item_type, count = struct.unpack("<IQ", f.read(12))
+                if item_type == 8:
+                    for _ in range(count):
+                        (n,) = struct.unpack("<Q", f.read(8))
+                        f.seek(n, 1)
+                    return {"array_len": count}
+                size = struct.calcsize(_SCALAR[item_type])
+                if count <= 64:
+                    return [scalar(item_type) for _ in range(count)]
+                f.seek(size * count, 1)
+                return {"array_len": count}
+            return scalar(t)
+
+        meta = {}
+        for _ in range(n_kv):
+            key = string()
+            (t,) = struct.unpack("<I", f.read(4))
+            meta[key] = value(t)
+    return meta
+
+
+@lru_cache(maxsize=32)
+def _shape_cached(path: str, size: int, mtime: float) -> dict:
+    meta = read_gguf_metadata(Path(path))
+    arch = meta.get("general.architecture", "llama")
+
+    def val(key, default):
+        v = meta.get(f"{arch}.{key}", default)
+        return v[0] if isinstance(v, list) else v  # some models list a value per layer
+
+    n_head = val("attention.head_count", 1)
+    n_embd = val("embedding_length", 0)
+    tokens = meta.get("tokenizer.ggml.tokens")
     return {
-        "n_layer": val(f"{arch}.block_count", 1),
-        "n_kv_head": val(f"{arch}.attention.head_count_kv", n_head),
-        "head_dim": val(f"{arch}.attention.key_length", n_embd // max(n_head, 1)),
-        "vocab": len(tokens.data) if tokens is not None else 32000,
-        "ctx_train": val(f"{arch}.context_length", 4096),
-        "size": path.stat().st_size,
+        "n_layer": val("block_count", 1),
+        "n_kv_head": val("attention.head_count_kv", n_head),
+        "head_dim": val("attention.key_length", n_embd // max(n_head, 1)),
+        "vocab": tokens["array_len"] if isinstance(tokens, dict) else 32000,
+        "ctx_train": val("context_length", 4096),
+        "size": size,
         "arch": arch,
     }
+
+
+def gguf_shape(path: Path) -> dict:
+    """Layer count, KV heads, head size, vocabulary and training context of a GGUF model."""
+    st = Path(path).stat()
+    return dict(_shape_cached(str(Path(path).resolve()), st.st_size, st.st_mtime))
+
+
+def hf_shape(folder: Path) -> dict:
+    """The same shape facts for a transformers model folder, from its config.json and weight files."""
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads", 1)
+    size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) or \
+        sum(f.stat().st_size for f in Path(folder).glob("*.bin"))
+    stored = 4 if str(cfg.get("torch_dtype", cfg.get("dtype", "float32"))) == "float32" else 2
+    return {"n_layer": cfg.get("num_hidden_layers", 1), "n_kv_head": cfg.get("num_key_value_heads", heads),
+            "head_dim": cfg.get("head_dim") or cfg.get("hidden_size", 64) // heads, "vocab": cfg.get("vocab_size", 32000),
+            "ctx_train": cfg.get("max_position_embeddings", 4096), "size": size, "n_params": size // stored,
+            "arch": (cfg.get("architectures") or ["?"])[0]}
 
 
 def models_dir(data_dir: Path) -> Path:
@@ -82,7 +145,10 @@ def resolve(model: str, data_dir: Path | None = None) -> ModelRef:
         if not path.exists():
             raise ValueError(f"model {model!r} is neither a preset ({', '.join(table)}) nor an existing file")
         if path.is_dir():
-            raise ValueError(f"{path} is a folder; the chat backend loads a single .gguf file")
+            if not (path / "config.json").exists():
+                raise ValueError(f"{path} is a folder without config.json: give a .gguf file or a transformers "
+                                 "model folder")
+            return ModelRef(model, path, None, hf_shape(path), backend="hf")
         if not is_gguf(path):
             raise ValueError(f"{path.name} is not a GGUF model file (it does not start with the GGUF magic bytes); "
                              "convert it with llama.cpp's convert script or pick a .gguf file")
@@ -145,10 +211,15 @@ def download(repo: str, filename: str, progress) -> Path:
                            f"--param repo={repo} --param file={filename}`), or set model to a local .gguf path.") from None
 
 
-def llm_estimate(ref: ModelRef, n_ctx: int, n_gpu_layers: int, device) -> dict[str, int]:
+def llm_estimate(ref: ModelRef, n_ctx: int, n_gpu_layers: int, device, load_in_4bit: bool = False) -> dict[str, int]:
     """Bytes on the gated device: offloaded layers' weights, the KV cache (f16) and compute buffers there."""
     s = ref.shape
     cuda = getattr(device, "kind", "cpu") == "cuda"
+    if ref.backend == "hf":  # fp16 on CUDA (NF4 with load_in_4bit), fp32 on the CPU; the whole model on one device
+        per_param = (0.55 if load_in_4bit else 2) if cuda else 4
+        return {"weights": int(s["n_params"] * per_param),
+                "kv_cache": 2 * s["n_layer"] * n_ctx * s["n_kv_head"] * s["head_dim"] * (2 if cuda else 4),
+                "workspace": 512 * s["vocab"] * 4 + 128 * 2**20, "context": runtime_context_bytes(device)}
     layers = s["n_layer"] if n_gpu_layers < 0 else min(n_gpu_layers, s["n_layer"])
     frac = layers / s["n_layer"] if cuda else 1.0  # on the CPU the whole (memory-mapped) file is resident
     kv = 2 * s["n_layer"] * n_ctx * s["n_kv_head"] * s["head_dim"] * 2
@@ -165,6 +236,8 @@ def fit_layers(ref: ModelRef, n_ctx: int, device, budget: int) -> int:
     """The most layers that fit `budget` on CUDA (-1 = all); 0 on the CPU."""
     if getattr(device, "kind", "cpu") != "cuda":
         return 0
+    if ref.backend == "hf":
+        return -1  # transformers models load whole; the gate refuses them if they do not fit
     n = ref.shape["n_layer"]
     for layers in range(n, -1, -1):
         if sum(llm_estimate(ref, n_ctx, layers, device).values()) <= budget:
@@ -209,3 +282,101 @@ def json_schema_grammar(schema: dict) -> str:
 
 def gib(b: float) -> str:
     return f"{b / GiB:.2f} GiB"
+
+
+class GGUFChat:
+    """A llama.cpp model behind the one `stream()` interface the job kinds use."""
+
+    backend = "gguf"
+
+    def __init__(self, llm, chat_format: str | None):
+        self.llm, self.chat_format = llm, chat_format
+
+    @property
+    def native_tools(self) -> bool:
+        f = self.chat_format or ""
+        return f == "chatml-function-calling" or f.startswith("functionary")
+
+    def stream(self, messages, *, max_tokens, temperature, top_p, grammar=None, seed=None) -> Iterator[str]:
+        return stream_chat(self.llm, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                           grammar=grammar, seed=seed)
+
+
+class HFChat:
+    """A transformers causal LM (optionally 4-bit through bitsandbytes) streaming through TextIteratorStreamer."""
+
+    backend = "hf"
+    native_tools = False
+
+    def __init__(self, model, tokenizer):
+        self.model, self.tok = model, tokenizer
+
+    def prompt(self, messages) -> str:
+        if self.tok.chat_template:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+
+    def stream(self, messages, *, max_tokens, temperature, top_p, grammar=None, seed=None) -> Iterator[str]:
+        import threading
+
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        if grammar:
+            raise ValueError("grammar-constrained answers need a GGUF model (llama.cpp); this is a transformers model")
+        stop = threading.Event()
+
+        class Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return stop.is_set()
+
+        inputs = self.tok(self.prompt(messages), return_tensors="pt").to(self.model.device)
+        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
+        if seed:
+            torch.manual_seed(seed)
+        kwargs = dict(**inputs, max_new_tokens=max_tokens, streamer=streamer,
+                      stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=self.tok.eos_token_id,
+                      do_sample=temperature > 0)
+        if temperature > 0:
+            kwargs.update(temperature=temperature, top_p=top_p)
+        errors: list[BaseException] = []
+
+        def work():
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**kwargs)
+            except BaseException as e:  # surfaced in the consuming thread below
+                errors.append(e)
+                streamer.end()
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+            if errors:
+                raise errors[0]
+        finally:  # the consumer stopped (Stop pressed): end generation at the next token
+            stop.set()
+            thread.join()
+
+
+def load_hf(path: Path, device: str, load_in_4bit: bool = False) -> tuple["HFChat", int]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": torch.float16 if device == "cuda" else torch.float32}
+    if load_in_4bit:  # bitsandbytes NF4; its CPU kernels work too (slowly)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    if not load_in_4bit:
+        model.to(device)
+    model.eval()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return HFChat(model, AutoTokenizer.from_pretrained(str(path))), size

@@ -102,16 +102,17 @@ def run(p: Params, ctx) -> dict:
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
-    from workers.rag import retrieve
+    from workers.rag import load_manifest, retrieve
 
     rows = load_evalset(Path(p.evalset).expanduser())
+    manifest = load_manifest(ctx.data_dir, p.collection)
     llm = None
     if p.model:
         from workers.chat import Params as ChatParams
         from workers.chat import load_llm
 
         llm = load_llm(ctx, ChatParams(prompt="-", model=p.model, n_ctx=p.n_ctx, n_gpu_layers=p.n_gpu_layers,
-                                       threads=p.threads))[0]
+                                       threads=p.threads))[0]  # GGUFChat or HFChat
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     bleu = BLEU(effective_order=True)
     per, t0 = [], time.perf_counter()
@@ -125,12 +126,11 @@ def run(p: Params, ctx) -> dict:
                 "hit": rank is not None, "recall": len(want & set(got)) / len(want), "rr": 1 / rank if rank else 0.0}
         if llm is not None:
             from workers.chat import RAG_INSTRUCTIONS
-            from workers.llm import stream_chat
 
             blocks = "\n\n".join(f"[{n}] {h.where}\n{h.text}" for n, h in enumerate(hits, start=1))
             prompt = f"{RAG_INSTRUCTIONS}\n\nSources:\n{blocks}\n\nQuestion: {row['question']}"
-            answer = "".join(stream_chat(llm, [{"role": "user", "content": prompt}], max_tokens=p.max_tokens,
-                                         temperature=0.0, top_p=1.0, seed=1))
+            answer = "".join(llm.stream([{"role": "user", "content": prompt}], max_tokens=p.max_tokens,
+                                        temperature=0.0, top_p=1.0, seed=1))
             expected = row.get("answer", "")
             item["answer"] = answer
             item["rougeL"] = scorer.score(expected, answer)["rougeL"].fmeasure if expected else None
@@ -140,9 +140,9 @@ def run(p: Params, ctx) -> dict:
 
                 g = json_schema_grammar({"type": "object", "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
                                          "required": ["score"]})
-                verdict = "".join(stream_chat(llm, [{"role": "user", "content": JUDGE_PROMPT.format(
+                verdict = "".join(llm.stream([{"role": "user", "content": JUDGE_PROMPT.format(
                     q=row["question"], a=expected, r=answer)}], max_tokens=20, temperature=0.0, top_p=1.0,
-                    grammar=g, seed=1))
+                    grammar=g if llm.backend == "gguf" else None, seed=1))
                 m = re.search(r"\d", verdict)
                 item["judge"] = int(m.group()) if m else None
         per.append(item)
@@ -155,7 +155,8 @@ def run(p: Params, ctx) -> dict:
     summary = {f"hit@{p.k}": mean("hit"), f"recall@{p.k}": mean("recall"), "mrr": mean("rr"),
                "rougeL": mean("rougeL"), "bleu": mean("bleu"), "judge": mean("judge"), "questions": len(per),
                "seconds": time.perf_counter() - t0, "collection": p.collection, "reranker": p.reranker or None,
-               "model": p.model or None, "k": p.k}
+               "model": p.model or None, "k": p.k, "embedder": manifest["embedder"],
+               "chunking": manifest.get("chunking")}
     summary["hit"] = summary[f"hit@{p.k}"]
     (ctx.run_dir / "results.jsonl").write_text("\n".join(json.dumps(x) for x in per) + "\n")
     (ctx.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -58,6 +58,7 @@ def run(p: Params, ctx) -> dict:
         root = src
     manifest = load_manifest(ctx.data_dir, p.collection) or {"embedder": p.embedder, "files": {}}
     manifest["root"] = str(root)
+    manifest["chunking"] = {"chunk_chars": p.chunk_chars, "overlap_chars": p.overlap_chars}
     files = list_files(root)
     base = root if root.is_dir() else root.parent
     emb = Embedder(load_embedder(ctx, p.embedder))
@@ -65,6 +66,16 @@ def run(p: Params, ctx) -> dict:
 
     seen, skipped = set(), []
     counts = {"added": 0, "updated": 0, "unchanged": 0, "removed": 0, "chunks_written": 0}
+    pending: list = []  # (id, chunk) across files, embedded and added in batches: small notes are the norm
+
+    def flush():
+        if pending:
+            coll.upsert(ids=[i for i, _ in pending], embeddings=emb.embed([c.text for _, c in pending]),
+                     documents=[c.text for _, c in pending],
+                     metadatas=[{"source": c.source, "start": c.start, "end": c.end, "unit": c.unit,
+                                 "heading": c.heading[:200]} for _, c in pending])
+            pending.clear()
+
     for i, f in enumerate(files):
         rel = str(f.relative_to(base))
         seen.add(rel)
@@ -82,17 +93,13 @@ def run(p: Params, ctx) -> dict:
             continue
         if old:
             coll.delete(where={"source": rel})
-        if chunks:
-            ids = [f"{rel}#{n}:{sha[:12]}" for n in range(len(chunks))]
-            for s in range(0, len(chunks), 64):
-                part = chunks[s : s + 64]
-                coll.add(ids=ids[s : s + 64], embeddings=emb.embed([c.text for c in part]),
-                         documents=[c.text for c in part],
-                         metadatas=[{"source": c.source, "start": c.start, "end": c.end, "unit": c.unit,
-                                     "heading": c.heading[:200]} for c in part])
+        pending += [(f"{rel}#{n}:{sha[:12]}", c) for n, c in enumerate(chunks)]
+        if len(pending) >= 64:
+            flush()
         manifest["files"][rel] = {"sha": sha, "chunks": len(chunks)}
         counts["updated" if old else "added"] += 1
         counts["chunks_written"] += len(chunks)
+    flush()
     for rel in [r for r in manifest["files"] if r not in seen]:  # files deleted since the last ingest
         coll.delete(where={"source": rel})
         del manifest["files"][rel]

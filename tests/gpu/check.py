@@ -52,6 +52,7 @@ def main() -> None:
     ap.add_argument("--max-steps", type=int, default=5000, help="gpu-baby training steps at most")
     ap.add_argument("--target", type=float, default=1.47, help="val loss to time")
     ap.add_argument("--eval-iters", type=int, default=None, help="override the preset's (for a quick CPU smoke run)")
+    ap.add_argument("--gguf", default=None, help="a GGUF model to run the chat kind with (none is downloaded)")
     args = ap.parse_args()
 
     import torch
@@ -109,6 +110,17 @@ def main() -> None:
             speeds[kv] = res[0]["tokens_per_s"]
             record(f"tinylm_generate/kv={kv}", *res, tokens_per_s=speeds[kv])
         summary["kv_speedup"] = speeds[True] / speeds[False]
+
+        if args.gguf:  # the chat kind, with the gate's choice of GPU layers for the capped budget
+            from workers import chat
+
+            p = chat.fit(build(chat.Params, {"prompt": "x", "model": args.gguf, "n_ctx": 8192}), reading,
+                         int((args.cap_gib - 1.0) * GiB))
+            res = run_kind(chat, {"prompt": "Write a paragraph about GPUs.", "model": args.gguf, "n_ctx": 8192,
+                                  "max_tokens": 256, "n_gpu_layers": p.n_gpu_layers}, data_dir / "runs" / "chat",
+                           data_dir, device, cache, reading)
+            record("chat", *res, tokens_per_s=res[0]["tokens_per_s"], ttft_ms=res[0]["ttft_ms"],
+                   n_gpu_layers=p.n_gpu_layers)
 
     # the gate against the real device, with the target card's budget
     budget = int((args.cap_gib - 1.0) * GiB)
