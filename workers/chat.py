@@ -37,6 +37,7 @@ class Params:
     reranker: str = ""  # a cross-encoder preset (bge-reranker-base) or local folder; empty: embedding order
     tools: bool = False  # let the model search the collection, open its files, calculate, read the date
     tool_choice: str = "auto"  # "auto", or a tool name the first step must call
+    max_tool_rounds: int = 3  # tool calls the model may make before it must answer
     grammar: str = ""  # constrain the answer: "json" (any JSON value), or a GBNF grammar
     chat_format: str = ""  # llama-cpp chat format; empty: the model's own template (or the preset's)
     load_in_4bit: bool = False  # transformers models only: load in NF4 through bitsandbytes
@@ -48,7 +49,7 @@ class Params:
             raise ValueError("the prompt is empty")
         for name, lo, hi in [("max_tokens", 1, 32768), ("temperature", 0.0, 5.0), ("top_p", 0.01, 1.0),
                              ("n_ctx", 256, 131072), ("n_gpu_layers", -1, 1000), ("top_k", 1, 50),
-                             ("threads", 0, 1024)]:
+                             ("threads", 0, 1024), ("max_tool_rounds", 1, 10)]:
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
@@ -213,12 +214,12 @@ def _decide_grammar(choices: list[str]) -> str:
 def _tool_rounds(ctx, p: Params, llm, messages: list[dict], calls: list[dict]) -> list[dict]:
     """Let the model call tools (at most 3 rounds) before it answers; returns the messages to answer from."""
     names = TOOL_NAMES if p.collection else ["calculator", "today"]
-    for round_no in range(3):
+    for round_no in range(p.max_tool_rounds):
         forced = p.tool_choice if (round_no == 0 and p.tool_choice != "auto") else None
         if llm.native_tools:
             tools = [{"type": "function", "function": t} for t in TOOLS if t["name"] in names]
             choice = {"type": "function", "function": {"name": forced}} if forced else "auto"
-            out = llm.llm.create_chat_completion(messages=messages, tools=tools, tool_choice=choice, max_tokens=256,
+            out = llm.llm.create_chat_completion(messages=messages, tools=tools, tool_choice=choice, max_tokens=128,
                                                  temperature=0.2)
             msg = out["choices"][0]["message"]
             tcs = msg.get("tool_calls") or []
@@ -226,8 +227,15 @@ def _tool_rounds(ctx, p: Params, llm, messages: list[dict], calls: list[dict]) -
                 return messages
             messages.append({"role": "assistant", "content": None, "tool_calls": tcs})
             for tc in tcs:
-                name, args = tc["function"]["name"], json.loads(tc["function"]["arguments"] or "{}")
-                result = _call(ctx, p, name, args, calls)
+                name = tc["function"]["name"]
+                try:
+                    args = json.loads(tc["function"]["arguments"] or "{}")
+                    result = _call(ctx, p, name, args, calls)
+                except json.JSONDecodeError:  # cut off by the token limit, or a weak model: tell it, go on
+                    result = "error: the arguments were not complete JSON"
+                    ctx.emit("tool_call", name=name, arguments=tc["function"]["arguments"][:200])
+                    ctx.emit("tool_result", name=name, result=result)
+                    calls.append({"name": name, "arguments": tc["function"]["arguments"][:200], "result": result})
                 messages.append({"role": "tool", "tool_call_id": tc["id"], "name": name, "content": result})
             continue
         # the JSON-grammar protocol: any model can follow it, the grammar makes its reply parseable
@@ -263,6 +271,16 @@ def _call(ctx, p, name, args, calls) -> str:
 
 
 def run(p: Params, ctx) -> dict:
+    try:
+        return _run(p, ctx)
+    except ValueError as e:
+        if "exceed context window" in str(e):  # llama.cpp's words for a prompt + answer longer than n_ctx
+            raise ValueError(f"the conversation and the answer do not fit the context window (n_ctx={p.n_ctx}): "
+                             "start a new conversation, lower max_tokens or top_k, or raise n_ctx") from None
+        raise
+
+
+def _run(p: Params, ctx) -> dict:
     from studio.context import JobCancelled
     from studio.conversations import Conversations
 
