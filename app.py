@@ -208,7 +208,8 @@ def cmd_jobs(args) -> int:
             print(f"{'id':18} {'kind':16} {'status':11} {'created':19} {'estimate':>10} {'peak':>10}  note")
             for j in studio.jobs(limit=args.limit):
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created))
-                note = (j.error or j.wait_reason or j.message or "").splitlines()[0][:60] if (j.error or j.wait_reason or j.message) else ""
+                text = j.error or j.wait_reason or j.message or ""
+                note = text.splitlines()[0][:60] if text else ""
                 print(f"{j.id:18} {j.kind:16} {j.status.value:11} {created:19} {_gib(j.estimate_bytes):>10} "
                       f"{_gib(j.peak_bytes):>10}  {note}")
             print(f"queue: {'paused — ' + (studio.store.get_meta('pause_reason') or '') if studio.store.paused else 'running'}")

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from .db import connect
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -30,16 +30,8 @@ class Conversations:
         with self._conn() as c:
             c.executescript(SCHEMA)
 
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def _conn(self):
+        return connect(self.path)
 
     def create(self, title: str = "New chat", owner: str | None = None, settings: dict | None = None) -> str:
         cid = uuid.uuid4().hex[:10]

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
+from .db import connect
 from .jobs import Job, JobStatus
 
 SCHEMA = """
@@ -48,17 +47,8 @@ class Store:
         with self._conn() as c:
             c.executescript(SCHEMA)
 
-    @contextmanager
-    def _conn(self) -> Iterator[sqlite3.Connection]:
-        # A connection per call: cheap, and safe across threads and processes (CLI + server).
-        conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        try:
-            yield conn
-        finally:
-            conn.close()
+    def _conn(self):
+        return connect(self.path)
 
     # ---- jobs -------------------------------------------------------------
     def add(
@@ -169,7 +159,8 @@ class Store:
 
     def set_meta(self, key: str, value: str) -> None:
         with self._conn() as c:
-            c.execute("INSERT INTO meta(key, value) VALUES(?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
+            c.execute("INSERT INTO meta(key, value) VALUES(?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                      (key, value))
 
     @property
     def paused(self) -> bool:

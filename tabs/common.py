@@ -6,6 +6,21 @@ import time
 from typing import Any
 
 
+def stash_uploads(studio, files, prefix: str) -> str:
+    """Uploaded files as one path: the file itself, or a new folder of them in the studio's uploads."""
+    import shutil
+    from pathlib import Path
+
+    paths = [Path(f if isinstance(f, str) else f.name) for f in files or []]
+    if len(paths) == 1:
+        return str(paths[0])
+    dest = studio.config.uploads_dir / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for p in paths:
+        shutil.copy(p, dest / p.name)
+    return str(dest)
+
+
 def gib(b: float | None) -> str:
     return "—" if b is None else f"{b / 2**30:.2f} GiB"
 

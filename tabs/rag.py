@@ -1,12 +1,11 @@
 """Collections (ingest notes and code into Chroma) and Evaluate (retrieval and answer metrics, compared by run)."""
-import shutil
 import time
 from pathlib import Path
 
 from workers.llm import presets
 from workers.rag import list_collections
 
-from .common import progress_html, user_of
+from .common import progress_html, stash_uploads, user_of
 
 EVAL_COLUMNS = ["job", "collection", "embedder", "chunking", "k", "reranker", "model", "hit@k", "recall@k", "MRR",
                 "ROUGE-L", "BLEU", "judge", "questions"]
@@ -30,21 +29,10 @@ def eval_table(studio, owner=None) -> list[list]:
 
         chunking = r.get("chunking") or {}
         chunks = f"{chunking['chunk_chars']}/{chunking['overlap_chars']}" if chunking else "—"
-        rows.append([j.id, r["collection"], Path(r.get("embedder") or "—").name, chunks, k, r["reranker"] or "—", r["model"] or "—", f(r[f"hit@{k}"]),
+        rows.append([j.id, r["collection"], Path(r.get("embedder") or "—").name, chunks, k, r["reranker"] or "—",
+                     r["model"] or "—", f(r[f"hit@{k}"]),
                      f(r[f"recall@{k}"]), f(r["mrr"]), f(r["rougeL"]), f(r["bleu"]), f(r["judge"]), r["questions"]])
     return rows
-
-
-def _stash_uploads(studio, files, prefix: str) -> str:
-    """Uploaded files -> one path: the file itself, or a folder of them in the studio's uploads."""
-    paths = [Path(f if isinstance(f, str) else f.name) for f in files or []]
-    if len(paths) == 1:
-        return str(paths[0])
-    dest = studio.config.uploads_dir / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dest.mkdir(parents=True, exist_ok=True)
-    for p in paths:
-        shutil.copy(p, dest / p.name)
-    return str(dest)
 
 
 def _follow(studio, job):
@@ -82,7 +70,7 @@ def build(studio, auth: bool = False) -> dict:
                                      label="Collections")
 
     def on_ingest(name, files, folder, embedder, chunk_chars, overlap_chars, request: gr.Request):
-        path = (folder or "").strip() or (_stash_uploads(studio, files, "rag") if files else "")
+        path = (folder or "").strip() or (stash_uploads(studio, files, "rag") if files else "")
         if not path:
             raise gr.Error("Upload files or a .zip, or give a folder.")
         try:

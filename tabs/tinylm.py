@@ -1,13 +1,11 @@
 """Tiny LM tab: train a small transformer from scratch with a live loss plot and samples; generate from it."""
 
 import html
-import shutil
 import time
-from pathlib import Path
 
 from workers.tinylm import PRESETS
 
-from .common import eta, gib, loss_frame, progress_html, user_of
+from .common import eta, gib, loss_frame, progress_html, stash_uploads, user_of
 
 DATA_CHOICES = ["TinyShakespeare", "Upload text file(s)", "Folder on this machine"]
 
@@ -88,7 +86,8 @@ def build(studio, auth: bool = False) -> dict:
                 cancel = gr.Button("Cancel", variant="stop")
         with gr.Column(scale=3):
             status = gr.HTML("No training job yet.")
-            plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260)  # no empty first value: it would fix an empty legend
+            # no empty first value: the plot would keep that empty legend
+            plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", height=260)
             stats = gr.Markdown()
             sample = gr.Textbox(label="Sample as training goes", lines=6, interactive=False)
     job_id = gr.State("")
@@ -123,16 +122,9 @@ def build(studio, auth: bool = False) -> dict:
             if not (folder_path or "").strip():
                 raise gr.Error("Enter a folder path, or pick another data source.")
             return folder_path.strip()
-        paths = [Path(f if isinstance(f, str) else f.name) for f in (uploaded or [])]
-        if not paths:
+        if not uploaded:
             raise gr.Error("Upload at least one text file, or pick another data source.")
-        if len(paths) == 1:
-            return str(paths[0])
-        dest = studio.config.uploads_dir / f"tinylm-{time.strftime('%Y%m%d-%H%M%S')}"
-        dest.mkdir(parents=True, exist_ok=True)
-        for p in paths:
-            shutil.copy(p, dest / p.name)
-        return str(dest)
+        return stash_uploads(studio, uploaded, "tinylm")
 
     def on_train(data_source, files, folder, preset, pos, tokenizer, max_steps, target_val_loss, batch_size,
                  block_size, n_layer, n_head, n_embd, lr, request: gr.Request):

@@ -10,7 +10,6 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-from studio.config import GiB
 from studio.gate import Estimate, runtime_context_bytes
 
 Preset = Literal["cpu-quick", "gpu-baby"]

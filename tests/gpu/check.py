@@ -99,7 +99,8 @@ def main() -> None:
         for pos in ("alibi", "learned"):
             steps = min(200, args.max_steps)
             res = run_kind(tinylm, {"data": data, "preset": "gpu-baby", "pos": pos, "max_steps": steps,
-                                    "eval_every": steps, "eval_iters": args.eval_iters or 10}, data_dir / "runs" / pos, data_dir, device, cache, reading)
+                                    "eval_every": steps, "eval_iters": args.eval_iters or 10},
+                           data_dir / "runs" / pos, data_dir, device, cache, reading)
             record(f"tinylm/gpu-baby/{pos}", *res, tokens_per_s=res[0]["tokens_per_s"])
 
         speeds = {}

@@ -1,0 +1,21 @@
+"""One way to open the studio's SQLite files: a connection per use, WAL, safe across threads and processes."""
+from __future__ import annotations
+
+import sqlite3
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def connect(path: Path) -> Iterator[sqlite3.Connection]:
+    # A connection per call is cheap, and needs no sharing between threads or the CLI and server processes.
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    try:
+        yield conn
+    finally:
+        conn.close()
