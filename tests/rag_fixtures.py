@@ -99,9 +99,11 @@ def make_tiny_cross_encoder(folder: Path) -> Path:
 
 def make_tiny_hf_llm(folder: Path) -> Path:
     """A random tiny Llama with a byte-level BPE tokenizer and a chat template, saved as a transformers folder."""
+    import torch
     from tokenizers import ByteLevelBPETokenizer
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+    torch.manual_seed(0)  # the same random model every run
     folder.mkdir(parents=True, exist_ok=True)
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([GARDEN, SERVER, " ".join(TRAVEL)] * 20, vocab_size=400,

@@ -333,6 +333,8 @@ def _run(p: Params, ctx) -> dict:
         raise
     t_end = time.perf_counter()
     text = "".join(answer)
+    if hasattr(llm, "count_tokens"):  # transformers streams words; llama.cpp streams tokens
+        n_tokens = llm.count_tokens(text)
     cited = sorted({int(n) for n in re.findall(r"\[(\d+)\]", text) if 0 < int(n) <= len(sources)})
     if cid:
         convs.add(cid, "assistant", text, {"sources": sources, "tools": calls, "model": p.model})

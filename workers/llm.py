@@ -311,6 +311,10 @@ class HFChat:
     def __init__(self, model, tokenizer):
         self.model, self.tok = model, tokenizer
 
+    def count_tokens(self, text: str) -> int:
+        """The streamer hands out words, not tokens: count the answer's tokens for tokens/s."""
+        return len(self.tok(text, add_special_tokens=False).input_ids)
+
     def prompt(self, messages) -> str:
         if self.tok.chat_template:
             return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
