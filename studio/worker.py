@@ -56,11 +56,14 @@ class PeakSampler:
                 h = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
                 pid = os.getpid()
 
+                import torch
+
                 def read_nvml() -> int:
                     for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
                         if p.pid == pid and p.usedGpuMemory:
                             return p.usedGpuMemory
-                    return 0
+                    # in a container NVML may not see our pid: fall back to what torch holds
+                    return torch.cuda.memory_reserved()
 
                 read_nvml()
                 return read_nvml
