@@ -106,6 +106,8 @@ def build(studio, auth: bool = False) -> dict:
                                              reranker=reranker or "", tools=bool(tools),
                                              load_in_4bit=bool(load_in_4bit)), owner=owner(request))
         except ValueError as e:
+            if not conversation:
+                convs.delete(cid)  # the new conversation would stay empty
             raise gr.Error(str(e))
         choices = gr.update(choices=conversation_choices(convs, owner(request)), value=cid)
         if job.status.value == "REFUSED":
