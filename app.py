@@ -370,14 +370,14 @@ def launch(demo, studio, **kwargs):
         footer_links=["api"], **kwargs)
 
 
-TAB_IDS = ("chat", "tinylm", "jobs", "models", "settings")
+TAB_IDS = ("chat", "transcribe", "tinylm", "jobs", "models", "settings")
 
 
 def build_ui(studio, auth: bool = False):
     """The Blocks: the live meter on top, then one tab per job kind, Jobs and Settings."""
     import gradio as gr
 
-    from tabs import chat, header, jobs, models, rag, settings, tinylm
+    from tabs import chat, header, jobs, models, rag, settings, tinylm, transcribe
 
     # Gradio reads this as each component is built: uploads land in the studio's own folder
     os.environ["GRADIO_TEMP_DIR"] = str(studio.config.uploads_dir)
@@ -389,6 +389,8 @@ def build_ui(studio, auth: bool = False):
                     with gr.Tab("Chat"):
                         ui["chat"] = chat.build(studio, auth)
                     ui["rag"] = rag.build(studio, auth)
+            with gr.Tab("Transcribe", id="transcribe"):
+                ui["transcribe"] = transcribe.build(studio, auth)
             with gr.Tab("Tiny LM", id="tinylm"):
                 ui["tinylm"] = tinylm.build(studio, auth)
             with gr.Tab("Jobs", id="jobs"):
@@ -406,15 +408,18 @@ def build_ui(studio, auth: bool = False):
 def cmd_test(args) -> int:
     import shutil
 
-    if not shutil.which("chromium"):
-        if os.geteuid() == 0 and shutil.which("apt-get"):
-            print("[studio] installing chromium for the browser test (apt-get) …", flush=True)
-            subprocess.run(["apt-get", "update", "-qq"], check=False)
-            subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False,
-                           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        if not shutil.which("chromium"):
-            print("[studio] chromium is missing, so the screenshot test will be skipped. Install it with: "
-                  "sudo apt-get install chromium", flush=True)
+    # system tools some tests need: a browser for the screenshot, espeak-ng and sox to make speech
+    missing = [pkg for pkg, exe in (("chromium", "chromium"), ("espeak-ng", "espeak-ng"), ("sox", "sox"))
+               if not shutil.which(exe)]
+    if missing and os.geteuid() == 0 and shutil.which("apt-get"):
+        print(f"[studio] installing {' '.join(missing)} for the tests (apt-get) …", flush=True)
+        subprocess.run(["apt-get", "update", "-qq"], check=False)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        missing = [pkg for pkg in missing if not shutil.which(pkg)]
+    if missing:
+        print(f"[studio] {' '.join(missing)} missing, so the tests that need them are skipped. Install with: "
+              f"sudo apt-get install {' '.join(missing)}", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     pytest_args = args.pytest_args or ["-q", "tests"]
     if not any(a.startswith("--timeout") for a in pytest_args):

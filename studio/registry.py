@@ -20,6 +20,7 @@ register("chat", "workers.chat")
 register("rag_ingest", "workers.rag_ingest")
 register("rag_eval", "workers.rag_eval")
 register("model_download", "workers.model_download")
+register("transcribe", "workers.transcribe")
 
 
 def module_for(kind: str) -> ModuleType:

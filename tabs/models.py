@@ -11,7 +11,7 @@ HEADERS = ["kind", "name", "source", "file", "size GB", "licence", "VRAM est. GB
 
 def table(studio) -> list[list]:
     rows = []
-    for kind in ("llm", "embedder", "reranker"):
+    for kind in ("llm", "embedder", "reranker", "whisper"):
         for name, p in presets()[kind].items():
             if kind == "llm":
                 here = find_local(name, p, studio.config.data_dir)
@@ -41,7 +41,7 @@ def build(studio, auth: bool = False) -> dict:
                 "field at a local `.gguf` file or model folder.")
     models = gr.Dataframe(table(studio), headers=HEADERS, interactive=False, label="Presets")
     with gr.Row():
-        preset = gr.Dropdown([n for k in ("llm", "embedder", "reranker") for n, p in presets()[k].items()
+        preset = gr.Dropdown([n for k in ("llm", "embedder", "reranker", "whisper") for n, p in presets()[k].items()
                               if not p.get("pypi")], label="Preset")
         download = gr.Button("Download", variant="primary")
     with gr.Row():

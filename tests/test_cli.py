@@ -129,3 +129,21 @@ def test_rag_ingest_and_chat_from_the_command_line(tmp_path):
     r = app("run", "chat", "--data-dir", str(tmp_path / "d"), "--param", "model=/etc/hostname",
             "--param", "prompt=hi")
     assert r.returncode == 1 and "not a GGUF model file" in r.stdout
+
+
+def test_transcribe_from_the_command_line(tmp_path):
+    import shutil
+
+    if not (shutil.which("espeak-ng") and shutil.which("sox")):
+        import pytest
+
+        pytest.skip("espeak-ng and sox make the test speech")
+    from test_transcribe import FOX, speak, wer
+
+    wav = speak(tmp_path / "fox.wav", FOX)
+    r = app("run", "transcribe", "--data-dir", str(tmp_path / "d"), "--param", f"audio={wav}",
+            "--param", "model=tiny.en-packaged", "--param", "threads=2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = Path(r.stdout.split("run folder ")[-1].splitlines()[0].strip())
+    assert wer(FOX, (run_dir / "transcript.txt").read_text()) <= 0.3
+    assert (run_dir / "transcript.srt").exists() and (run_dir / "transcript.vtt").exists()

@@ -211,6 +211,23 @@ def download(repo: str, filename: str, progress) -> Path:
                            f"--param repo={repo} --param file={filename}`), or set model to a local .gguf path.") from None
 
 
+def hub_snapshot(repo: str) -> str:
+    """A whole hub repo (an embedder, a whisper model) from the HF cache, downloading it when online."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    try:
+        return snapshot_download(repo)
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise RuntimeError(f"{repo} is not downloaded and the hub cannot be reached ({type(e).__name__}). Download "
+                           f"it when online (`python app.py run model_download --param repo={repo}`) or give a "
+                           "local model folder.") from None
+
+
 def llm_estimate(ref: ModelRef, n_ctx: int, n_gpu_layers: int, device, load_in_4bit: bool = False) -> dict[str, int]:
     """Bytes on the gated device: offloaded layers' weights, the KV cache (f16) and compute buffers there."""
     s = ref.shape

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.llm import presets
+from workers.llm import hub_snapshot, presets
 
 COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")  # Chroma's naming rule
 
@@ -61,7 +61,7 @@ def resolve_model_dir(name: str, kind: str) -> str:
     table = presets()[kind]
     if name not in table:
         if "/" in name:  # a hub repo id
-            return _hub_snapshot(name)
+            return hub_snapshot(name)
         raise ValueError(f"{kind} {name!r} is neither a preset ({', '.join(table)}) nor a local model folder")
     p = table[name]
     if p.get("pypi"):
@@ -70,23 +70,7 @@ def resolve_model_dir(name: str, kind: str) -> str:
             return str(mod.get_model_path())
         except ImportError:
             pass  # not installed: fall back to the hub copy
-    return _hub_snapshot(p["repo"])
-
-
-def _hub_snapshot(repo: str) -> str:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return snapshot_download(repo, local_files_only=True)
-    except LocalEntryNotFoundError:
-        pass
-    try:
-        return snapshot_download(repo)
-    except (LocalEntryNotFoundError, OSError) as e:
-        raise RuntimeError(f"{repo} is not downloaded and the hub cannot be reached ({type(e).__name__}). Download "
-                           f"it when online (`python app.py run model_download --param repo={repo}`) or give a "
-                           "local model folder.") from None
+    return hub_snapshot(p["repo"])
 
 
 def load_embedder(ctx, name: str):
