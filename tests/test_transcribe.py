@@ -148,3 +148,9 @@ def test_transcribe_tab_through_gradio_client(studio, speech):
         assert sorted(f.rsplit(".", 1)[-1] for f in files) == ["json", "srt", "txt", "vtt"]
     finally:
         demo.close()
+
+
+def test_offline_preset_says_what_to_download(studio, speech):
+    job = studio.wait(studio.submit("transcribe", {"audio": str(speech["fox"]), "model": "tiny"}).id, 120)
+    assert job.status is JobStatus.FAILED
+    assert "Systran/faster-whisper-tiny is not downloaded" in job.error and "model_download" in job.error
