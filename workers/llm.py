@@ -1,6 +1,6 @@
 """The shared LLM backend (chat, RAG evaluation, transcript post-editing): GGUF through llama-cpp-python.
 
-Resolving a model name is pure (no downloads, no CUDA): a preset from assets/llm_presets.json, a local .gguf
+Resolving a model name is pure (no downloads, no CUDA): a preset from assets/model_presets.json, a local .gguf
 file, or a packaged model. Loading happens in the device worker and goes through its model cache.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from studio.config import GiB
 from studio.gate import runtime_context_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
-PRESETS_PATH = ROOT / "assets" / "llm_presets.json"
+PRESETS_PATH = ROOT / "assets" / "model_presets.json"
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from studio.gate import Estimate
 
 @dataclass(frozen=True)
 class Params:
-    preset: str = ""  # a preset name from assets/llm_presets.json (LLM, embedder or reranker)
+    preset: str = ""  # a preset name from assets/model_presets.json (LLM, embedder, reranker or whisper)
     repo: str = ""  # or a hub repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF
     file: str = ""  # one file of `repo`; empty: the whole repo (embedders, rerankers)
 
