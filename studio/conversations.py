@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .db import connect
+from .db import connect, init
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -25,10 +25,7 @@ CREATE INDEX IF NOT EXISTS messages_conv ON messages(conversation, seq);
 
 class Conversations:
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as c:
-            c.executescript(SCHEMA)
+        self.path = init(path, SCHEMA)
 
     def _conn(self):
         return connect(self.path)

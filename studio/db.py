@@ -7,6 +7,15 @@ from pathlib import Path
 from typing import Iterator
 
 
+def init(path: Path, schema: str) -> Path:
+    """Create the file's folder and tables (idempotent); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with connect(path) as c:
+        c.executescript(schema)
+    return path
+
+
 @contextmanager
 def connect(path: Path) -> Iterator[sqlite3.Connection]:
     # A connection per call is cheap, and needs no sharing between threads or the CLI and server processes.

@@ -7,7 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from .db import connect
+from .db import connect, init
 from .jobs import Job, JobStatus
 
 SCHEMA = """
@@ -42,10 +42,7 @@ class Store:
     """Jobs and a few flags (queue paused, clean shutdown) in `<data_dir>/studio.db`."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._conn() as c:
-            c.executescript(SCHEMA)
+        self.path = init(path, SCHEMA)
 
     def _conn(self):
         return connect(self.path)

@@ -3,6 +3,7 @@ import os
 import random
 import socket
 import sys
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -66,6 +67,15 @@ def studio(tmp_path_factory):
 @pytest.fixture
 def fresh_config(tmp_path):
     return Config.load(tmp_path / "data")
+
+
+def wait_for_event(studio, job_id: str, type: str, timeout: float = 120.0) -> None:
+    """Block until the job has written an event of this type (a token, a segment, …)."""
+    t0 = time.time()
+    while not any(e["type"] == type for e in studio.events(job_id)[0]):
+        if time.time() - t0 > timeout:
+            raise AssertionError(f"job {job_id} wrote no {type!r} event in {timeout:.0f} s")
+        time.sleep(0.02)
 
 
 def free_port() -> int:

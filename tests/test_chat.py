@@ -3,11 +3,10 @@ the reranker, the model cache, the gate, and bad inputs. The LLM is the packaged
 model: these tests check plumbing, not wisdom); embeddings are the packaged all-MiniLM-L6-v2."""
 import json
 import shutil
-import time
 import zipfile
 
 import pytest
-from conftest import FakeNvml
+from conftest import FakeNvml, wait_for_event
 from rag_fixtures import make_evalset, make_notes, make_pdf, make_tiny_cross_encoder
 
 from studio import Config, GiB, JobStatus, Studio
@@ -106,9 +105,7 @@ def test_stop_really_stops_and_keeps_the_partial_answer(studio):
     cid = convs.create("stop test")
     job = studio.submit("chat", {**LLM, "prompt": "Tell me a very long story.", "max_tokens": 2000,
                                  "conversation": cid, "temperature": 1.0})
-    t0 = time.time()
-    while not any(e["type"] == "token" for e in studio.events(job.id)[0]) and time.time() - t0 < 120:
-        time.sleep(0.05)
+    wait_for_event(studio, job.id, "token")
     studio.cancel(job.id)
     done = studio.wait(job.id, 60)
     assert done.status is JobStatus.CANCELLED
@@ -266,9 +263,7 @@ def test_transformers_backend_streams_stops_and_loads_in_4bit(studio, notes, tmp
     assert "".join(tokens) == job.result["answer"]
     # Stop ends generation early
     long = studio.submit("chat", {"model": folder, "prompt": "Talk.", "max_tokens": 400, "temperature": 1.0})
-    t0 = time.time()
-    while not any(e["type"] == "token" for e in studio.events(long.id)[0]) and time.time() - t0 < 120:
-        time.sleep(0.02)
+    wait_for_event(studio, long.id, "token")
     studio.cancel(long.id)
     assert studio.wait(long.id, 60).status is JobStatus.CANCELLED
     assert sum(e["type"] == "token" for e in studio.events(long.id)[0]) < 400

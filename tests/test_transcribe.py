@@ -3,10 +3,10 @@ import json
 import re
 import shutil
 import subprocess
-import time
 import wave
 
 import pytest
+from conftest import wait_for_event
 
 from studio import JobStatus
 
@@ -93,9 +93,7 @@ def test_vad_drops_the_silence_gap(studio, speech):
 
 def test_cancel_keeps_the_partial_transcript(studio, speech):
     job = studio.submit("transcribe", {"audio": str(speech["long"]), **MODEL, "vad": False, "beam_size": 1})
-    t0 = time.time()
-    while not any(e["type"] == "segment" for e in studio.events(job.id)[0]) and time.time() - t0 < 120:
-        time.sleep(0.05)
+    wait_for_event(studio, job.id, "segment")
     studio.cancel(job.id)
     done = studio.wait(job.id, 60)
     assert done.status is JobStatus.CANCELLED
