@@ -21,6 +21,14 @@ def stash_uploads(studio, files, prefix: str) -> str:
     return str(dest)
 
 
+def watch(studio, job, every: float = 0.2):
+    """Yield a job's row until it is final (the last one yielded is final): for handlers that stream status."""
+    while not (job := studio.job(job.id)).status.final:
+        yield job
+        time.sleep(every)
+    yield job
+
+
 def gib(b: float | None) -> str:
     return "—" if b is None else f"{b / 2**30:.2f} GiB"
 

@@ -1,10 +1,9 @@
 """Models tab: presets for a 12 GB card, downloads into the Hugging Face cache with progress, local files."""
-import time
 from pathlib import Path
 
 from workers.llm import find_local, presets
 
-from .common import progress_html, user_of
+from .common import progress_html, user_of, watch
 
 HEADERS = ["kind", "name", "source", "file", "size GB", "licence", "VRAM est. GB", "on disk"]
 
@@ -59,9 +58,9 @@ def build(studio, auth: bool = False) -> dict:
             job = studio.submit("model_download", params, owner=user_of(request, auth))
         except ValueError as e:
             raise gr.Error(str(e))
-        while not (job := studio.job(job.id)).status.final:
-            yield progress_html(job), gr.skip()
-            time.sleep(0.3)
+        for job in watch(studio, job, every=0.3):
+            if not job.status.final:
+                yield progress_html(job), gr.skip()
         extra = f"<br>saved to <code>{job.result['path']}</code>" if job.result else ""
         yield progress_html(job) + extra, table(studio)
 

@@ -1,11 +1,10 @@
 """Collections (ingest notes and code into Chroma) and Evaluate (retrieval and answer metrics, compared by run)."""
-import time
 from pathlib import Path
 
 from workers.llm import presets
 from workers.rag import list_collections
 
-from .common import progress_html, stash_uploads, user_of
+from .common import progress_html, stash_uploads, user_of, watch
 
 EVAL_COLUMNS = ["job", "collection", "embedder", "chunking", "k", "reranker", "model", "hit@k", "recall@k", "MRR",
                 "ROUGE-L", "BLEU", "judge", "questions"]
@@ -33,13 +32,6 @@ def eval_table(studio, owner=None) -> list[list]:
                      r["model"] or "—", f(r[f"hit@{k}"]),
                      f(r[f"recall@{k}"]), f(r["mrr"]), f(r["rougeL"]), f(r["bleu"]), f(r["judge"]), r["questions"]])
     return rows
-
-
-def _follow(studio, job):
-    while not (job := studio.job(job.id)).status.final:
-        yield job
-        time.sleep(0.2)
-    yield job
 
 
 def build(studio, auth: bool = False) -> dict:
@@ -79,7 +71,7 @@ def build(studio, auth: bool = False) -> dict:
                                 owner=owner(request))
         except ValueError as e:
             raise gr.Error(str(e))
-        for job in _follow(studio, job):
+        for job in watch(studio, job):
             yield progress_html(job), gr.skip()
         msg = progress_html(job)
         if job.status.value == "DONE":
@@ -125,7 +117,7 @@ def build(studio, auth: bool = False) -> dict:
                                 owner=owner(request))
         except ValueError as e:
             raise gr.Error(str(e))
-        for job in _follow(studio, job):
+        for job in watch(studio, job):
             yield progress_html(job), gr.skip()
         yield progress_html(job), eval_table(studio, owner(request))
 

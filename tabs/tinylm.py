@@ -5,7 +5,7 @@ import time
 
 from workers.tinylm import PRESETS
 
-from .common import eta, gib, loss_frame, progress_html, stash_uploads, user_of
+from .common import eta, gib, loss_frame, progress_html, stash_uploads, user_of, watch
 
 DATA_CHOICES = ["TinyShakespeare", "Upload text file(s)", "Folder on this machine"]
 
@@ -173,9 +173,9 @@ def build(studio, auth: bool = False) -> dict:
                                 owner=user_of(request, auth))
         except ValueError as e:
             raise gr.Error(str(e))
-        while not (job := studio.job(job.id)).status.final:
-            yield "", progress_html(job)
-            time.sleep(0.1)
+        for job in watch(studio, job, every=0.1):
+            if not job.status.final:
+                yield "", progress_html(job)
         if job.status.value != "DONE":
             raise gr.Error(job.error or job.status.value)
         r = job.result

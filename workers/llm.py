@@ -13,7 +13,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from studio.config import GiB
 from studio.gate import runtime_context_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -295,10 +294,6 @@ def json_schema_grammar(schema: dict) -> str:
     from llama_cpp.llama_grammar import json_schema_to_gbnf
 
     return json_schema_to_gbnf(json.dumps(schema))
-
-
-def gib(b: float) -> str:
-    return f"{b / GiB:.2f} GiB"
 
 
 class GGUFChat:

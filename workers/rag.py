@@ -99,26 +99,14 @@ def load_reranker(ctx, name: str):
 
 
 class Embedder:
-    """Chroma's embedding-function interface over our SentenceTransformer (Chroma's default would download)."""
+    """Our SentenceTransformer's normalized embeddings. Chroma always gets them precomputed, so its default
+    embedding function (which downloads a model) never runs."""
 
     def __init__(self, model):
         self.model = model
 
-    def __call__(self, input):
-        return self.embed(list(input))
-
     def embed(self, texts: list[str]):
         return self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32)
-
-    @staticmethod
-    def name() -> str:
-        return "studio-sentence-transformers"
-
-    def embed_query(self, input):
-        return self.embed(list(input))
-
-    def embed_documents(self, input):
-        return self.embed(list(input))
 
 
 def chroma(data_dir: Path):
