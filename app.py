@@ -5,6 +5,7 @@
     python3 app.py run KIND --param k=v     run one job through the same gate, queue and worker
     python3 app.py jobs list|show|cancel|resume|retry [ID]
     python3 app.py queue pause|resume
+    python3 app.py transcript ID [--rename S1=Alice] [--accept all|IDS] [--reject IDS]
     python3 app.py doctor                   device, drivers, packages, folders, and a self-test job
     python3 app.py test [pytest args]       the test suite
 
@@ -240,6 +241,59 @@ def cmd_jobs(args) -> int:
         studio.shutdown()
 
 
+def cmd_transcript(args) -> int:
+    """Show a transcribe job's transcript; rename its speakers; accept or reject the post-editor's changes."""
+    import json
+
+    from workers import transcript as tr
+
+    studio = _open_studio(args, need_worker=False)
+    try:
+        job = studio.job(args.id)
+    except KeyError as e:
+        print(f"error: {e.args[0]}")
+        return 1
+    run_dir = studio.run_dir(job.id)
+    try:
+        if args.rename:
+            names = {}
+            for item in args.rename:
+                label, sep, name = item.partition("=")
+                if not sep:
+                    print(f"error: --rename takes LABEL=Name (e.g. S1=Alice); got {item!r}")
+                    return 1
+                names[label.strip()] = name
+            tr.rename_speakers(run_dir, names)
+        if args.accept is not None or args.reject is not None:
+            edits = json.loads((run_dir / "edits.json").read_text()) if (run_dir / "edits.json").exists() else None
+            if edits is None:
+                raise FileNotFoundError("this transcript has no post-editor changes (run it with post_edit=true)")
+            ids = {c["id"] for c in edits["changes"] if c["accepted"]}
+
+            def parse(spec):
+                return {c["id"] for c in edits["changes"]} if spec == "all" else {int(x) for x in spec.split(",") if x}
+
+            ids = (ids | parse(args.accept or "")) - parse(args.reject or "")
+            tr.apply_edits(run_dir, sorted(ids))
+        data = tr.load(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}")
+        return 1
+    edited = run_dir / "transcript.edited.txt"
+    print((edited if args.edited and edited.exists() else run_dir / "transcript.txt").read_text(), end="")
+    if (run_dir / "edits.json").exists():
+        edits = json.loads((run_dir / "edits.json").read_text())
+        for c in edits["changes"]:
+            print(f"  change #{c['id']} {'accepted' if c['accepted'] else 'rejected'}: {tr.diff_text(c['diff'])}",
+                  file=sys.stderr)
+    spk = tr.speakers(data)
+    if spk:
+        names = data.get("speaker_names") or {}
+        print("  speakers: " + ", ".join(f"{s}={names.get(s, s)}" for s in spk), file=sys.stderr)
+    print(f"  files: {run_dir}", file=sys.stderr)
+    return 0
+
+
 def cmd_queue(args) -> int:
     studio = _open_studio(args, need_worker=False)
     if args.action == "pause":
@@ -248,6 +302,31 @@ def cmd_queue(args) -> int:
         studio.resume_queue()
     print(f"queue {'paused' if studio.store.paused else 'running'}; {len(studio.store.queued())} job(s) queued")
     return 0
+
+
+def _whisper_cuda(kind: str) -> str:
+    """Whether faster-whisper (CTranslate2) can run on CUDA, asked of a fresh process with the worker's library path."""
+    from studio.cudalibs import export_library_path, missing
+
+    try:
+        from importlib import metadata
+
+        version = f"faster-whisper {metadata.version('faster-whisper')}, ctranslate2 {metadata.version('ctranslate2')}"
+    except metadata.PackageNotFoundError as e:
+        return f"not installed ({e})"
+    lacking = missing()
+    env = {**os.environ, "LD_LIBRARY_PATH": export_library_path()}
+    probe = ("import ctranslate2; n = ctranslate2.get_cuda_device_count(); "
+             "print(n, sorted(ctranslate2.get_supported_compute_types('cuda')) if n else [])")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        return f"{version}; CUDA check failed: {(out.stderr.strip().splitlines() or ['?'])[-1][:160]}"
+    n, types = out.stdout.strip().split(" ", 1)
+    if int(n) == 0:
+        why = "no CUDA device" if kind != "cuda" else "the GPU is not visible to CTranslate2"
+        return f"{version}; CUDA: no ({why}); runs on the CPU (int8)"
+    libs = "CUDA 12 libraries found" if not lacking else f"MISSING {', '.join(lacking)} (pip install them)"
+    return f"{version}; CUDA: yes ({n} device(s), compute types {types}); {libs}"
 
 
 def cmd_doctor(args) -> int:
@@ -284,6 +363,7 @@ def cmd_doctor(args) -> int:
               + ("" if offload or r.kind != "cuda" else " (rebuild with the CUDA toolkit: see README)"))
     except ImportError as e:
         print(f"llama.cpp: not importable ({e})")
+    print(f"whisper:  {_whisper_cuda(r.kind)}")
     versions = []
     for name in ("gradio", "gradio-client", "nvidia-ml-py", "numpy", "safetensors", "tokenizers", "psutil",
                  "chromadb", "sentence-transformers", "transformers", "huggingface-hub"):
@@ -456,6 +536,14 @@ def main(argv: list[str] | None = None) -> int:
     j.add_argument("--limit", type=int, default=30)
     j.add_argument("--tail", type=int, default=20, help="events shown by `show`")
 
+    t = sub.add_parser("transcript", parents=[common],
+                       help="print a transcript; rename its speakers; accept or reject the post-editor's changes")
+    t.add_argument("id", help="a transcribe job's id")
+    t.add_argument("--rename", action="append", default=[], metavar="S1=Alice", help="name a speaker (repeat)")
+    t.add_argument("--accept", metavar="IDS", help="keep these changes: segment ids (1,4,7) or all")
+    t.add_argument("--reject", metavar="IDS", help="drop these changes: segment ids or all")
+    t.add_argument("--edited", action="store_true", help="print the post-edited transcript")
+
     q = sub.add_parser("queue", parents=[common], help="pause or resume the queue")
     q.add_argument("action", choices=["pause", "resume"])
 
@@ -470,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         args = ap.parse_args(argv)
     _quiet_env()
     handler = {"serve": cmd_serve, "run": cmd_run, "jobs": cmd_jobs, "queue": cmd_queue, "doctor": cmd_doctor,
-               "test": cmd_test}[args.cmd]
+               "test": cmd_test, "transcript": cmd_transcript}[args.cmd]
     return handler(args)
 
 

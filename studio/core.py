@@ -44,6 +44,9 @@ class _Worker:
 
     def __init__(self, generation: int, inbox: queue.Queue, settings: dict):
         ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA is never forked
+        from .cudalibs import export_library_path
+
+        export_library_path()  # faster-whisper's CUDA 12 libraries, read by the loader when the worker starts
         self.generation = generation
         self.inq, self.outq, self.cancel = ctx.Queue(), ctx.Queue(), ctx.Event()
         from . import worker

@@ -1,6 +1,8 @@
-"""Transcribe tab: faster-whisper on uploaded files or the microphone, segments streaming in as they decode."""
+"""Transcribe tab: faster-whisper on uploaded files or the microphone, segments streaming in as they decode;
+speaker labels and renames; the LLM post-editor's changes shown as a word diff to accept or reject."""
 import time
 
+from workers import transcript as tr
 from workers.llm import presets
 
 from .common import progress_html, user_of
@@ -10,11 +12,51 @@ def _ts(t: float) -> str:
     return f"{int(t) // 60:02d}:{t % 60:05.2f}"
 
 
+def transcripts(studio, owner=None) -> list[tuple[str, str]]:
+    """Finished transcribe jobs with a transcript, newest first, as dropdown choices."""
+    out = []
+    for j in studio.jobs(limit=100, owner=owner, kind="transcribe"):
+        if (studio.run_dir(j.id) / "transcript.json").exists():
+            name = str(j.params.get("audio", "")).rsplit("/", 1)[-1]
+            out.append((f"{j.id} · {name} · {j.status.value}", j.id))
+    return out
+
+
+def review(studio, job_id: str | None):
+    """(speaker table rows, diff HTML, change choices, accepted ids, output files) of one transcript."""
+    if not job_id:
+        return [], "", [], [], None
+    run_dir = studio.run_dir(job_id)
+    data = tr.load(run_dir)
+    names = data.get("speaker_names") or {}
+    rows = [[s, names.get(s, "")] for s in tr.speakers(data)]
+    diff, choices, accepted = "", [], []
+    if (run_dir / "edits.json").exists():
+        import json
+
+        edits = json.loads((run_dir / "edits.json").read_text())
+        items = []
+        for c in edits["changes"]:
+            who = f"{names.get(c['speaker'], c['speaker'])}: " if c.get("speaker") else ""
+            items.append(f"<p><b>#{c['id']}</b> [{_ts(c['start'])}] {who}{tr.diff_html(c['diff'])}</p>")
+            choices.append((f"#{c['id']} {c['edited'][:60]}", c["id"]))
+            if c["accepted"]:
+                accepted.append(c["id"])
+        dropped = len(edits.get("discarded", []))
+        diff = (f"<div class='diff'><p>{len(edits['changes'])} change(s) by {edits.get('model')}"
+                + (f"; {dropped} proposal(s) discarded because they added or dropped words" if dropped else "")
+                + "</p>" + "".join(items) + "</div>")
+    files = [str(p) for p in sorted(run_dir.glob("transcript*.*")) if p.suffix[1:] in tr.FORMATS]
+    files += [str(run_dir / "edits.json")] if (run_dir / "edits.json").exists() else []
+    return rows, diff, choices, accepted, files or None
+
+
 def build(studio, auth: bool = False) -> dict:
     import gradio as gr
 
     gr.Markdown("Transcribe or translate speech with faster-whisper. Silero VAD skips silence; word timestamps "
-                "go into the JSON. Outputs: TXT, SRT, VTT and JSON in the job's run folder.")
+                "go into the JSON; speakers are labelled on request; an LLM can fix punctuation, casing and names. "
+                "Outputs: TXT, SRT, VTT and JSON in the job's run folder.")
     with gr.Row():
         with gr.Column(scale=2):
             files = gr.File(label="Audio or video files (each becomes a job)", file_count="multiple")
@@ -36,6 +78,17 @@ def build(studio, auth: bool = False) -> dict:
                 initial_prompt = gr.Textbox(label="Initial prompt / glossary",
                                             placeholder="Names: Anneliese, Kubernetes…")
                 hotwords = gr.Textbox(label="Hotwords")
+            with gr.Accordion("Speakers and post-editor", open=False):
+                with gr.Row():
+                    diarize = gr.Checkbox(False, label="Label speakers")
+                    num_speakers = gr.Number(0, precision=0, minimum=0, maximum=20,
+                                             label="Number of speakers (0: find out)")
+                with gr.Row():
+                    post_edit = gr.Checkbox(False, label="LLM post-editor")
+                    editor_model = gr.Dropdown(list(presets()["llm"]), value="llama-3.1-8b-instruct-q4km",
+                                               allow_custom_value=True, label="Editor model (preset, .gguf, folder)")
+                glossary = gr.Textbox(label="Glossary for the editor (names and terms, comma-separated)",
+                                      placeholder="Alice Nakamura, PostgreSQL, Reykjavík")
             with gr.Row():
                 go = gr.Button("Transcribe", variant="primary")
                 cancel = gr.Button("Cancel", variant="stop")
@@ -43,10 +96,25 @@ def build(studio, auth: bool = False) -> dict:
             status = gr.HTML()
             transcript = gr.Textbox(label="Transcript", lines=16, interactive=False)
             outputs = gr.File(label="Outputs", file_count="multiple", interactive=False)
+    with gr.Accordion("Review: speakers and the editor's changes", open=True):
+        with gr.Row():
+            job = gr.Dropdown(transcripts(studio), label="Transcript", allow_custom_value=True)
+            refresh = gr.Button("↻", scale=0, min_width=40)
+        with gr.Row():
+            with gr.Column(scale=1):
+                speakers = gr.Dataframe(headers=["Speaker", "Name"], column_count=2, interactive=True,
+                                        label="Speakers: type a name, then Apply names", value=[])
+                rename = gr.Button("Apply names")
+            with gr.Column(scale=2):
+                diff = gr.HTML()
+                changes = gr.CheckboxGroup(label="Changes to keep (untick to reject)", choices=[])
+                save_edits = gr.Button("Save edited transcript")
+        review_note = gr.Markdown()
     job_ids = gr.State([])
 
     def on_go(files, mic, model, language, task, vad, vad_threshold, min_silence_ms, word_timestamps, beam_size,
-              batched, initial_prompt, hotwords, request: gr.Request):
+              batched, initial_prompt, hotwords, diarize, num_speakers, post_edit, editor_model, glossary,
+              request: gr.Request):
         paths = [f if isinstance(f, str) else f.name for f in files or []] + ([mic] if mic else [])
         if not paths:
             raise gr.Error("Upload a file or record something first.")
@@ -57,7 +125,9 @@ def build(studio, auth: bool = False) -> dict:
                     audio=path, model=model, language=(language or "").strip(), task=task, vad=vad,
                     vad_threshold=vad_threshold, min_silence_ms=int(min_silence_ms), word_timestamps=word_timestamps,
                     beam_size=int(beam_size), batched=batched, initial_prompt=initial_prompt or "",
-                    hotwords=hotwords or ""), owner=user_of(request, auth)))
+                    hotwords=hotwords or "", diarize=diarize, num_speakers=int(num_speakers or 0) if diarize else 0,
+                    post_edit=post_edit, editor_model=editor_model, glossary=glossary or ""),
+                    owner=user_of(request, auth)))
             except ValueError as e:
                 raise gr.Error(f"{path.rsplit('/', 1)[-1]}: {e}")
         ids = [j.id for j in jobs]
@@ -72,20 +142,30 @@ def build(studio, auth: bool = False) -> dict:
                     elif e["type"] == "info":
                         texts[jid].append(f"— {e['language']} ({100 * e['language_probability']:.0f}%), "
                                           f"{e['duration']:.1f} s, {e['model']} {e['compute_type']} on {e['device']}")
+                    elif e["type"] == "speakers":  # the transcript again, now with a speaker on every line
+                        texts[jid] = texts[jid][:1] + [f"[{_ts(s['start'])} → {_ts(s['end'])}] {s['speaker']}: "
+                                                       f"{s['text'].strip()}" for s in e["segments"]]
+                    elif e["type"] == "post_edit":
+                        texts[jid].append(f"— post-editor: {e['changes']} change(s) proposed (review below)")
             current = [studio.job(j) for j in ids]
             body = "\n\n".join("\n".join(texts[j]) for j in ids)
             done = all(j.status.final for j in current)
             files_out = [str(studio.run_dir(j.id) / f) for j in current if j.result for f in j.result["outputs"]]
             files_out += [str(p) for j in current if j.status.value == "CANCELLED"
                           for p in sorted(studio.run_dir(j.id).glob("transcript.*"))]
-            yield "<br>".join(progress_html(j) for j in current), body, files_out or None, ids
+            picker = gr.update()
+            if done:
+                choices = transcripts(studio, user_of(request, auth))
+                picker = gr.update(choices=choices, value=ids[0] if any(c[1] == ids[0] for c in choices) else None)
+            yield "<br>".join(progress_html(j) for j in current), body, files_out or None, ids, picker
             if done:
                 return
             time.sleep(0.3)
 
     go.click(on_go, [files, mic, model, language, task, vad, vad_threshold, min_silence_ms, word_timestamps,
-                     beam_size, batched, initial_prompt, hotwords], [status, transcript, outputs, job_ids],
-             api_name="transcribe", show_progress="hidden")
+                     beam_size, batched, initial_prompt, hotwords, diarize, num_speakers, post_edit, editor_model,
+                     glossary], [status, transcript, outputs, job_ids, job], api_name="transcribe",
+             show_progress="hidden")
 
     def on_cancel(ids):
         for j in ids or []:
@@ -93,7 +173,61 @@ def build(studio, auth: bool = False) -> dict:
         return "Cancelling: what was transcribed so far is kept." if ids else "Nothing to cancel."
 
     cancel.click(on_cancel, job_ids, status, api_name="transcribe_cancel")
+
+    def mine(job_id, request):
+        if not job_id:
+            raise gr.Error("Pick a transcript first.")
+        try:
+            j = studio.job(job_id)
+        except KeyError:
+            raise gr.Error(f"no job {job_id}")
+        owner = user_of(request, auth)
+        if (owner is not None and j.owner != owner) or j.kind != "transcribe":
+            raise gr.Error(f"{job_id} is not one of your transcripts")
+        return job_id
+
+    def on_pick(job_id, request: gr.Request):
+        if not job_id:
+            return [], "", gr.update(choices=[], value=[]), None, ""
+        rows, html_diff, choices, accepted, files_out = review(studio, mine(job_id, request))
+        note = "" if rows or choices else "This transcript has neither speaker labels nor post-editor changes."
+        return rows, html_diff, gr.update(choices=choices, value=accepted), files_out, note
+
+    job.change(on_pick, job, [speakers, diff, changes, outputs, review_note], api_name="transcript_review")
+
+    def on_refresh(request: gr.Request):
+        return gr.update(choices=transcripts(studio, user_of(request, auth)))
+
+    refresh.click(on_refresh, None, job)
+
+    def on_rename(job_id, table, request: gr.Request):
+        mine(job_id, request)
+        rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+        try:
+            tr.rename_speakers(studio.run_dir(job_id), {str(r[0]): str(r[1] or "") for r in rows if r and r[0]})
+        except ValueError as e:
+            raise gr.Error(str(e))
+        *out, _ = on_pick(job_id, request)
+        return (*out, "Names applied to every output.")
+
+    rename.click(on_rename, [job, speakers], [speakers, diff, changes, outputs, review_note],
+                 api_name="transcript_rename")
+
+    def on_save(job_id, keep, request: gr.Request):
+        mine(job_id, request)
+        try:
+            tr.apply_edits(studio.run_dir(job_id), [int(k) for k in keep or []])
+        except (FileNotFoundError, ValueError) as e:
+            raise gr.Error(str(e))
+        *out, _ = on_pick(job_id, request)
+        return (*out, f"Saved transcript.edited.* with {len(keep or [])} change(s) kept.")
+
+    save_edits.click(on_save, [job, changes], [speakers, diff, changes, outputs, review_note],
+                     api_name="transcript_save_edits")
     return dict(files=files, mic=mic, model=model, language=language, task=task, vad=vad,
                 vad_threshold=vad_threshold, min_silence_ms=min_silence_ms, word_timestamps=word_timestamps,
-                beam_size=beam_size, batched=batched, initial_prompt=initial_prompt, hotwords=hotwords, go=go,
-                cancel=cancel, status=status, transcript=transcript, outputs=outputs, job_ids=job_ids)
+                beam_size=beam_size, batched=batched, initial_prompt=initial_prompt, hotwords=hotwords,
+                diarize=diarize, num_speakers=num_speakers, post_edit=post_edit, editor_model=editor_model,
+                glossary=glossary, go=go, cancel=cancel, status=status, transcript=transcript, outputs=outputs,
+                job=job, speakers=speakers, diff=diff, changes=changes, rename=rename, save_edits=save_edits,
+                review_note=review_note, job_ids=job_ids)

@@ -142,8 +142,16 @@ def test_transcribe_from_the_command_line(tmp_path):
 
     wav = speak(tmp_path / "fox.wav", FOX)
     r = app("run", "transcribe", "--data-dir", str(tmp_path / "d"), "--param", f"audio={wav}",
-            "--param", "model=tiny.en-packaged", "--param", "threads=2")
+            "--param", "model=tiny.en-packaged", "--param", "threads=2", "--param", "diarize=true")
     assert r.returncode == 0, r.stdout + r.stderr
     run_dir = Path(r.stdout.split("run folder ")[-1].splitlines()[0].strip())
-    assert wer(FOX, (run_dir / "transcript.txt").read_text()) <= 0.3
+    lines = (run_dir / "transcript.txt").read_text().splitlines()
+    assert all(line.startswith("S1: ") for line in lines)  # one voice, one speaker
+    assert wer(FOX, " ".join(line[4:] for line in lines)) <= 0.3
     assert (run_dir / "transcript.srt").exists() and (run_dir / "transcript.vtt").exists()
+    r = app("transcript", run_dir.name, "--data-dir", str(tmp_path / "d"), "--rename", "S1=Narrator")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.startswith("Narrator: ") and "speakers: S1=Narrator" in r.stderr
+    assert (run_dir / "transcript.srt").read_text().count("Narrator: ") >= 1
+    r = app("transcript", run_dir.name, "--data-dir", str(tmp_path / "d"), "--accept", "all")
+    assert r.returncode == 1 and "no post-editor changes" in r.stdout

@@ -1,4 +1,5 @@
-"""Transcribe: faster-whisper tiny.en (shipped on PyPI) on speech made here with espeak-ng and sox."""
+"""Transcribe: faster-whisper tiny.en (shipped on PyPI) on speech made here with espeak-ng and sox; diarization of
+two espeak voices taking turns; the post-editor with the packaged gemma GGUF (a base model: the plumbing)."""
 import json
 import re
 import shutil
@@ -15,11 +16,22 @@ pytestmark = pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which(
 MODEL = {"model": "tiny.en-packaged", "threads": 2}
 FOX = "The quick brown fox jumps over the lazy dog. Please call Stella and ask her to bring these things from the store."
 SECOND = "Tomorrow the weather will be sunny with a light breeze from the west."
+LINES = [FOX, SECOND, "Our library opens at nine in the morning and closes at six in the evening.",
+         "The train to the coast leaves from platform four every half hour on weekdays.",
+         "Please remember to water the tomatoes in the garden before you go to bed.",
+         "The committee will vote on the new playground design at the end of the month.",
+         "My grandmother bakes bread with honey, walnuts and a pinch of sea salt.",
+         "After the storm the fishermen repaired their nets on the old wooden pier."]
+# two voices taking turns: (voice, pitch, text)
+TURNS = [("en-us", 35, "Good morning everyone, thank you for joining the planning meeting today."),
+         ("en-us+f3", 80, "Thanks for having me, I have prepared the budget numbers for the next quarter."),
+         ("en-us", 35, "Great, please walk us through the main changes since the last report."),
+         ("en-us+f3", 80, "Sure, the hardware costs went down while the travel costs went up a little.")]
 
 
-def speak(path, text, voice="en-us"):
+def speak(path, text, voice="en-us", pitch=50):
     raw = path.with_suffix(".raw.wav")
-    subprocess.run(["espeak-ng", "-v", voice, "-s", "150", "-w", str(raw), text], check=True)
+    subprocess.run(["espeak-ng", "-v", voice, "-p", str(pitch), "-s", "150", "-w", str(raw), text], check=True)
     subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", str(path)], check=True)
     raw.unlink()
     return path
@@ -49,9 +61,19 @@ def speech(tmp_path_factory):
     gap = d / "gap.wav"  # speech, 6 s of silence, speech
     subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", str(d / "silence.wav"), "trim", "0", "6"], check=True)
     subprocess.run(["sox", str(fox), str(d / "silence.wav"), str(second), str(gap)], check=True)
-    long = d / "long.wav"
-    subprocess.run(["sox", *[str(fox)] * 12, str(long)], check=True)
-    return {"fox": fox, "second": second, "gap": gap, "long": long}
+    long = d / "long.wav"  # about two minutes of different sentences (a repeated one makes whisper skip windows)
+    varied = [speak(d / f"line{i}.wav", text) for i, text in enumerate(LINES)]
+    subprocess.run(["sox", *[str(x) for x in varied * 2], str(long)], check=True)
+    parts, bounds, t = [], [], 0.0
+    for i, (voice, pitch, text) in enumerate(TURNS):
+        parts.append(speak(d / f"turn{i}.wav", text, voice, pitch))
+        bounds.append((t, t + duration(parts[-1])))
+        t = bounds[-1][1] + 0.8
+    subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", str(d / "pause.wav"), "trim", "0", "0.8"], check=True)
+    turns = d / "turns.wav"
+    joined = [str(x) for p in parts for x in (p, d / "pause.wav")][:-1]
+    subprocess.run(["sox", *joined, str(turns)], check=True)
+    return {"fox": fox, "second": second, "gap": gap, "long": long, "turns": turns, "turn_bounds": bounds}
 
 
 def run(studio, audio, **params):
@@ -138,12 +160,30 @@ def test_transcribe_tab_through_gradio_client(studio, speech):
     app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        status, transcript, files = client.predict(
+        status, transcript, files, picked = client.predict(
             files=[handle_file(str(speech["fox"]))], mic=None, model="tiny.en-packaged", language="en",
             task="transcribe", vad=True, vad_threshold=0.5, min_silence_ms=500, word_timestamps=True, beam_size=5,
-            batched=False, initial_prompt="", hotwords="", api_name="/transcribe")
+            batched=False, initial_prompt="", hotwords="", diarize=False, num_speakers=0, post_edit=False,
+            editor_model="", glossary="", api_name="/transcribe")
         assert "DONE" in status and wer(FOX, re.sub(r"\[[^\]]*\]|—.*", "", transcript)) <= 0.3
         assert sorted(f.rsplit(".", 1)[-1] for f in files) == ["json", "srt", "txt", "vtt"]
+        status, transcript, files, picked = client.predict(
+            files=[handle_file(str(speech["turns"]))], mic=None, model="tiny.en-packaged", language="en",
+            task="transcribe", vad=True, vad_threshold=0.5, min_silence_ms=500, word_timestamps=True, beam_size=5,
+            batched=False, initial_prompt="", hotwords="", diarize=True, num_speakers=2, post_edit=True,
+            editor_model="gemma-3-270m-packaged", glossary="Quarter", api_name="/transcribe")
+        assert "DONE" in status and "S1: " in transcript and "S2: " in transcript and "post-editor" in transcript
+        job_id = studio.jobs(kind="transcribe")[0].id
+        assert picked["value"] == job_id  # the review panel opens the new transcript
+        speakers, diff, changes, files, note = client.predict(job_id, api_name="/transcript_review")
+        assert [r[0] for r in speakers["data"]] == ["S1", "S2"] and "change(s) by gemma-3-270m-packaged" in diff
+        speakers, diff, changes, files, note = client.predict(
+            job_id, {"headers": ["Speaker", "Name"], "data": [["S1", "Ann"], ["S2", "Bo"]]},
+            api_name="/transcript_rename")
+        assert "Names applied" in note and [r[1] for r in speakers["data"]] == ["Ann", "Bo"]
+        assert (studio.run_dir(job_id) / "transcript.txt").read_text().startswith("Ann: ")
+        *_, note = client.predict(job_id, [], api_name="/transcript_save_edits")
+        assert "0 change(s) kept" in note and (studio.run_dir(job_id) / "transcript.edited.txt").read_text().startswith("Ann: ")
     finally:
         demo.close()
 
@@ -152,3 +192,141 @@ def test_offline_preset_says_what_to_download(studio, speech):
     job = studio.wait(studio.submit("transcribe", {"audio": str(speech["fox"]), "model": "tiny"}).id, 120)
     assert job.status is JobStatus.FAILED
     assert "Systran/faster-whisper-tiny is not downloaded" in job.error and "model_download" in job.error
+
+
+def speaker_per_turn(segments, bounds) -> list[str]:
+    """The label most words inside each turn carry; asserts that nearly all of them carry it."""
+    out = []
+    for a, b in bounds:
+        labels = [w["speaker"] for s in segments for w in s.get("words", []) if a <= (w["start"] + w["end"]) / 2 <= b]
+        assert labels, (a, b)
+        top = max(set(labels), key=labels.count)
+        assert labels.count(top) >= 0.85 * len(labels), (a, b, labels)
+        out.append(top)
+    return out
+
+
+@pytest.mark.parametrize("num_speakers", [0, 2])
+def test_two_voices_taking_turns_get_two_speakers(studio, speech, num_speakers):
+    job = run(studio, speech["turns"], diarize=True, num_speakers=num_speakers)
+    assert job.status is JobStatus.DONE, job.error
+    assert job.result["speakers"] == ["S1", "S2"]
+    run_dir = studio.run_dir(job.id)
+    data = json.loads((run_dir / "transcript.json").read_text())
+    assert speaker_per_turn(data["segments"], speech["turn_bounds"]) == ["S1", "S2", "S1", "S2"]
+    assert all(s["speaker"] in ("S1", "S2") for s in data["segments"])
+    assert [s["id"] for s in data["segments"]] == list(range(len(data["segments"])))
+    txt = (run_dir / "transcript.txt").read_text()
+    assert txt.startswith("S1: ") and "\nS2: " in txt
+    assert "\nS2: " in (run_dir / "transcript.srt").read_text() and "\nS1: " in (run_dir / "transcript.vtt").read_text()
+    assert any(e["type"] == "speakers" for e in studio.events(job.id)[0])
+
+
+def test_renaming_speakers_rewrites_every_output(studio, speech):
+    from workers import transcript as tr
+
+    job = run(studio, speech["turns"], diarize=True, num_speakers=2, speaker_names="S1=Host")
+    run_dir = studio.run_dir(job.id)
+    assert (run_dir / "transcript.txt").read_text().startswith("Host: ")
+    tr.rename_speakers(run_dir, {"S2": "Guest"})
+    for fmt in ("txt", "srt", "vtt"):
+        text = (run_dir / f"transcript.{fmt}").read_text()
+        assert "Host: " in text and "Guest: " in text and "S1: " not in text and "S2: " not in text, fmt
+    data = json.loads((run_dir / "transcript.json").read_text())
+    assert data["speaker_names"] == {"S1": "Host", "S2": "Guest"}
+    assert {s["speaker"] for s in data["segments"]} == {"S1", "S2"}  # labels stay; names are a mapping
+    with pytest.raises(ValueError, match="no speaker S7"):
+        tr.rename_speakers(run_dir, {"S7": "Nobody"})
+    tr.rename_speakers(run_dir, {"S1": ""})  # an empty name restores the label
+    assert (run_dir / "transcript.txt").read_text().startswith("S1: ")
+    with pytest.raises(ValueError, match="LABEL=Name"):
+        studio.submit("transcribe", {"audio": str(speech["fox"]), **MODEL, "speaker_names": "Alice"})
+
+
+def test_post_editor_runs_chunkwise_and_saves_beside_the_raw_transcript(studio, speech):
+    job = run(studio, speech["fox"], post_edit=True, editor_model="gemma-3-270m-packaged",
+              glossary="Stella, Kubernetes")
+    assert job.status is JobStatus.DONE, job.error
+    run_dir = studio.run_dir(job.id)
+    edits = json.loads((run_dir / "edits.json").read_text())
+    assert edits["model"] == "gemma-3-270m-packaged" and edits["glossary"] == ["Stella", "Kubernetes"]
+    assert edits["chunks"] == job.result["post_edit"]["chunks"] >= 1
+    for c in edits["changes"]:  # whatever the base model proposed kept the words (punctuation/casing/names only)
+        from workers.transcript import same_content
+
+        assert same_content(c["original"], c["edited"], edits["glossary"]) and c["diff"]
+    raw = json.loads((run_dir / "transcript.json").read_text())
+    edited = json.loads((run_dir / "transcript.edited.json").read_text())
+    assert [(s["start"], s["end"]) for s in raw["segments"]] == [(s["start"], s["end"]) for s in edited["segments"]]
+    assert wer(FOX, (run_dir / "transcript.txt").read_text()) <= 0.3  # the raw transcript is untouched
+    assert "transcript.edited.srt" in job.result["outputs"] and (run_dir / "transcript.edited.vtt").exists()
+    assert any(e["type"] == "post_edit" for e in studio.events(job.id)[0])
+
+
+def test_accepting_and_rejecting_changes(studio, speech):
+    """An edit proposal (as the editor writes it) applied, rejected and re-accepted; the guard and the word diff."""
+    from workers import transcript as tr
+
+    job = run(studio, speech["fox"])
+    run_dir = studio.run_dir(job.id)
+    seg = tr.load(run_dir)["segments"][0]
+    original = seg["text"].strip()
+    edited = original.replace("Stella", "Stellar").rstrip(".") + "!"
+    assert tr.same_content(original, edited, ["Stellar"])
+    assert not tr.same_content(original, original + " and also a lot of new words here", [])
+    assert not tr.same_content(original, " ".join(original.split()[: len(original.split()) // 2]), [])
+    ops = tr.diff("the quick brown fox", "The quick brown fox.")
+    assert ops == [["~", "the", "The"], ["=", "quick brown", "quick brown"], ["~", "fox", "fox."]]
+    assert "<del>the</del> <ins>The</ins>" in tr.diff_html(ops)
+    assert tr.diff_text(ops) == "[-the-]{+The+} quick brown [-fox-]{+fox.+}"
+    (run_dir / "edits.json").write_text(json.dumps({"model": "m", "glossary": ["Stellar"], "changes": [
+        {"id": seg["id"], "start": seg["start"], "end": seg["end"], "speaker": None, "original": original,
+         "edited": edited, "diff": tr.diff(original, edited), "accepted": True}], "discarded": []}))
+    tr.apply_edits(run_dir)
+    assert (run_dir / "transcript.edited.txt").read_text().splitlines()[0] == edited
+    tr.apply_edits(run_dir, [])  # reject it
+    assert (run_dir / "transcript.edited.txt").read_text().splitlines()[0] == original
+    assert (run_dir / "transcript.txt").read_text().splitlines()[0] == original  # raw never changes
+    with pytest.raises(ValueError, match="no change for segment"):
+        tr.apply_edits(run_dir, [999])
+    from test_cli import app  # the same from the command line, beside the running studio
+
+    r = app("transcript", job.id, "--data-dir", str(studio.config.data_dir), "--accept", "all", "--edited")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0] == edited and f"change #{seg['id']} accepted: " in r.stderr
+    r = app("transcript", job.id, "--data-dir", str(studio.config.data_dir), "--reject", str(seg["id"]), "--edited")
+    assert r.stdout.splitlines()[0] == original and f"change #{seg['id']} rejected" in r.stderr
+
+
+def test_post_editor_parses_numbered_lines_and_chunks():
+    from workers import post_edit as pe
+
+    assert pe.parse("[1] Hello, world.\n[2] How are you?\n[2] again\n[9] out of range\nnoise", 3) == {
+        1: "Hello, world.", 2: "How are you?"}
+    segs = [{"text": " word" * 50} for _ in range(5)]
+    assert [len(c) for c in pe.chunks(segs, max_words=120)] == [2, 2, 1]
+    msgs = pe.messages([{"text": " hi alice"}], ["Alice"])
+    assert msgs[1]["content"] == "Glossary: Alice\n\n[1] hi alice"
+
+
+def test_estimate_counts_the_post_editor_and_fit_shares_the_budget(speech):
+    from conftest import FakeNvml
+
+    from studio.params import build
+    from workers import transcribe
+
+    gpu = FakeNvml().read()
+    base = dict(audio=str(speech["fox"]), model="large-v3")
+    plain = transcribe.estimate(build(transcribe.Params, base), gpu)
+    edited = build(transcribe.Params, {**base, "post_edit": True, "editor_model": "gemma-3-270m-packaged"})
+    with_editor = transcribe.estimate(edited, gpu)
+    assert with_editor.total - plain.total > 200 * 2**20  # the GGUF's weights, KV cache and buffers
+    assert with_editor.parts["context"] == plain.parts["context"]  # one process, one CUDA context
+    assert transcribe.fit(edited, gpu, 10 * 2**30).editor_gpu_layers == -1  # all layers fit beside whisper
+    def total(layers):
+        return transcribe.estimate(build(transcribe.Params, {**base, "post_edit": True, "editor_gpu_layers": layers,
+                                                              "editor_model": "gemma-3-270m-packaged"}), gpu).total
+
+    tight = total(0) + (total(-1) - total(0)) // 2  # room for about half the editor's layers
+    layers = transcribe.fit(edited, gpu, tight).editor_gpu_layers
+    assert 0 < layers < 18 and total(layers) <= tight < total(layers + 1)

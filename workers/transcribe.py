@@ -1,8 +1,10 @@
-"""Job kind `transcribe`: faster-whisper with Silero VAD and word timestamps; TXT, SRT, VTT and JSON outputs.
+"""Job kind `transcribe`: faster-whisper with Silero VAD and word timestamps, speaker diarization and an LLM
+post-editor; TXT, SRT, VTT and JSON outputs (workers.transcript).
 
 Segments stream as events while faster-whisper's generator yields them (each one a cancel point); a cancelled
 job keeps what was transcribed so far in its run folder (the outputs are also rewritten as segments arrive, so
-even a job killed after the cancel grace period leaves them).
+even a job killed after the cancel grace period leaves them). Diarization (workers.diarize) then labels words and
+segments with speakers; the post-editor (workers.post_edit) proposes fixes saved beside the raw transcript.
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ from pathlib import Path
 from typing import Literal
 
 from studio.gate import Estimate, runtime_context_bytes
+from workers import transcript
+from workers.post_edit import N_CTX as EDITOR_CTX
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,15 @@ class Params:
     batch_size: int = 8
     compute_type: str = "auto"  # auto: float16 on CUDA, int8 on the CPU; or int8_float16, float32, …
     threads: int = 0  # CPU threads; 0: all cores
+    diarize: bool = False  # label speakers (S1, S2, …) in every output
+    num_speakers: int = 0  # 0: find how many; otherwise exactly this many
+    diarizer: Literal["auto", "resemblyzer", "pyannote"] = "auto"  # auto: pyannote when installed with HF_TOKEN
+    speaker_names: str = ""  # e.g. "S1=Alice, S2=Bob"; also renamable after the job
+    post_edit: bool = False  # an LLM fixes punctuation, casing and names; saved as transcript.edited.*
+    editor_model: str = "llama-3.1-8b-instruct-q4km"  # the post-editor: an LLM preset, .gguf file or HF folder
+    glossary: str = ""  # names and terms the post-editor should spell this way, comma-separated
+    editor_gpu_layers: int = -1  # -1: as many as fit beside the whisper model (the gate decides); 0: CPU
+    seed: int = 0  # the post-editor's sampling seed (it decodes greedily); 0: random
 
     def __post_init__(self):
         if not self.audio.strip():
@@ -43,6 +56,22 @@ class Params:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
         if self.batched and not self.vad:
             raise ValueError("batched transcription splits the audio with VAD: turn vad on")
+        if not 0 <= self.num_speakers <= 20:
+            raise ValueError(f"num_speakers must be between 0 (automatic) and 20; got {self.num_speakers}")
+        if self.num_speakers and not self.diarize:
+            raise ValueError("num_speakers is for diarization: turn diarize on")
+        names(self.speaker_names)  # raises on a malformed list
+
+
+def names(spec: str) -> dict[str, str]:
+    """"S1=Alice, S2=Bob" → {"S1": "Alice", "S2": "Bob"}."""
+    out = {}
+    for item in filter(None, (x.strip() for x in spec.replace("\n", ",").split(","))):
+        label, sep, name = item.partition("=")
+        if not sep or not label.strip():
+            raise ValueError(f"speaker_names: {item!r} is not LABEL=Name (e.g. S1=Alice)")
+        out[label.strip()] = name.strip()
+    return out
 
 
 def _preset(model: str) -> dict | None:
@@ -62,6 +91,34 @@ def validate(p: Params, config) -> None:
 
         raise ValueError(f"model {p.model!r} is neither a preset ({', '.join(presets()['whisper'])}) nor a "
                          "CTranslate2 model folder (with model.bin)")
+    if p.diarize:
+        from workers.diarize import backend
+
+        backend(p.diarizer)
+    if p.post_edit:
+        from workers.llm import resolve
+
+        resolve(p.editor_model, config.data_dir)
+
+
+def _editor(p: Params):
+    from workers.chat import Params as ChatParams
+
+    return ChatParams(prompt="post-edit", model=p.editor_model, n_ctx=EDITOR_CTX,
+                      n_gpu_layers=p.editor_gpu_layers, threads=p.threads, seed=p.seed)
+
+
+def fit(p: Params, device, budget: int) -> Params:
+    """Give the post-editor as many GPU layers as fit beside the whisper model."""
+    from dataclasses import replace
+
+    if not p.post_edit or p.editor_gpu_layers != -1:
+        return p
+    from workers.llm import fit_layers, resolve
+
+    whisper = _whisper_estimate(p, device)
+    left = budget - whisper.total + whisper.parts["context"]  # the editor's estimate counts the one context
+    return replace(p, editor_gpu_layers=fit_layers(resolve(p.editor_model), EDITOR_CTX, device, left))
 
 
 def compute_type(p: Params, device: str) -> str:
@@ -71,6 +128,23 @@ def compute_type(p: Params, device: str) -> str:
 
 
 def estimate(p: Params, device) -> Estimate:
+    est = _whisper_estimate(p, device)
+    parts, note = dict(est.parts), est.note
+    if p.diarize:  # resemblyzer's LSTM (5.5 MB) and one batch of mel windows per speech region
+        parts["weights"] += 32 * 2**20
+        parts["activations"] += 96 * 2**20
+    if p.post_edit:
+        from workers.llm import llm_estimate, resolve
+
+        ref = resolve(p.editor_model)
+        for k, v in llm_estimate(ref, EDITOR_CTX, p.editor_gpu_layers, device).items():
+            if k != "context":  # one process, one CUDA context
+                parts[k] = parts.get(k, 0) + v
+        note += f"; post-editor {ref.name}"
+    return Estimate(parts=parts, note=note)
+
+
+def _whisper_estimate(p: Params, device) -> Estimate:
     cuda = getattr(device, "kind", "cpu") == "cuda"
     preset = _preset(p.model)
     if preset:
@@ -93,6 +167,9 @@ def shrink(p: Params):
     if p.batched:
         yield {"batch_size": 1, "beam_size": 1}
     yield {"compute_type": "int8_float16", "beam_size": 1}
+    if p.post_edit:
+        for layers in (16, 8, 0):
+            yield {"editor_gpu_layers": layers, "beam_size": 1}
 
 
 def model_path(model: str, progress) -> str:
@@ -123,28 +200,46 @@ def load_audio(path: Path):
     return audio
 
 
-def _ts(t: float, sep: str) -> str:
-    ms = int(round(t * 1000))
-    return f"{ms // 3600000:02d}:{ms // 60000 % 60:02d}:{ms // 1000 % 60:02d}{sep}{ms % 1000:03d}"
+def write_outputs(run_dir: Path, segments: list[dict], info: dict, partial: bool, speaker_names=None) -> list[Path]:
+    return transcript.write(run_dir, {"info": info, "partial": partial, "segments": segments,
+                                      "speaker_names": speaker_names or {}})
 
 
-def write_outputs(run_dir: Path, segments: list[dict], info: dict, partial: bool) -> list[Path]:
-    """transcript.txt/.srt/.vtt/.json from the segments so far."""
-    def label(s):
-        return f"{s['speaker']}: " if s.get("speaker") else ""
+def in_background(seg_iter, ctx):
+    """Yield faster-whisper's segments, decoded in a thread. Each 30 s window is one C++ call that cannot be
+    interrupted (seconds on a CPU, longer when temperature fallback re-decodes it), so the job waits for segments
+    in 0.2 s slices that are cancel points; after a cancel the thread stops at its next segment."""
+    import queue
+    import threading
 
-    txt = "\n".join(label(s) + s["text"].strip() for s in segments) + "\n"
-    srt = "\n".join(f"{i}\n{_ts(s['start'], ',')} --> {_ts(s['end'], ',')}\n{label(s)}{s['text'].strip()}\n"
-                    for i, s in enumerate(segments, start=1))
-    vtt = "WEBVTT\n\n" + "\n".join(f"{_ts(s['start'], '.')} --> {_ts(s['end'], '.')}\n{label(s)}{s['text'].strip()}\n"
-                                   for s in segments)
-    out = {"info": info, "partial": partial, "segments": segments}
-    paths = []
-    for name, text in (("transcript.txt", txt), ("transcript.srt", srt), ("transcript.vtt", vtt),
-                       ("transcript.json", json.dumps(out, indent=1))):
-        (run_dir / name).write_text(text)
-        paths.append(run_dir / name)
-    return paths
+    q: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def pull():
+        try:
+            for seg in seg_iter:
+                if stop.is_set():
+                    return
+                q.put(("segment", seg))
+            q.put(("end", None))
+        except BaseException as e:  # handed to the job's thread, which reports it
+            q.put(("error", e))
+
+    threading.Thread(target=pull, name="whisper-decode", daemon=True).start()
+    try:
+        while True:
+            try:
+                kind, item = q.get(timeout=0.2)
+            except queue.Empty:
+                ctx.check_cancel()
+                continue
+            if kind == "end":
+                return
+            if kind == "error":
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def run(p: Params, ctx) -> dict:
@@ -181,7 +276,7 @@ def run(p: Params, ctx) -> dict:
     segments: list[dict] = []
     last_write = time.perf_counter()
     try:
-        for seg in seg_iter:  # faster-whisper decodes lazily: each segment is decoded as we ask for it
+        for seg in in_background(seg_iter, ctx):  # faster-whisper decodes lazily, a window at a time
             s = {"id": len(segments), "start": round(seg.start, 3), "end": round(min(seg.end, duration), 3),
                  "text": seg.text, "avg_logprob": seg.avg_logprob, "no_speech_prob": seg.no_speech_prob}
             if seg.words:
@@ -192,15 +287,52 @@ def run(p: Params, ctx) -> dict:
                 write_outputs(ctx.run_dir, segments, meta, partial=True)
                 last_write = time.perf_counter()
             ctx.emit("segment", **s)
-            ctx.progress(s["end"], duration, f"{_ts(s['end'], '.')[:8]} of {_ts(duration, '.')[:8]}")
+            ctx.progress(s["end"], duration, f"{transcript.ts(s['end'], '.')[:8]} of {transcript.ts(duration, '.')[:8]}")
     except JobCancelled:
         for f in write_outputs(ctx.run_dir, segments, meta, partial=True):
             ctx.artifact(f, f"{f.suffix[1:].upper()} (partial)")
         raise
     seconds = time.perf_counter() - t0
-    for f in write_outputs(ctx.run_dir, segments, meta, partial=False):
+    result = {**meta, "seconds": seconds, "rtf": seconds / duration, "model_cached": cached}
+    if p.diarize:
+        segments = diarize(p, ctx, audio, segments)
+        result["speakers"] = transcript.speakers({"segments": segments})
+    for f in write_outputs(ctx.run_dir, segments, meta, partial=False, speaker_names=names(p.speaker_names)):
         ctx.artifact(f, f.suffix[1:].upper())
+    outputs = [f"transcript.{x}" for x in transcript.FORMATS]
+    if p.post_edit:
+        result["post_edit"] = post_edit(p, ctx, transcript.load(ctx.run_dir))
+        outputs += [f"transcript.edited.{x}" for x in transcript.FORMATS] + ["edits.json"]
+        ctx.artifact(ctx.run_dir / "edits.json", "post-editor changes")
     ctx.progress(duration, duration, "done")
-    return {**meta, "segments": len(segments), "text": " ".join(s["text"].strip() for s in segments),
-            "seconds": seconds, "rtf": seconds / duration, "model_cached": cached,
-            "outputs": [f"transcript.{x}" for x in ("txt", "srt", "vtt", "json")]}
+    return {**result, "segments": len(segments), "text": " ".join(s["text"].strip() for s in segments),
+            "outputs": outputs}
+
+
+def diarize(p: Params, ctx, audio, segments: list[dict]) -> list[dict]:
+    from workers import diarize as d
+
+    which = d.backend(p.diarizer)
+    ctx.progress(0, None, f"diarizing ({which})")
+    t0 = time.perf_counter()
+    if which == "pyannote":
+        turns = d.pyannote_turns(audio, num_speakers=p.num_speakers, device=ctx.device)
+    else:
+        turns = d.resemblyzer_turns(audio, num_speakers=p.num_speakers, vad_threshold=p.vad_threshold,
+                                    min_silence_ms=p.min_silence_ms, device=ctx.device, check=ctx.check_cancel)
+    segments = d.assign(segments, turns)
+    ctx.emit("speakers", backend=which, speakers=transcript.speakers({"segments": segments}),
+             turns=[[round(a, 2), round(b, 2), s] for a, b, s in turns], seconds=round(time.perf_counter() - t0, 2),
+             segments=[{k: s[k] for k in ("id", "start", "end", "text", "speaker")} for s in segments])
+    return segments
+
+
+def post_edit(p: Params, ctx, data: dict) -> dict:
+    from workers import post_edit as pe
+    from workers.chat import load_llm
+
+    ctx.progress(0, None, f"loading the post-editor {p.editor_model}")
+    llm, _ = load_llm(ctx, _editor(p))
+    summary = pe.run(ctx, llm, data, p.glossary, seed=p.seed, model_name=p.editor_model)
+    ctx.emit("post_edit", **summary)
+    return summary

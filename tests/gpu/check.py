@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.47, help="val loss to time")
     ap.add_argument("--eval-iters", type=int, default=None, help="override the preset's (for a quick CPU smoke run)")
     ap.add_argument("--gguf", default=None, help="a GGUF model to run the chat kind with (none is downloaded)")
+    ap.add_argument("--audio", default=None, help="a speech clip for the transcribe kind (faster-whisper on CUDA "
+                    "through the worker's library path: cuBLAS 12 beside torch's CUDA 13, torch's cuDNN)")
+    ap.add_argument("--whisper", default="tiny.en-packaged", help="whisper preset or CTranslate2 folder")
     args = ap.parse_args()
 
     import torch
@@ -123,6 +126,15 @@ def main() -> None:
             record("chat", *res, tokens_per_s=res[0]["tokens_per_s"], ttft_ms=res[0]["ttft_ms"],
                    n_gpu_layers=p.n_gpu_layers)
 
+        if args.audio:  # run after torch has loaded its cuDNN, as in the worker
+            from workers import transcribe
+
+            res = run_kind(transcribe, {"audio": args.audio, "model": args.whisper, "diarize": True},
+                           data_dir / "runs" / "transcribe", data_dir, device, cache, reading)
+            r = res[0]
+            record("transcribe", *res, rtf=r["rtf"], compute_type=r["compute_type"], speakers=r["speakers"],
+                   text=r["text"][:80])
+
     # the gate against the real device, with the target card's budget
     budget = int((args.cap_gib - 1.0) * GiB)
     decisions = {}
@@ -142,4 +154,9 @@ def main() -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from studio.cudalibs import export_library_path
+
+    if "--audio" in sys.argv and "STUDIO_LIBS_SET" not in os.environ:  # the loader reads the path at start:
+        os.environ["STUDIO_LIBS_SET"] = export_library_path() or "-"  # re-exec with it, as the studio spawns its worker
+        os.execv(sys.executable, [sys.executable, *sys.argv])
     main()
