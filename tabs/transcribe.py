@@ -189,7 +189,10 @@ def build(studio, auth: bool = False) -> dict:
     def on_pick(job_id, request: gr.Request):
         if not job_id:
             return [], "", gr.update(choices=[], value=[]), None, ""
-        rows, html_diff, choices, accepted, files_out = review(studio, mine(job_id, request))
+        try:
+            rows, html_diff, choices, accepted, files_out = review(studio, mine(job_id, request))
+        except FileNotFoundError as e:
+            raise gr.Error(str(e))
         note = "" if rows or choices else "This transcript has neither speaker labels nor post-editor changes."
         return rows, html_diff, gr.update(choices=choices, value=accepted), files_out, note
 

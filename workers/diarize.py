@@ -46,7 +46,11 @@ def speech_regions(audio: np.ndarray, threshold: float, min_silence_ms: int) -> 
 
 def embed_windows(audio: np.ndarray, regions, device: str, check: Callable[[], None]):
     """One embedding per window of speech: (embeddings (n, 256), window centres in seconds, region index)."""
-    from resemblyzer import VoiceEncoder
+    import warnings
+
+    with warnings.catch_warnings():  # webrtcvad, imported by resemblyzer, warns that pkg_resources is deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        from resemblyzer import VoiceEncoder
 
     enc = VoiceEncoder(device=device, verbose=False)
     embs, centres, owner = [], [], []
@@ -110,7 +114,10 @@ def pyannote_turns(audio, *, num_speakers: int, device: str) -> list[tuple[float
     import torch
     from pyannote.audio import Pipeline
 
-    pipe = Pipeline.from_pretrained("pyannote/speaker-diarization-3.1", token=os.environ["HF_TOKEN"])
+    try:  # pyannote.audio 4 takes `token`, 3.x `use_auth_token`
+        pipe = Pipeline.from_pretrained("pyannote/speaker-diarization-3.1", token=os.environ["HF_TOKEN"])
+    except TypeError:
+        pipe = Pipeline.from_pretrained("pyannote/speaker-diarization-3.1", use_auth_token=os.environ["HF_TOKEN"])
     pipe.to(torch.device(device))
     out = pipe({"waveform": torch.from_numpy(audio)[None], "sample_rate": SR},
                **({"num_speakers": num_speakers} if num_speakers else {}))
