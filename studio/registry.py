@@ -21,6 +21,9 @@ register("rag_ingest", "workers.rag_ingest")
 register("rag_eval", "workers.rag_eval")
 register("model_download", "workers.model_download")
 register("transcribe", "workers.transcribe")
+register("detect_train", "workers.detect_train")
+register("detect_predict", "workers.detect_predict")
+register("detect_export", "workers.detect_export")
 
 
 def module_for(kind: str) -> ModuleType:

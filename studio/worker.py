@@ -107,6 +107,11 @@ def main(inq, outq, cancel_flag, settings: dict[str, Any]) -> None:
     """Entry point of the worker process."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     threading.Thread(target=_watch_parent, args=(settings["parent_pid"],), daemon=True).start()
+    # The parent starts this process as a daemon (it dies with the studio); inside, jobs may start their own
+    # processes (Ultralytics' dataloader workers), which multiprocessing refuses to a daemon.
+    import multiprocessing
+
+    multiprocessing.current_process().daemon = False
     import torch  # imported here, in the one process that owns the device, so a job starts warm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,161 @@
+"""Detect: dataset import from each format and its check, YOLO training from a yaml with live metrics, predict on
+images and a video, ONNX export with a latency table, resume after cancel, the pickle guard, the tab."""
+import json
+import os
+import shutil
+import zipfile
+
+import pytest
+from detect_fixtures import (NAMES, broken_copy, make_shapes, make_video, to_coco, to_labelstudio, to_roboflow,
+                             zip_folder)
+
+from studio import JobStatus
+from workers import detect_data
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+TRAIN = {"model": "yolov8n.yaml", "imgsz": 96, "batch": 8, "workers": 0}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes(tmp_path_factory.mktemp("shapes") / "yolo")
+
+
+@pytest.fixture(scope="module")
+def trained(studio, shapes):
+    job = studio.wait(studio.submit("detect_train", {"data": str(shapes), "epochs": 3, **TRAIN}).id, 600)
+    assert job.status is JobStatus.DONE, job.error
+    return job
+
+
+@pytest.mark.parametrize("fmt", ["yolo", "yolo-zip", "roboflow", "labelstudio", "coco"])
+def test_every_export_format_imports_to_the_same_dataset(shapes, tmp_path, fmt):
+    src = {"yolo": lambda: shapes / "data.yaml",
+           "yolo-zip": lambda: zip_folder(shapes, tmp_path / "yolo.zip"),
+           "roboflow": lambda: zip_folder(to_roboflow(shapes, tmp_path / "rf"), tmp_path / "roboflow.zip"),
+           "labelstudio": lambda: to_labelstudio(shapes, tmp_path / "ls"),
+           "coco": lambda: to_coco(shapes, tmp_path / "coco")}[fmt]()
+    data_yaml, report = detect_data.prepare(src, tmp_path / "out")
+    boxes = sum(len(f.read_text().split("\n")) - 1 for f in (shapes / "labels").rglob("*.txt"))
+    assert report["images"] == 40 and report["boxes"] == boxes and report["names"] == NAMES
+    assert report["format"] == {"yolo-zip": "yolo"}.get(fmt, fmt)
+    assert not any(report[k]["count"] for k in detect_data.FINDINGS), detect_data.summary(report)
+    assert report["split"]["train"] + report["split"]["val"] == 40
+    assert report["split"]["proposed"] == (fmt in ("labelstudio", "coco"))  # these exports carry no split
+    train = (tmp_path / "out" / "train.txt").read_text().split()
+    assert all(os.path.exists(p) and os.path.exists(detect_data.label_for(__import__("pathlib").Path(p)))
+               for p in train)
+    assert "names" in data_yaml.read_text()
+
+
+def test_the_check_finds_each_problem(shapes, tmp_path):
+    _, report = detect_data.prepare(broken_copy(shapes, tmp_path / "broken"), tmp_path / "out")
+    assert report["images_without_labels"]["examples"] == ["images/train/img001.jpg"]
+    assert report["labels_without_images"]["examples"] == ["labels/train/ghost.txt"]
+    assert report["boxes_out_of_range"]["examples"] == ["labels/train/img002.txt:1"]
+    assert report["class_ids_outside_names"]["examples"][0].startswith("labels/train/img003.txt:1 (class 7")
+    assert report["duplicate_images"]["count"] == 1
+    text = detect_data.summary(report)
+    assert "duplicate images: **1**" in text and "class ids outside names: **1**" in text
+
+
+def test_a_zip_that_escapes_its_folder_is_refused(studio, tmp_path):
+    bad = tmp_path / "evil.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("data.yaml", "names: [a]\ntrain: images\nval: images\n")
+        z.writestr("../../escaped.txt", "gotcha")
+    job = studio.wait(studio.submit("detect_train", {"data": str(bad), "epochs": 1, **TRAIN}).id, 120)
+    assert job.status is JobStatus.FAILED and "unsafe path '../../escaped.txt'" in job.error
+    assert not (tmp_path.parent / "escaped.txt").exists()
+
+
+def test_training_reports_every_epoch_and_writes_best_weights(studio, trained):
+    run_dir = studio.run_dir(trained.id)
+    evs = studio.events(trained.id)[0]
+    metrics = [e for e in evs if e["type"] == "metric"]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    assert {"train_box_loss", "train_cls_loss", "map50", "map50_95"} <= metrics[0].keys()
+    assert [e for e in evs if e["type"] == "dataset"][0]["report"]["images"] == 40
+    assert any(e["type"] == "sample" for e in evs) and list(run_dir.glob("sample_epoch*.jpg"))
+    assert (run_dir / "best.pt").exists() and (run_dir / "train" / "results.csv").exists()
+    assert list((run_dir / "train").glob("*PR_curve.png")) and (run_dir / "train" / "confusion_matrix.png").exists()
+    hashes = json.loads((run_dir / "weights.json").read_text())
+    from workers.yolo import sha256
+
+    assert hashes["best.pt"] == sha256(run_dir / "best.pt")
+    assert trained.result["epochs"] == 3 and trained.result["map50"] is not None
+
+
+def test_predict_images_and_a_video(studio, trained, tmp_path):
+    from ultralytics.utils import ASSETS
+
+    best = str(studio.run_dir(trained.id) / "best.pt")
+    job = studio.wait(studio.submit("detect_predict", {"model": best, "source": f"{ASSETS / 'bus.jpg'}\n"
+                                                       f"{ASSETS / 'zidane.jpg'}", "imgsz": 96, "conf": 0.01}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    run_dir = studio.run_dir(job.id)
+    assert job.result["images"] == 2 and len(list((run_dir / "pred").glob("*.jpg"))) == 2
+    assert (run_dir / "detections.csv").read_text().startswith("image,class,class_id,confidence,x1,y1,x2,y2")
+    assert [e["image"] for e in studio.events(job.id)[0] if e["type"] == "detections"] == ["bus.jpg", "zidane.jpg"]
+    video = make_video(tmp_path / "clip.mp4")
+    job = studio.wait(studio.submit("detect_predict", {"model": best, "source": str(video), "imgsz": 96}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    import cv2
+
+    cap = cv2.VideoCapture(str(studio.run_dir(job.id) / job.result["video"]))
+    frames = 0
+    while cap.read()[0]:
+        frames += 1
+    assert frames == job.result["frames"] == 12
+    with pytest.raises(ValueError, match="not one this model detects"):
+        studio.wait(studio.submit("detect_predict", {"model": best, "source": str(video), "classes": "cat"}).id)
+        raise ValueError(studio.jobs(kind="detect_predict")[0].error)
+
+
+def test_onnx_export_and_latency_table(studio, trained):
+    best = str(studio.run_dir(trained.id) / "best.pt")
+    job = studio.wait(studio.submit("detect_export", {"model": best, "imgsz": 96, "runs": 5, "warmup": 2}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    run_dir = studio.run_dir(job.id)
+    assert (run_dir / "best.onnx").stat().st_size > 1e6
+    assert not (studio.run_dir(trained.id) / "best.onnx").exists()  # nothing left beside the training's weights
+    rows = {r["backend"]: r for r in job.result["latency"]}
+    assert rows["PyTorch"]["ms_per_image"] > 0 and rows["ONNX Runtime"]["fps"] > 0
+    assert rows["TensorRT"]["ms_per_image"] is None and "NVIDIA GPU" in rows["TensorRT"]["note"]
+    job = studio.wait(studio.submit("detect_export", {"model": best, "format": "engine", "imgsz": 96}).id, 120)
+    assert job.status is JobStatus.FAILED and "cannot build a TensorRT engine" in job.error
+
+
+def test_only_weights_the_studio_wrote_load_without_trust(studio, trained, tmp_path):
+    from ultralytics.utils import ASSETS
+
+    stranger = tmp_path / "downloaded.pt"
+    shutil.copy(studio.run_dir(trained.id) / "best.pt", stranger)
+    params = {"model": str(stranger), "source": str(ASSETS / "bus.jpg"), "imgsz": 96}
+    with pytest.raises(ValueError, match="not written by this studio"):
+        studio.submit("detect_predict", params)
+    assert studio.wait(studio.submit("detect_predict", {**params, "trust": True}).id, 120).status is JobStatus.DONE
+    tampered = studio.run_dir(trained.id) / "last.pt"
+    with open(tampered, "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="not written by this studio"):
+        studio.submit("detect_predict", {**params, "model": str(tampered)})
+    with pytest.raises(ValueError, match="neither a preset"):
+        studio.submit("detect_predict", {**params, "model": "yolov99z"})
+
+
+def test_resume_after_cancel_continues_from_last_epoch(studio, shapes):
+    from conftest import wait_for_event
+
+    job = studio.submit("detect_train", {"data": str(shapes), "epochs": 4, **TRAIN})
+    wait_for_event(studio, job.id, "metric", timeout=300)
+    studio.cancel(job.id)
+    job = studio.wait(job.id, 120)
+    assert job.status is JobStatus.CANCELLED
+    state = json.loads((studio.run_dir(job.id) / "checkpoint" / "state.json").read_text())
+    assert 1 <= state["epoch"] < 4
+    new = studio.wait(studio.resume(job.id).id, 600)
+    assert new.status is JobStatus.DONE, new.error
+    steps = [e["step"] for e in studio.events(new.id)[0] if e["type"] == "metric"]
+    assert steps and steps[0] == state["epoch"] + 1 and steps[-1] == 4
+    assert (studio.run_dir(new.id) / "best.pt").exists()
