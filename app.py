@@ -450,14 +450,14 @@ def launch(demo, studio, **kwargs):
         footer_links=["api"], **kwargs)
 
 
-TAB_IDS = ("chat", "transcribe", "tinylm", "jobs", "models", "settings")
+TAB_IDS = ("chat", "transcribe", "detect", "tinylm", "jobs", "models", "settings")
 
 
 def build_ui(studio, auth: bool = False):
     """The Blocks: the live meter on top, then one tab per job kind, Jobs and Settings."""
     import gradio as gr
 
-    from tabs import chat, header, jobs, models, rag, settings, tinylm, transcribe
+    from tabs import chat, detect, header, jobs, models, rag, settings, tinylm, transcribe
 
     # Gradio reads this as each component is built: uploads land in the studio's own folder
     os.environ["GRADIO_TEMP_DIR"] = str(studio.config.uploads_dir)
@@ -471,6 +471,8 @@ def build_ui(studio, auth: bool = False):
                     ui["rag"] = rag.build(studio, auth)
             with gr.Tab("Transcribe", id="transcribe"):
                 ui["transcribe"] = transcribe.build(studio, auth)
+            with gr.Tab("Detect", id="detect"):
+                ui["detect"] = detect.build(studio, auth)
             with gr.Tab("Tiny LM", id="tinylm"):
                 ui["tinylm"] = tinylm.build(studio, auth)
             with gr.Tab("Jobs", id="jobs"):

@@ -24,6 +24,7 @@ register("transcribe", "workers.transcribe")
 register("detect_train", "workers.detect_train")
 register("detect_predict", "workers.detect_predict")
 register("detect_export", "workers.detect_export")
+register("detect_stream", "workers.detect_stream")
 
 
 def module_for(kind: str) -> ModuleType:

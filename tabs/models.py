@@ -19,6 +19,10 @@ def table(studio) -> list[list]:
                 on_disk = "packaged" if p.get("pypi") else _snapshot_state(p["repo"])
             rows.append([kind, name, p.get("repo") or f"PyPI {p.get('pypi')}", p.get("file", "(repo)"),
                          p["size_gb"], p["licence"], p.get("vram_gb", "—"), on_disk])
+    for name, p in presets()["yolo"].items():
+        here = (studio.config.data_dir / "models" / "yolo" / p["file"]).exists()
+        rows.append(["yolo", name, "Ultralytics assets", p["file"], p["size_gb"], p["licence"], "< 1",
+                     "yes" if here else "no"])
     return rows
 
 
@@ -40,7 +44,8 @@ def build(studio, auth: bool = False) -> dict:
                 "field at a local `.gguf` file or model folder.")
     models = gr.Dataframe(table(studio), headers=HEADERS, interactive=False, label="Presets")
     with gr.Row():
-        preset = gr.Dropdown([n for k in ("llm", "embedder", "reranker", "whisper") for n, p in presets()[k].items()
+        kinds = ("llm", "embedder", "reranker", "whisper", "yolo")
+        preset = gr.Dropdown([n for k in kinds for n, p in presets()[k].items()
                               if not p.get("pypi")], label="Preset")
         download = gr.Button("Download", variant="primary")
     with gr.Row():

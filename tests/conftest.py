@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 os.environ.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False",
+                   "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false",
                    "STUDIO_NO_BOOTSTRAP": "1"})
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

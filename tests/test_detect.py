@@ -1,9 +1,9 @@
 """Detect: dataset import from each format and its check, YOLO training from a yaml with live metrics, predict on
 images and a video, ONNX export with a latency table, resume after cancel, the pickle guard, the tab."""
 import json
-import os
 import shutil
 import zipfile
+from pathlib import Path
 
 import pytest
 from detect_fixtures import (NAMES, broken_copy, make_shapes, make_video, to_coco, to_labelstudio, to_roboflow,
@@ -12,7 +12,6 @@ from detect_fixtures import (NAMES, broken_copy, make_shapes, make_video, to_coc
 from studio import JobStatus
 from workers import detect_data
 
-os.environ.setdefault("YOLO_OFFLINE", "1")
 TRAIN = {"model": "yolov8n.yaml", "imgsz": 96, "batch": 8, "workers": 0}
 
 
@@ -43,8 +42,7 @@ def test_every_export_format_imports_to_the_same_dataset(shapes, tmp_path, fmt):
     assert report["split"]["train"] + report["split"]["val"] == 40
     assert report["split"]["proposed"] == (fmt in ("labelstudio", "coco"))  # these exports carry no split
     train = (tmp_path / "out" / "train.txt").read_text().split()
-    assert all(os.path.exists(p) and os.path.exists(detect_data.label_for(__import__("pathlib").Path(p)))
-               for p in train)
+    assert all(Path(p).exists() and detect_data.label_for(Path(p)).exists() for p in train)
     assert "names" in data_yaml.read_text()
 
 
@@ -159,3 +157,67 @@ def test_resume_after_cancel_continues_from_last_epoch(studio, shapes):
     steps = [e["step"] for e in studio.events(new.id)[0] if e["type"] == "metric"]
     assert steps and steps[0] == state["epoch"] + 1 and steps[-1] == 4
     assert (studio.run_dir(new.id) / "best.pt").exists()
+
+
+def test_detect_tab_through_gradio_client(studio, trained, shapes, tmp_path):
+    from conftest import free_port
+    from gradio_client import Client, handle_file
+    from ultralytics.utils import ASSETS
+
+    import app
+
+    demo = app.build_ui(studio)
+    port = free_port()
+    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        zipped = zip_folder(to_labelstudio(shapes, tmp_path / "ls"), tmp_path / "ls.zip")
+        report = client.predict(handle_file(str(zipped)), "", api_name="/detect_check")
+        assert "**labelstudio** dataset: 40 images" in report and "no problems found" in report
+        best = str(studio.run_dir(trained.id) / "best.pt")
+        status, gallery, video, table = client.predict(
+            [handle_file(str(ASSETS / "bus.jpg"))], best, False, 0.01, 0.7, 96, "", api_name="/detect_predict")
+        assert "DONE" in status and len(gallery) == 1 and table["headers"][0] == "image"
+        status, table, files = client.predict(best, False, "onnx", 96, 1, False, api_name="/detect_export")
+        assert "DONE" in status and [r[0] for r in table["data"]] == ["PyTorch", "ONNX Runtime", "TensorRT"]
+        assert files[0].endswith("best.onnx")
+        out = client.predict(None, str(shapes), "yolov8n.yaml", 2, 96, 8, 1.0, 0.5, 0.0, 0.015, 0.7, 0.4, True, 20,
+                             0, False, api_name="/detect_train")  # with dataloader worker processes (default 2)
+        status, report, losses, maps, sample, plots, files = out
+        assert "DONE" in status and "40 images" in report and sample
+        assert {r[2] for r in losses["data"]} == {"train_box_loss", "train_cls_loss", "train_dfl_loss"}
+        assert any("confusion_matrix" in p["caption"] for p in plots) and any(f.endswith("best.pt") for f in files)
+        with pytest.raises(Exception, match="not written by this studio"):
+            stranger = tmp_path / "x.pt"
+            shutil.copy(best, stranger)
+            client.predict([handle_file(str(ASSETS / "bus.jpg"))], str(stranger), False, 0.25, 0.7, 96, "",
+                           api_name="/detect_predict")
+    finally:
+        demo.close()
+
+
+def test_a_preset_offline_says_what_to_do(studio):
+    job = studio.wait(studio.submit("model_download", {"preset": "yolov8n"}).id, 120)
+    assert job.status is JobStatus.FAILED and "yolov8n is not downloaded and this machine is offline" in job.error
+
+
+def test_webcam_stream_job_answers_each_frame(studio, trained):
+    import time
+
+    from ultralytics.utils import ASSETS
+
+    from workers.detect_stream import folder
+
+    best = str(studio.run_dir(trained.id) / "best.pt")
+    job = studio.submit("detect_stream", {"model": best, "session": "cam-test", "imgsz": 96, "idle_s": 2})
+    d = folder(studio.config.data_dir, "cam-test")
+    d.mkdir(parents=True, exist_ok=True)
+    for i in range(3):
+        shutil.copy(ASSETS / ("bus.jpg" if i % 2 == 0 else "zidane.jpg"), d / "in.tmp.jpg")
+        (d / "in.tmp.jpg").replace(d / "in.jpg")
+        t0 = time.time()
+        while not (d / "out.jpg").exists() or (d / "out.jpg").stat().st_mtime < (d / "in.jpg").stat().st_mtime:
+            assert time.time() - t0 < 60, "no answer to the frame"
+            time.sleep(0.05)
+    done = studio.wait(job.id, 60)  # stops on its own 2 s after the last frame
+    assert done.status is JobStatus.DONE and done.result["frames"] >= 3

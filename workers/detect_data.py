@@ -15,6 +15,8 @@ from pathlib import Path
 
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 EXAMPLES = 5  # findings listed by name; the counts are complete
+MAX_ZIP_BYTES = 20 * 2**30  # a dataset zip may unpack to this much (5,000 large photos fit)
+MAX_ZIP_FILES = 200_000
 
 
 def _images(folder: Path) -> list[Path]:
@@ -129,7 +131,7 @@ def prepare(source: Path, out: Path, val_split: float = 0.2, seed: int = 0) -> t
         raise ValueError(f"dataset not found: {source}")
     out.mkdir(parents=True, exist_ok=True)
     if source.suffix.lower() == ".zip":
-        root = safe_extract(source, out / "extracted")
+        root = safe_extract(source, out / "extracted", MAX_ZIP_BYTES, MAX_ZIP_FILES)
     elif source.is_file() and source.suffix in (".yaml", ".yml"):
         root = source.parent
     elif source.is_dir():
@@ -257,7 +259,8 @@ def summary(report: dict) -> str:
     lines = [f"**{report['format']}** dataset: {report['images']} images, {report['boxes']} boxes, "
              f"{report['classes']} classes ({', '.join(f'{k} {v}' for k, v in report['boxes_per_class'].items())})",
              f"split: {split['train']} train / {split['val']} val"
-             + (f" (proposed: {100 * split['val_fraction']:.0f}% val, seed {split['seed']})" if split["proposed"] else "")]
+             + (f" (proposed: {100 * split['val_fraction']:.0f}% val, seed {split['seed']})"
+                if split["proposed"] else "")]
     for key in FINDINGS:
         f = report[key]
         if f["count"]:

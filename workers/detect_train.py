@@ -7,6 +7,7 @@ The run folder holds best.pt and last.pt (hashes in weights.json), results.csv a
 """
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import time
@@ -177,14 +178,17 @@ def run(p: Params, ctx) -> dict:
     t0 = time.perf_counter()
     state = {"epoch": 0}
 
-    def on_batch_end(trainer):
-        ctx.check_cancel()
+    def on_batch_end(trainer):  # a cancel point, and progress within the epoch for the ETA
+        state["batch"] = state.get("batch", 0) + 1
+        per_epoch = max(1, len(trainer.train_loader))
+        done = trainer.epoch + min(state["batch"] % per_epoch or per_epoch, per_epoch) / per_epoch
+        ctx.progress(done, trainer.epochs, f"epoch {trainer.epoch + 1}/{trainer.epochs}")
 
     def on_fit_epoch_end(trainer):
         epoch = trainer.epoch + 1
         if epoch == state["epoch"] or epoch > trainer.epochs:  # the final validation of best.pt calls it again
             return
-        state["epoch"] = epoch
+        state["epoch"], state["batch"] = epoch, 0
         weights = Path(trainer.wdir)
         yolo.record_weights(ctx.run_dir, *(weights / f for f in ("last.pt", "best.pt")))
         ckpt = ctx.run_dir / "checkpoint"
@@ -202,10 +206,10 @@ def run(p: Params, ctx) -> dict:
     model.add_callback("on_train_batch_end", on_batch_end)
     model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
     device = "0" if ctx.device == "cuda" else "cpu"
-    args = dict(data=str(data_yaml), epochs=p.epochs, imgsz=p.imgsz, batch=p.batch, amp=p.amp, patience=p.patience or
-                10_000, mosaic=p.mosaic, fliplr=p.fliplr, flipud=p.flipud, hsv_h=p.hsv_h, hsv_s=p.hsv_s, hsv_v=p.hsv_v,
-                lr0=p.lr0, seed=p.seed, deterministic=True, workers=p.workers, device=device,
-                project=str(ctx.run_dir), name="train", exist_ok=True, plots=True, verbose=False, val=True)
+    args = dict(data=str(data_yaml), epochs=p.epochs, imgsz=p.imgsz, batch=p.batch, amp=p.amp,
+                patience=p.patience or 10_000, mosaic=p.mosaic, fliplr=p.fliplr, flipud=p.flipud, hsv_h=p.hsv_h,
+                hsv_s=p.hsv_s, hsv_v=p.hsv_v, lr0=p.lr0, seed=p.seed, deterministic=True, workers=p.workers,
+                device=device, project=str(ctx.run_dir), name="train", exist_ok=True, plots=True, verbose=False)
     try:
         if resume:
             # Ultralytics resumes with the checkpoint's own settings; save_dir and data may be overridden
@@ -232,19 +236,10 @@ def _finish(ctx, save_dir: Path, state: dict, seconds: float) -> dict:
     for f in sorted(save_dir.glob("*PR_curve.png")):
         ctx.artifact(f, f.name)
     ctx.artifact(ctx.run_dir / "best.pt", "best weights")
-    final = {}
-    csv = save_dir / "results.csv"
-    if csv.exists():
-        import csv as csvlib
-
-        rows = list(csvlib.DictReader(csv.open()))
-        if rows:
-            final = {k.strip(): float(v) for k, v in rows[-1].items() if v.strip()}
-    best_map50 = 0.0
-    if csv.exists():
-        import csv as csvlib
-
-        best_map50 = max((float(r.get("metrics/mAP50(B)", 0) or 0) for r in csvlib.DictReader(csv.open())), default=0)
+    results = save_dir / "results.csv"
+    rows = list(csv.DictReader(results.open())) if results.exists() else []
+    final = {k.strip(): float(v) for k, v in rows[-1].items() if v.strip()} if rows else {}
+    best_map50 = max((float(r.get("metrics/mAP50(B)") or 0) for r in rows), default=0.0)
     return {"epochs": state["epoch"], "seconds": seconds, "best": str(ctx.run_dir / "best.pt"),
             "map50": final.get("metrics/mAP50(B)"), "map50_95": final.get("metrics/mAP50-95(B)"),
             "best_map50": best_map50, "plots": sorted(f.name for f in save_dir.glob("*.png"))}

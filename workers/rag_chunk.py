@@ -189,7 +189,8 @@ def list_files(root: Path) -> list[Path]:
     return files
 
 
-def safe_extract(archive: Path, dest: Path) -> Path:
+def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES
+                 ) -> Path:
     """Extract a zip without letting any entry escape `dest` (no `..`, no absolute paths, no links), with limits."""
     dest = dest.resolve()
     try:
@@ -198,10 +199,10 @@ def safe_extract(archive: Path, dest: Path) -> Path:
         raise ValueError(f"{archive.name} is not a valid zip archive") from None
     with zf:
         infos = zf.infolist()
-        if len(infos) > MAX_ARCHIVE_FILES:
-            raise ValueError(f"{archive.name} has {len(infos)} entries; the limit is {MAX_ARCHIVE_FILES}")
-        if sum(i.file_size for i in infos) > MAX_ARCHIVE_BYTES:
-            raise ValueError(f"{archive.name} unpacks to more than {MAX_ARCHIVE_BYTES // 2**20} MiB")
+        if len(infos) > max_files:
+            raise ValueError(f"{archive.name} has {len(infos)} entries; the limit is {max_files}")
+        if sum(i.file_size for i in infos) > max_bytes:
+            raise ValueError(f"{archive.name} unpacks to more than {max_bytes // 2**20} MiB")
         for info in infos:
             target = (dest / info.filename).resolve()
             if not target.is_relative_to(dest) or info.filename.startswith("/"):

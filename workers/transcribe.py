@@ -287,7 +287,8 @@ def run(p: Params, ctx) -> dict:
                 write_outputs(ctx.run_dir, segments, meta, partial=True)
                 last_write = time.perf_counter()
             ctx.emit("segment", **s)
-            ctx.progress(s["end"], duration, f"{transcript.ts(s['end'], '.')[:8]} of {transcript.ts(duration, '.')[:8]}")
+            ctx.progress(s["end"], duration,
+                         f"{transcript.ts(s['end'], '.')[:8]} of {transcript.ts(duration, '.')[:8]}")
     except JobCancelled:
         for f in write_outputs(ctx.run_dir, segments, meta, partial=True):
             ctx.artifact(f, f"{f.suffix[1:].upper()} (partial)")

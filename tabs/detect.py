@@ -1,0 +1,290 @@
+"""Detect tab: YOLO predict (images → annotated gallery and a box table; video → annotated video), train on your
+labelled set (dataset check, live losses and mAP, sample predictions, resume), export to ONNX/TensorRT with a
+latency table."""
+import time
+from pathlib import Path
+
+from workers import detect_data
+from workers.yolo import presets
+
+from .common import eta, loss_frame, progress_html, stash_uploads, user_of, watch
+
+BASE_MODELS = ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo11s.yaml"]
+
+
+def trained_models(studio, owner=None) -> list[tuple[str, str]]:
+    """best.pt of finished detect_train jobs, newest first."""
+    out = []
+    for j in studio.jobs(limit=100, owner=owner, kind="detect_train"):
+        best = studio.run_dir(j.id) / "best.pt"
+        if best.exists():
+            m = (j.result or {}).get("best_map50")
+            out.append((f"{j.id} · {j.status.value}" + (f" · mAP50 {m:.3f}" if m is not None else ""), str(best)))
+    return out
+
+
+def model_choices(studio, owner=None, yaml: bool = False) -> list:
+    return trained_models(studio, owner) + list(presets()) + (BASE_MODELS if yaml else [])
+
+
+def _paths(files) -> list[str]:
+    return [f if isinstance(f, str) else f.name for f in files or []]
+
+
+def build(studio, auth: bool = False) -> dict:
+    import gradio as gr
+
+    gr.Markdown("Find objects with Ultralytics YOLO: predict on images or video, train on your own labelled set "
+                "(YOLO, Roboflow, Label Studio or COCO exports), export to ONNX or TensorRT and compare latency. "
+                ".pt files are pickles: the studio loads only weights it wrote, hash-pinned presets, or files you "
+                "say you trust.")
+    with gr.Tabs():
+        with gr.Tab("Predict"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    p_files = gr.File(label="Images or one video", file_count="multiple")
+                    p_model = gr.Dropdown(model_choices(studio), label="Model", allow_custom_value=True,
+                                          value=(model_choices(studio) or [None])[0])
+                    p_trust = gr.Checkbox(False, label="I trust this file (a .pt the studio did not write)")
+                    with gr.Row():
+                        p_conf = gr.Slider(0.01, 0.99, 0.25, step=0.01, label="Confidence")
+                        p_iou = gr.Slider(0.05, 0.95, 0.7, step=0.05, label="IoU (NMS)")
+                    with gr.Row():
+                        p_imgsz = gr.Number(640, precision=0, label="Image size")
+                        p_classes = gr.Textbox(label="Only these classes (names or ids)", placeholder="person, car")
+                    with gr.Row():
+                        p_go = gr.Button("Detect", variant="primary")
+                        p_cancel = gr.Button("Cancel", variant="stop")
+                with gr.Column(scale=3):
+                    p_status = gr.HTML()
+                    p_gallery = gr.Gallery(label="Annotated", columns=3, height=360)
+                    p_video = gr.Video(label="Annotated video")
+                    p_table = gr.Dataframe(headers=["image", "class", "confidence", "x1", "y1", "x2", "y2"],
+                                           label="Boxes", interactive=False)
+            with gr.Accordion("Webcam (live)", open=False):
+                gr.Markdown("Frames go to the worker that owns the GPU, with the model and thresholds above; the "
+                            "stream job stops 10 s after the last frame.")
+                with gr.Row():
+                    cam = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="Webcam")
+                    cam_out = gr.Image(label="Live detections", type="filepath")
+                cam_status = gr.Markdown()
+        with gr.Tab("Train"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    t_files = gr.File(label="Dataset: a zip (YOLO, Roboflow YOLOv8, Label Studio YOLO, COCO)",
+                                      file_count="single")
+                    t_path = gr.Textbox(label="…or a folder / data.yaml on this machine")
+                    t_check = gr.Button("Check dataset")
+                    t_report = gr.Markdown()
+                    t_model = gr.Dropdown(BASE_MODELS + list(presets()) + [v for _, v in trained_models(studio)],
+                                          value="yolov8n.yaml", allow_custom_value=True,
+                                          label="Base model (a .yaml trains from scratch)")
+                    with gr.Row():
+                        t_epochs = gr.Number(50, precision=0, label="Epochs")
+                        t_imgsz = gr.Number(640, precision=0, label="Image size")
+                        t_batch = gr.Number(16, precision=0, label="Batch (-1: what fits)")
+                    with gr.Accordion("Augmentation and training", open=False):
+                        with gr.Row():
+                            t_mosaic = gr.Slider(0, 1, 1.0, step=0.05, label="Mosaic")
+                            t_fliplr = gr.Slider(0, 1, 0.5, step=0.05, label="Flip left-right")
+                            t_flipud = gr.Slider(0, 1, 0.0, step=0.05, label="Flip up-down")
+                        with gr.Row():
+                            t_hsv_h = gr.Slider(0, 0.1, 0.015, step=0.005, label="Hue")
+                            t_hsv_s = gr.Slider(0, 1, 0.7, step=0.05, label="Saturation")
+                            t_hsv_v = gr.Slider(0, 1, 0.4, step=0.05, label="Brightness")
+                        with gr.Row():
+                            t_amp = gr.Checkbox(True, label="Mixed precision (AMP)")
+                            t_patience = gr.Number(20, precision=0, label="Early-stop patience (0: off)")
+                            t_seed = gr.Number(0, precision=0, label="Seed")
+                        t_trust = gr.Checkbox(False, label="I trust this base .pt file")
+                    with gr.Row():
+                        t_go = gr.Button("Train", variant="primary")
+                        t_cancel = gr.Button("Cancel", variant="stop")
+                        t_resume = gr.Button("Resume")
+                with gr.Column(scale=3):
+                    t_status = gr.HTML()
+                    with gr.Row():
+                        t_loss = gr.LinePlot(x="step", y="loss", color="series", title="Training losses",
+                                             height=240)
+                        t_map = gr.LinePlot(x="step", y="loss", color="series", title="mAP (validation)",
+                                            height=240, y_title="mAP")
+                    t_sample = gr.Image(label="Sample prediction on a validation image", height=240)
+                    t_plots = gr.Gallery(label="Confusion matrix, PR curve, results", columns=3, height=260)
+                    t_files_out = gr.File(label="Weights and results", file_count="multiple", interactive=False)
+        with gr.Tab("Export"):
+            with gr.Row():
+                with gr.Column(scale=2):
+                    e_model = gr.Dropdown(model_choices(studio, yaml=True), label="Model", allow_custom_value=True)
+                    e_trust = gr.Checkbox(False, label="I trust this file")
+                    e_format = gr.Radio(["onnx", "engine"], value="onnx",
+                                        label="Format (engine: TensorRT, needs an NVIDIA GPU and tensorrt)")
+                    with gr.Row():
+                        e_imgsz = gr.Number(640, precision=0, label="Image size")
+                        e_batch = gr.Number(1, precision=0, label="Batch")
+                        e_half = gr.Checkbox(False, label="FP16 (GPU)")
+                    e_go = gr.Button("Export and time", variant="primary")
+                with gr.Column(scale=3):
+                    e_status = gr.HTML()
+                    e_table = gr.Dataframe(headers=["backend", "ms / image", "inference ms", "FPS", "note"],
+                                           label="Latency (median, warm-up excluded)", interactive=False)
+                    e_files = gr.File(label="Exported", file_count="multiple", interactive=False)
+    p_job, t_job = gr.State(""), gr.State("")
+
+    def owner(request):
+        return user_of(request, auth)
+
+    def submit(kind, params, request):
+        try:
+            return studio.submit(kind, params, owner=owner(request))
+        except ValueError as e:
+            raise gr.Error(str(e))
+
+    # ---- predict ---------------------------------------------------------------------------------------------
+    def on_predict(files, model, trust, conf, iou, imgsz, classes, request: gr.Request):
+        paths = _paths(files)
+        if not paths:
+            raise gr.Error("Upload images or a video first.")
+        if not model:
+            raise gr.Error("Pick a model: train one, or download a preset in the Models tab.")
+        job = submit("detect_predict", dict(model=model, source="\n".join(paths), trust=trust, conf=conf, iou=iou,
+                                            imgsz=int(imgsz), classes=classes or ""), request)
+        for job in watch(studio, job):
+            evs = studio.events(job.id)[0]
+            run_dir = studio.run_dir(job.id)
+            dets = [e for e in evs if e["type"] == "detections"]
+            gallery = [(str(run_dir / e["annotated"]), e["image"]) for e in dets]
+            rows = [[e["image"], b["class"], b["confidence"], b["x1"], b["y1"], b["x2"], b["y2"]]
+                    for e in dets for b in e["boxes"]]
+            video = next((str(run_dir / a["path"]) for a in evs if a["type"] == "artifact"
+                          and a["path"].startswith("annotated.")), None)
+            yield progress_html(job, eta(job)), gallery or None, video, rows, job.id
+
+    p_go.click(on_predict, [p_files, p_model, p_trust, p_conf, p_iou, p_imgsz, p_classes],
+               [p_status, p_gallery, p_video, p_table, p_job], api_name="detect_predict", show_progress="hidden")
+    def cancel(job_id, what_is_kept):
+        if not job_id:
+            return "Nothing to cancel."
+        studio.cancel(job_id)
+        return f"Cancelling: {what_is_kept}"
+
+    p_cancel.click(lambda j: cancel(j, "the frames done so far are kept."), p_job, p_status)
+
+    cam_job = gr.State("")
+
+    def on_frame(frame, model, trust, conf, iou, imgsz, classes, job_id, request: gr.Request):
+        """Hand one webcam frame to the stream job (started on the first frame) and show its latest result."""
+        import uuid
+
+        from PIL import Image
+
+        from workers.detect_stream import folder
+
+        if frame is None:
+            return gr.skip(), gr.skip(), job_id
+        job = studio.job(job_id) if job_id else None
+        if job is None or job.status.final:
+            session = f"cam-{uuid.uuid4().hex[:12]}"
+            job = submit("detect_stream", dict(model=model, session=session, trust=trust, conf=conf, iou=iou,
+                                               imgsz=int(imgsz), classes=classes or ""), request)
+        d = folder(studio.config.data_dir, job.params["session"])
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(d / "in.tmp.jpg", "JPEG", quality=90)
+        (d / "in.tmp.jpg").replace(d / "in.jpg")
+        out = d / "out.jpg"
+        return (str(out) if out.exists() else None), f"`{job.id}` · {job.message or job.status.value}", job.id
+
+    cam.stream(on_frame, [cam, p_model, p_trust, p_conf, p_iou, p_imgsz, p_classes, cam_job],
+               [cam_out, cam_status, cam_job], stream_every=0.2, api_name="detect_webcam")
+
+    # ---- train -----------------------------------------------------------------------------------------------
+    def dataset_path(files, path) -> str:
+        chosen = stash_uploads(studio, [files] if files else [], "dataset") if files else (path or "").strip()
+        if not chosen:
+            raise gr.Error("Upload a dataset zip or give a folder / data.yaml path.")
+        return chosen
+
+    def on_check(files, path):
+        src = dataset_path(files, path)
+        out = studio.config.datasets_dir / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            _, report = detect_data.prepare(Path(src), out)
+        except ValueError as e:
+            raise gr.Error(str(e))
+        return detect_data.summary(report)
+
+    t_check.click(on_check, [t_files, t_path], t_report, api_name="detect_check")
+
+    def follow_train(job):
+        last = None
+        for job in watch(studio, job, every=0.5):
+            evs = studio.events(job.id)[0]
+            run_dir = studio.run_dir(job.id)
+            report = next((e["summary"] for e in evs if e["type"] == "dataset"), gr.update())
+            samples = [e for e in evs if e["type"] == "sample"]
+            sample = str(run_dir / samples[-1]["path"]) if samples else None
+            key = (len(evs), job.status)
+            if key == last and not job.status.final:
+                continue
+            last = key
+            plots = [(str(p), p.stem) for p in sorted((run_dir / "train").glob("*.png"))] if job.status.final else []
+            files = [str(run_dir / f) for f in ("best.pt", "last.pt") if (run_dir / f).exists()]
+            files += [str(p) for p in (run_dir / "train").glob("results.csv")]
+            yield (progress_html(job, eta(job)), report,
+                   loss_frame(evs, ("train_box_loss", "train_cls_loss", "train_dfl_loss")),
+                   loss_frame(evs, ("map50", "map50_95")), sample, plots or None, files or None, job.id)
+
+    train_inputs = [t_files, t_path, t_model, t_epochs, t_imgsz, t_batch, t_mosaic, t_fliplr, t_flipud, t_hsv_h,
+                    t_hsv_s, t_hsv_v, t_amp, t_patience, t_seed, t_trust]
+    train_outputs = [t_status, t_report, t_loss, t_map, t_sample, t_plots, t_files_out, t_job]
+
+    def on_train(files, path, model, epochs, imgsz, batch, mosaic, fliplr, flipud, hsv_h, hsv_s, hsv_v, amp,
+                 patience, seed, trust, request: gr.Request):
+        job = submit("detect_train", dict(
+            data=dataset_path(files, path), model=model, epochs=int(epochs), imgsz=int(imgsz), batch=int(batch),
+            mosaic=mosaic, fliplr=fliplr, flipud=flipud, hsv_h=hsv_h, hsv_s=hsv_s, hsv_v=hsv_v, amp=amp,
+            patience=int(patience), seed=int(seed), trust=trust), request)
+        yield from follow_train(job)
+
+    t_go.click(on_train, train_inputs, train_outputs, api_name="detect_train", show_progress="hidden")
+    t_cancel.click(lambda j: cancel(j, "last.pt is kept; Resume continues from it."), t_job, t_status)
+
+    def on_resume(job_id, request: gr.Request):
+        if not job_id:
+            raise gr.Error("Nothing to resume: train (and cancel) a job first.")
+        try:
+            job = studio.resume(job_id, owner(request))
+        except (ValueError, KeyError) as e:
+            raise gr.Error(str(e))
+        yield from follow_train(job)
+
+    t_resume.click(on_resume, t_job, train_outputs, api_name="detect_resume", show_progress="hidden")
+
+    # ---- export ----------------------------------------------------------------------------------------------
+    def on_export(model, trust, fmt, imgsz, batch, half, request: gr.Request):
+        if not model:
+            raise gr.Error("Pick a model to export.")
+        job = submit("detect_export", dict(model=model, trust=trust, format=fmt, imgsz=int(imgsz), batch=int(batch),
+                                           half=half), request)
+        for job in watch(studio, job):
+            rows = [[r["backend"], r["ms_per_image"], r["inference_ms"], r["fps"], r.get("note", "")]
+                    for r in (job.result or {}).get("latency", [])]
+            run_dir = studio.run_dir(job.id)
+            files = [str(p) for p in sorted(run_dir.glob("*.onnx")) + sorted(run_dir.glob("*.engine"))]
+            yield progress_html(job, eta(job)), rows, files or None
+
+    e_go.click(on_export, [e_model, e_trust, e_format, e_imgsz, e_batch, e_half], [e_status, e_table, e_files],
+               api_name="detect_export", show_progress="hidden")
+
+    def refresh_predict(request: gr.Request):  # models trained since the page loaded
+        return gr.update(choices=model_choices(studio, owner(request)))
+
+    def refresh_export(request: gr.Request):
+        return gr.update(choices=model_choices(studio, owner(request), yaml=True))
+
+    p_model.focus(refresh_predict, None, p_model)
+    e_model.focus(refresh_export, None, e_model)
+    return dict(p_files=p_files, p_model=p_model, p_trust=p_trust, p_go=p_go, p_status=p_status,
+                p_gallery=p_gallery, p_video=p_video, p_table=p_table, t_files=t_files, t_path=t_path,
+                t_check=t_check, t_report=t_report, t_model=t_model, t_go=t_go, t_cancel=t_cancel,
+                t_resume=t_resume, t_status=t_status, t_loss=t_loss, t_map=t_map, t_sample=t_sample,
+                t_plots=t_plots, e_model=e_model, e_format=e_format, e_go=e_go, e_table=e_table, e_files=e_files)
