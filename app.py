@@ -110,9 +110,17 @@ def _print_event(studio, job_id: str, ev: dict, quiet: bool) -> None:
         print(f"  {ev['message']}", flush=True)
     elif t == "started":
         print(f"  started on {ev.get('device')} (worker pid {ev.get('worker_pid')})", flush=True)
-    elif t == "sample":
+    elif t == "sample" and "text" in ev:  # Tiny LM's text samples
         first = (ev["text"].strip().splitlines() or [""])[0]
         print(f"  sample: {first[:100]}", flush=True)
+    elif t == "sample" and "path" in ev:  # Detect's sample predictions
+        print(f"  sample: {studio.run_dir(job_id) / ev['path']}", flush=True)
+    elif t == "dataset":
+        print("  " + ev["summary"].replace("\n", "\n  ").replace("**", ""), flush=True)
+    elif t == "latency":
+        for r in ev["table"]:
+            ms = f"{r['ms_per_image']:.2f} ms/image, {r['fps']:.1f} FPS" if r["ms_per_image"] else r.get("note", "")
+            print(f"  latency {r['backend']:13} {ms}", flush=True)
 
 
 def _follow(studio, job, quiet: bool = False) -> int:

@@ -155,3 +155,25 @@ def test_transcribe_from_the_command_line(tmp_path):
     assert (run_dir / "transcript.srt").read_text().count("Narrator: ") >= 1
     r = app("transcript", run_dir.name, "--data-dir", str(tmp_path / "d"), "--accept", "all")
     assert r.returncode == 1 and "no post-editor changes" in r.stdout
+
+
+def test_detect_train_predict_export_from_the_command_line(tmp_path):
+    from detect_fixtures import make_shapes
+    from ultralytics.utils import ASSETS
+
+    shapes = make_shapes(tmp_path / "shapes", n=20, size=64)
+    d = ["--data-dir", str(tmp_path / "d")]
+    r = app("run", "detect_train", *d, "--param", f"data={shapes}", "--param", "model=yolov8n.yaml",
+            "--param", "epochs=1", "--param", "imgsz=64", "--param", "batch=8", "--param", "workers=0")
+    assert r.returncode == 0, r.stdout + r.stderr
+    run_dir = Path(r.stdout.split("run folder ")[-1].splitlines()[0].strip())
+    best = run_dir / "best.pt"
+    assert best.exists() and '"best_map50"' in r.stdout
+    r = app("run", "detect_predict", *d, "--param", f"model={best}", "--param", f"source={ASSETS / 'bus.jpg'}",
+            "--param", "imgsz=64")
+    assert r.returncode == 0 and '"images": 1' in r.stdout, r.stdout + r.stderr
+    r = app("run", "detect_export", *d, "--param", f"model={best}", "--param", "imgsz=64", "--param", "runs=3")
+    assert r.returncode == 0 and '"backend": "ONNX Runtime"' in r.stdout, r.stdout + r.stderr
+    r = app("run", "detect_predict", *d, "--param", f"model={ASSETS / 'bus.jpg'}", "--param",
+            f"source={ASSETS / 'bus.jpg'}")
+    assert r.returncode == 1 and "use a .pt (PyTorch) or .onnx model" in r.stdout

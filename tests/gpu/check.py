@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--audio", default=None, help="a speech clip for the transcribe kind (faster-whisper on CUDA "
                     "through the worker's library path: cuBLAS 12 beside torch's CUDA 13, torch's cuDNN)")
     ap.add_argument("--whisper", default="tiny.en-packaged", help="whisper preset or CTranslate2 folder")
+    ap.add_argument("--detect-epochs", type=int, default=2, help="YOLO training epochs at 640 px (0: skip Detect)")
     args = ap.parse_args()
 
     import torch
@@ -134,6 +135,21 @@ def main() -> None:
             r = res[0]
             record("transcribe", *res, rtf=r["rtf"], compute_type=r["compute_type"], speakers=r["speakers"],
                    text=r["text"][:80])
+
+        if args.detect_epochs:  # YOLOv8s from its yaml at 640 px on a synthetic set; predict; ONNX/TensorRT latency
+            from tests.detect_fixtures import make_shapes
+            from workers import detect_export, detect_train
+
+            shapes = make_shapes(data_dir / "shapes", n=160, size=640)
+            res = run_kind(detect_train, {"data": str(shapes), "model": "yolov8s.yaml", "epochs": args.detect_epochs,
+                                          "imgsz": 640, "batch": 16, "workers": 4}, data_dir / "runs" / "yolo",
+                           data_dir, device, cache, reading)
+            record("detect_train/yolov8s-640-b16", *res, map50=res[0]["map50"],
+                   seconds_per_epoch=res[0]["seconds"] / max(1, res[0]["epochs"]))
+            res = run_kind(detect_export, {"model": str(data_dir / "runs" / "yolo" / "best.pt"), "imgsz": 640,
+                                           "half": device == "cuda", "runs": 50},
+                           data_dir / "runs" / "yolo-export", data_dir, device, cache, reading)
+            record("detect_export", *res, latency=res[0]["latency"])
 
     # the gate against the real device, with the target card's budget
     budget = int((args.cap_gib - 1.0) * GiB)
