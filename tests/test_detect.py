@@ -221,3 +221,24 @@ def test_webcam_stream_job_answers_each_frame(studio, trained):
             time.sleep(0.05)
     done = studio.wait(job.id, 60)  # stops on its own 2 s after the last frame
     assert done.status is JobStatus.DONE and done.result["frames"] >= 3
+
+
+def test_the_gate_sizes_yolo_training_for_a_12_gb_card(shapes):
+    from conftest import FakeNvml
+
+    from studio.gate import Refused, gate
+    from studio.params import build
+    from workers import detect_train
+
+    gpu, budget = FakeNvml().read(), 11 * 2**30
+    big = build(detect_train.Params, {"data": str(shapes), "model": "yolov8s.yaml", "batch": 256, "imgsz": 1280})
+    with pytest.raises(Refused) as refused:
+        gate(big, detect_train.estimate, gpu, budget, detect_train.shrink)
+    fix = refused.value.suggestion
+    assert fix and detect_train.estimate(build(detect_train.Params, {**vars(big), **fix}), gpu).total <= budget
+    auto = detect_train.fit(build(detect_train.Params, {"data": str(shapes), "model": "yolov8n.yaml", "batch": -1}),
+                            gpu, budget)
+    assert auto.batch in (16, 32, 64) and detect_train.estimate(auto, gpu).total <= budget
+    s = detect_train.estimate(build(detect_train.Params, {"data": str(shapes), "model": "yolov8s.yaml"}), gpu)
+    n = detect_train.estimate(build(detect_train.Params, {"data": str(shapes), "model": "yolov8n.yaml"}), gpu)
+    assert s.total > n.total and "AMP" in s.note
