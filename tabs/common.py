@@ -21,6 +21,22 @@ def stash_uploads(studio, files, prefix: str) -> str:
     return str(dest)
 
 
+def owned_job(studio, job_id: str, owner: str | None):
+    """The job, when it exists and (with auth) belongs to `owner`; otherwise a gr.Error that says why."""
+    import gradio as gr
+
+    job_id = (job_id or "").strip()
+    if not job_id:
+        raise gr.Error("Pick or enter a job first.")
+    try:
+        job = studio.job(job_id)
+    except KeyError:
+        raise gr.Error(f"No job {job_id}.") from None
+    if owner is not None and job.owner != owner:
+        raise gr.Error(f"Job {job_id} belongs to another user.")
+    return job
+
+
 def watch(studio, job, every: float = 0.2):
     """Yield a job's row until it is final (the last one yielded is final): for handlers that stream status."""
     while not (job := studio.job(job.id)).status.final:

@@ -4,7 +4,7 @@ import html
 import json
 import time
 
-from .common import duration, gib, loss_frame, progress_html, user_of
+from .common import duration, gib, loss_frame, owned_job, progress_html, user_of
 
 HEADERS = ["id", "kind", "status", "created", "ran for", "estimate", "peak", "note"]
 
@@ -87,17 +87,7 @@ def build(studio, auth: bool = False) -> dict:
         return user_of(request, auth)
 
     def guard(jid: str, request) -> str:
-        jid = (jid or "").strip()
-        if not jid:
-            raise gr.Error("Enter or click a job id first.")
-        try:
-            job = studio.job(jid)
-        except KeyError:
-            raise gr.Error(f"No job {jid}.")
-        owner = owner_of(request)
-        if owner is not None and job.owner != owner:
-            raise gr.Error(f"Job {jid} belongs to another user.")
-        return jid
+        return owned_job(studio, jid, owner_of(request)).id
 
     def on_refresh(request: gr.Request):
         return table(studio, owner_of(request)), queue_md(studio)

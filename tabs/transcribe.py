@@ -5,7 +5,7 @@ import time
 from workers import transcript as tr
 from workers.llm import presets
 
-from .common import progress_html, user_of
+from .common import owned_job, progress_html, user_of
 
 
 def _ts(t: float) -> str:
@@ -175,16 +175,10 @@ def build(studio, auth: bool = False) -> dict:
     cancel.click(on_cancel, job_ids, status, api_name="transcribe_cancel")
 
     def mine(job_id, request):
-        if not job_id:
-            raise gr.Error("Pick a transcript first.")
-        try:
-            j = studio.job(job_id)
-        except KeyError:
-            raise gr.Error(f"no job {job_id}")
-        owner = user_of(request, auth)
-        if (owner is not None and j.owner != owner) or j.kind != "transcribe":
-            raise gr.Error(f"{job_id} is not one of your transcripts")
-        return job_id
+        job = owned_job(studio, job_id, user_of(request, auth))
+        if job.kind != "transcribe":
+            raise gr.Error(f"{job.id} is a {job.kind} job, not a transcript")
+        return job.id
 
     def on_pick(job_id, request: gr.Request):
         if not job_id:
