@@ -497,16 +497,20 @@ def build_ui(studio, auth: bool = False):
 
 def cmd_test(args) -> int:
     import shutil
+    from ctypes.util import find_library
 
-    # system tools some tests need: a browser for the screenshot, espeak-ng and sox to make speech
-    missing = [pkg for pkg, exe in (("chromium", "chromium"), ("espeak-ng", "espeak-ng"), ("sox", "sox"))
-               if not shutil.which(exe)]
+    # system packages some tests need: a browser for the screenshot, espeak-ng and sox to make speech, and the
+    # libraries OpenCV (Detect) loads, which minimal images lack
+    present = {"chromium": lambda: shutil.which("chromium"), "espeak-ng": lambda: shutil.which("espeak-ng"),
+               "sox": lambda: shutil.which("sox"), "libgl1": lambda: find_library("GL"),
+               "libglib2.0-0": lambda: find_library("glib-2.0")}
+    missing = [pkg for pkg, found in present.items() if not found()]
     if missing and os.geteuid() == 0 and shutil.which("apt-get"):
         print(f"[studio] installing {' '.join(missing)} for the tests (apt-get) …", flush=True)
         subprocess.run(["apt-get", "update", "-qq"], check=False)
         subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=False,
                        env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
-        missing = [pkg for pkg in missing if not shutil.which(pkg)]
+        missing = [pkg for pkg in missing if not present[pkg]()]
     if missing:
         print(f"[studio] {' '.join(missing)} missing, so the tests that need them are skipped. Install with: "
               f"sudo apt-get install {' '.join(missing)}", flush=True)

@@ -12,6 +12,8 @@ from detect_fixtures import (NAMES, broken_copy, make_shapes, make_video, to_coc
 from studio import JobStatus
 from workers import detect_data
 
+pytest.importorskip("cv2", reason="OpenCV needs libgl1 and libglib2.0-0 (python app.py test installs them as root)")
+
 TRAIN = {"model": "yolov8n.yaml", "imgsz": 96, "batch": 8, "workers": 0}
 
 

@@ -30,6 +30,11 @@ def setup(data_dir: Path) -> Path:
             font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
             if font.exists():
                 (cfg / name).write_bytes(font.read_bytes())
+    try:
+        import cv2  # noqa: F401  (Ultralytics needs it; its wheel loads the system's libGL and GLib)
+    except ImportError as e:
+        raise RuntimeError(f"OpenCV cannot load ({e}). Install the system libraries it needs, e.g. "
+                           "`sudo apt-get install libgl1 libglib2.0-0`") from None
     weights = Path(data_dir) / "models" / "yolo"
     weights.mkdir(parents=True, exist_ok=True)
     return weights
