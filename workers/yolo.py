@@ -130,16 +130,7 @@ def load(model: str, data_dir: Path, trust: bool, progress=None):
                 raise RuntimeError(f"{name} is not downloaded and this machine is offline; download it when online "
                                    f"(Models tab, or run a detect job with model={name}) or use a .yaml / your "
                                    "own trained weights")
-            if progress:
-                progress(0, None, f"downloading {path.name} (Ultralytics assets)")
-            from ultralytics.utils.downloads import attempt_download_asset
-
-            cwd = os.getcwd()
-            os.chdir(weights)
-            try:
-                attempt_download_asset(path.name)
-            finally:
-                os.chdir(cwd)
+            _download(path, progress)
         pins = weights / "sha256.json"
         known = json.loads(pins.read_text()) if pins.exists() else {}
         digest = sha256(path)
@@ -149,6 +140,31 @@ def load(model: str, data_dir: Path, trust: bool, progress=None):
         pins.write_text(json.dumps(known, indent=1))
         name = str(path)
     return YOLO(name, task="detect")
+
+
+def _download(path: Path, progress=None) -> None:
+    """Fetch a preset through Ultralytics' own download (its release assets), its byte counter sent to `progress`."""
+    from ultralytics.utils import downloads
+
+    plain = downloads.TQDM
+
+    class Reported(plain):  # Ultralytics counts bytes on a TQDM bar: pass each update on (a cancel point)
+        def update(self, n=1):
+            super().update(n)
+            if progress:
+                progress(self.n, self.total or None, f"downloading {path.name}")
+
+    cwd = os.getcwd()
+    os.chdir(path.parent)
+    downloads.TQDM = Reported
+    try:
+        downloads.attempt_download_asset(path.name)
+    finally:
+        downloads.TQDM = plain
+        os.chdir(cwd)
+    if not path.exists():
+        raise RuntimeError(f"could not download {path.name} from Ultralytics' release assets; check the network "
+                           "and try again")
 
 
 # ---- memory --------------------------------------------------------------------------------------------------------
