@@ -244,3 +244,30 @@ def test_the_gate_sizes_yolo_training_for_a_12_gb_card(shapes):
     s = detect_train.estimate(build(detect_train.Params, {"data": str(shapes), "model": "yolov8s.yaml"}), gpu)
     n = detect_train.estimate(build(detect_train.Params, {"data": str(shapes), "model": "yolov8n.yaml"}), gpu)
     assert s.total > n.total and "AMP" in s.note
+
+
+def test_webcam_frames_through_the_tab_handler(studio, trained):
+    """The webcam's stream event (gradio_client cannot send streaming input): its handler, as Gradio calls it."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+    from ultralytics.utils import ASSETS
+
+    import app
+
+    demo = app.build_ui(studio)
+    handler = next(f.fn for f in demo.fns.values() if f.api_name == "detect_webcam")
+    best = str(studio.run_dir(trained.id) / "best.pt")
+    frame = np.asarray(Image.open(ASSETS / "bus.jpg").convert("RGB"))
+    out, status, job_id = handler(frame, best, False, 0.25, 0.7, 96, "", "", None)
+    assert job_id and studio.job(job_id).kind == "detect_stream"
+    t0 = time.time()
+    while out is None:
+        assert time.time() - t0 < 60, "the stream job answered no frame"
+        time.sleep(0.2)
+        out, status, same = handler(frame, best, False, 0.25, 0.7, 96, "", job_id, None)
+        assert same == job_id  # one job for the whole stream
+    assert Image.open(out).size == Image.open(ASSETS / "bus.jpg").size
+    studio.cancel(job_id)
+    assert studio.wait(job_id, 60).status.final
