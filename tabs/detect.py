@@ -43,8 +43,9 @@ def build(studio, auth: bool = False) -> dict:
             with gr.Row():
                 with gr.Column(scale=2):
                     p_files = gr.File(label="Images or one video", file_count="multiple")
-                    p_model = gr.Dropdown(model_choices(studio), label="Model", allow_custom_value=True,
-                                          value=(model_choices(studio) or [None])[0])
+                    choices = model_choices(studio)
+                    p_model = gr.Dropdown(choices, label="Model", allow_custom_value=True,
+                                          value=choices[0] if choices else None)
                     p_trust = gr.Checkbox(False, label="I trust this file (a .pt the studio did not write)")
                     with gr.Row():
                         p_conf = gr.Slider(0.01, 0.99, 0.25, step=0.01, label="Confidence")

@@ -143,9 +143,7 @@ def prepare(source: Path, out: Path, val_split: float = 0.2, seed: int = 0) -> t
     if fmt in ("yolo", "roboflow"):
         spec = _read_yaml(marker)
         names = spec["names"]
-        base = Path(spec["path"]) if spec.get("path") and Path(str(spec["path"])).is_absolute() else marker.parent
-        if spec.get("path") and not Path(str(spec["path"])).is_absolute():
-            base = (marker.parent / str(spec["path"])).resolve()
+        base = (marker.parent / str(spec.get("path") or "")).resolve()  # `path:` is relative to the yaml, or absolute
         for split, key in (("train", "train"), ("val", "val"), ("test", "test")):
             if spec.get(key):
                 splits[split] = _split_dir(base, marker.parent, spec[key])

@@ -68,7 +68,7 @@ def estimate(p: Params, device) -> Estimate:
                     note=f"{Path(p.model).stem} at {p.imgsz} px")
 
 
-def _classes(p: Params, names: dict) -> list[int] | None:
+def class_ids(p: Params, names: dict) -> list[int] | None:
     if not p.classes.strip():
         return None
     by_name = {v.lower(): k for k, v in names.items()}
@@ -106,7 +106,7 @@ def boxes_of(result, names: dict) -> list[dict]:
 def run(p: Params, ctx) -> dict:
     model, cached = load_model(ctx, p.model, p.trust)
     names = dict(model.names)
-    kw = dict(conf=p.conf, iou=p.iou, imgsz=p.imgsz, classes=_classes(p, names), max_det=p.max_det,
+    kw = dict(conf=p.conf, iou=p.iou, imgsz=p.imgsz, classes=class_ids(p, names), max_det=p.max_det,
               device="0" if ctx.device == "cuda" else "cpu", verbose=False)
     paths = sources(p)
     if paths[0].suffix.lower() in VIDEO_EXT:

@@ -54,7 +54,7 @@ def run(p: Params, ctx) -> dict:
     model, _ = detect_predict.load_model(ctx, p.model, p.trust)
     names = dict(model.names)
     kw = dict(conf=p.conf, iou=p.iou, imgsz=p.imgsz, verbose=False, device="0" if ctx.device == "cuda" else "cpu",
-              classes=detect_predict._classes(detect_predict.Params(model=p.model, source="-", classes=p.classes),
+              classes=detect_predict.class_ids(detect_predict.Params(model=p.model, source="-", classes=p.classes),
                                               names))
     d = folder(ctx.data_dir, p.session)
     d.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ segments with speakers; the post-editor (workers.post_edit) proposes fixes saved
 """
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path

@@ -168,19 +168,23 @@ def _download(path: Path, progress=None) -> None:
 
 
 # ---- memory --------------------------------------------------------------------------------------------------------
+SCALES_M = {"n": 3.2, "s": 11.2, "m": 25.9, "l": 43.7, "x": 68.2}  # YOLOv8 parameters (millions) per scale
+
+
 def size_of(model: str) -> tuple[float, str]:
-    """(parameters in millions, scale letter) from a preset, yaml or weights file name."""
+    """(parameters in millions, scale letter) of a preset, a yaml name, or a weights file (from its size: a
+    trained best.pt holds fp16 weights, an .onnx fp32; a file name like best.pt says nothing of the scale)."""
     import re
 
-    stem = Path(model).stem
-    m = re.search(r"yolo(?:v\d+|\d+)([nslmx])", stem)
-    scale = m.group(1) if m else "n"
-    params = {"n": 3.2, "s": 11.2, "m": 25.9, "l": 43.7, "x": 68.2}[scale]
-    if stem in presets():
-        params = presets()[stem]["params_m"]
-    elif Path(model).is_file() and Path(model).suffix in (".pt", ".onnx"):
-        params = max(params, Path(model).stat().st_size / 4e6 if Path(model).suffix == ".onnx" else params)
-    return params, scale
+    path = Path(model)
+    if path.stem in presets():
+        params = presets()[path.stem]["params_m"]
+    elif path.suffix in (".pt", ".onnx") and path.is_file():
+        params = path.stat().st_size / (4e6 if path.suffix == ".onnx" else 2e6)
+    else:
+        m = re.search(r"yolo(?:v\d+|\d+)([nslmx])", path.stem)
+        params = SCALES_M[m.group(1) if m else "n"]
+    return params, min(SCALES_M, key=lambda k: abs(SCALES_M[k] - params))
 
 
 # activations per image at 640 px with AMP, MiB (measured order of magnitude for the n/s/m/l/x scales)
