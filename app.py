@@ -211,17 +211,28 @@ def cmd_jobs(args) -> int:
     import json
     import time
 
+    from studio import JobStatus
+
     studio = _open_studio(args, need_worker=args.action in ("resume", "retry"))
     try:
         if args.action == "list":
-            print(f"{'id':18} {'kind':16} {'status':11} {'created':19} {'estimate':>10} {'peak':>10}  note")
+            running = studio.server_running()
+            print(f"{'id':16} {'kind':16} {'status':11} {'created':19} {'estimate':>10} {'peak':>10}  note")
             for j in studio.jobs(limit=args.limit):
                 created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(j.created))
                 text = j.error or j.wait_reason or j.message or ""
+                if not running and not j.status.final:  # nothing runs it now: say what will happen
+                    text = ("the studio stopped while it ran: INTERRUPTED on next start"
+                            if j.status is JobStatus.RUNNING else "waits for the studio to start")
                 note = text.splitlines()[0][:60] if text else ""
-                print(f"{j.id:18} {j.kind:16} {j.status.value:11} {created:19} {_gib(j.estimate_bytes):>10} "
+                print(f"{j.id:16} {j.kind:16} {j.status.value:11} {created:19} {_gib(j.estimate_bytes):>10} "
                       f"{_gib(j.peak_bytes):>10}  {note}")
-            print(f"queue: {'paused — ' + (studio.store.get_meta('pause_reason') or '') if studio.store.paused else 'running'}")
+            if not running:
+                print("studio: not running (start it with `python app.py`, or `python app.py run KIND …`)")
+            elif studio.store.paused:
+                print(f"queue: paused — {studio.store.get_meta('pause_reason') or ''}")
+            else:
+                print("queue: running")
             return 0
         if not args.id:
             print(f"error: jobs {args.action} needs a job id (see: python app.py jobs list)")
@@ -253,7 +264,7 @@ def cmd_transcript(args) -> int:
     """Show a transcribe job's transcript; rename its speakers; accept or reject the post-editor's changes."""
     import json
 
-    from workers import transcript as tr
+    from workers.speech import transcript as tr
 
     studio = _open_studio(args, need_worker=False)
     try:
@@ -573,7 +584,22 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     handler = {"serve": cmd_serve, "run": cmd_run, "jobs": cmd_jobs, "queue": cmd_queue, "doctor": cmd_doctor,
                "test": cmd_test, "transcript": cmd_transcript}[args.cmd]
-    return handler(args)
+    if args.cmd == "test":
+        return handler(args)
+    import sqlite3
+
+    from studio import DataDirError
+
+    try:
+        return handler(args)
+    except DataDirError as e:  # a full or read-only data folder: one line, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (sqlite3.OperationalError, OSError) as e:
+        if not isinstance(e, sqlite3.OperationalError) and getattr(e, "errno", None) not in (28, 30, 13, 1, 122):
+            raise
+        print(f"error: {DataDirError.explain(_config(args).data_dir, e)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

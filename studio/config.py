@@ -1,12 +1,35 @@
 """Studio settings: where data lives and how much of the device jobs may use."""
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 GiB = 1024**3
+
+
+class DataDirError(RuntimeError):
+    """The data folder cannot be used (full, read-only, missing): its message is one line that says what to do."""
+
+    @staticmethod
+    def explain(data_dir: Path, e: BaseException) -> str:
+        text = str(e).strip() or type(e).__name__
+        code = getattr(e, "errno", None)
+        try:
+            free = f"{shutil.disk_usage(data_dir).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        if code in (errno.ENOSPC, errno.EDQUOT) or "disk is full" in text or "No space left" in text:
+            return (f"the data folder {data_dir} is full ({free}): free space there, or start with "
+                    "--data-dir (or STUDIO_DATA_DIR) on another disk")
+        if code in (errno.EROFS, errno.EACCES, errno.EPERM) or "readonly" in text or "read-only" in text \
+                or "unable to open database" in text:
+            return (f"the data folder {data_dir} cannot be written ({text}): make it writable, or start with "
+                    "--data-dir (or STUDIO_DATA_DIR) pointing to a writable folder")
+        return f"the data folder {data_dir} cannot be used ({type(e).__name__}: {text})"
 
 
 def default_data_dir() -> Path:
@@ -66,5 +89,8 @@ class Config:
         self.settings_path.write_text(json.dumps(data, indent=2))
 
     def ensure_dirs(self) -> None:
-        for d in (self.data_dir, self.runs_dir, self.uploads_dir, self.datasets_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        try:
+            for d in (self.data_dir, self.runs_dir, self.uploads_dir, self.datasets_dir):
+                d.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DataDirError(DataDirError.explain(self.data_dir, e)) from None

@@ -90,11 +90,13 @@ class JobContext:
 
 
 class ModelCache:
-    """LRU cache of loaded models in the worker; its bytes count against the budget."""
+    """LRU cache of loaded models in the worker. Each model's size is what loading it took from the device (NVML or
+    torch on CUDA, the resident set on the CPU), not what the loader guessed; its bytes count against the budget."""
 
-    def __init__(self, on_evict: Callable[[], None] | None = None):
+    def __init__(self, on_evict: Callable[[], None] | None = None, measure: Callable[[], int | None] | None = None):
         self._items: dict[str, list] = {}  # key -> [obj, bytes, last_used]; dict order = LRU order
         self._on_evict = on_evict or (lambda: None)
+        self._measure = measure or (lambda: None)
 
     def get(self, key: str, load: Callable[[], tuple[Any, int]]) -> tuple[Any, bool]:
         if key in self._items:
@@ -102,7 +104,12 @@ class ModelCache:
             item[2] = time.time()
             self._items[key] = item
             return item[0], True
-        obj, size = load()
+        before = self._measure()
+        obj, declared = load()
+        after = self._measure()
+        measured = after - before if before is not None and after is not None else None
+        # a load that measured nothing (memory already mapped, or no reading) keeps the loader's own figure
+        size = measured if measured is not None and measured > 0 else int(declared)
         self._items[key] = [obj, int(size), time.time()]
         return obj, False
 
@@ -113,12 +120,24 @@ class ModelCache:
     def keys(self) -> list[str]:
         return list(self._items)
 
-    def evict(self, at_least: int) -> int:
-        """Drop least recently used models until `at_least` bytes are freed; returns bytes freed."""
+    def sizes(self) -> dict[str, int]:
+        """key -> measured bytes, least recently used first."""
+        return {k: i[1] for k, i in self._items.items()}
+
+    def evict(self, at_least: int, keep: "set[str] | frozenset[str]" = frozenset()) -> int:
+        """Drop least recently used models not in `keep` until `at_least` bytes are freed; returns bytes freed."""
         freed = 0
-        while self._items and freed < at_least:
-            key = next(iter(self._items))
+        for key in [k for k in self._items if k not in keep]:
+            if freed >= at_least:
+                break
             freed += self._items.pop(key)[1]
+        if freed:
+            self._on_evict()
+        return freed
+
+    def evict_keys(self, keys) -> int:
+        """Drop these models (the scheduler chose them); returns bytes freed."""
+        freed = sum(self._items.pop(k)[1] for k in list(keys) if k in self._items)
         if freed:
             self._on_evict()
         return freed

@@ -1,4 +1,9 @@
-"""The Studio: submit through the gate, a durable queue, and a scheduler that supervises the device worker."""
+"""The Studio: submit through the gate, a durable queue, and a scheduler that supervises the workers.
+
+Two lanes, each a supervised worker process running one job at a time: the device lane owns the GPU (and its model
+cache); the io lane runs kinds that never touch the device (downloads, dataset checks), so they neither wait behind a
+training run nor block the next one.
+"""
 from __future__ import annotations
 
 import fcntl
@@ -7,23 +12,25 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sqlite3
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
 from . import events, registry
 from . import params as params_mod
-from .config import Config
+from .config import Config, DataDirError, GiB
 from .device import Device, DeviceReading, detect
-from .gate import Refused, gate
+from .gate import Estimate, Refused, gate, short_key
 from .jobs import Job, JobStatus
 from .store import Store
 
 log = logging.getLogger("studio")
 
 POLL_S = 0.25  # how often the scheduler looks at the store for jobs and cancels from other processes
+WAIT_REWRITE_S = 15.0  # a waiting job's reason is rewritten at most this often while only its figures change
 
 
 @dataclass
@@ -37,10 +44,12 @@ class WorkerInfo:
     restarts: int = 0
     last_exit: str | None = None
     failed_starts: int = 0  # deaths in a row before the worker got ready
+    stopped: str | None = None  # why the worker is not running (after failed starts); Resume queue restarts it
+    baseline: int | None = None  # the worker's own memory when idle and empty (the runtime context), measured
 
 
 class _Worker:
-    """One incarnation of the device worker process, with its own queues and cancel flag."""
+    """One incarnation of a worker process, with its own queues and cancel flag."""
 
     def __init__(self, generation: int, inbox: queue.Queue, settings: dict):
         ctx = mp.get_context("spawn")  # a fresh interpreter: CUDA is never forked
@@ -51,9 +60,8 @@ class _Worker:
         self.inq, self.outq, self.cancel = ctx.Queue(), ctx.Queue(), ctx.Event()
         from . import worker
 
-        self.proc = ctx.Process(
-            target=worker.main, args=(self.inq, self.outq, self.cancel, settings), name="studio-worker", daemon=True
-        )
+        self.proc = ctx.Process(target=worker.main, args=(self.inq, self.outq, self.cancel, settings),
+                                name=f"studio-{settings['lane']}-worker", daemon=True)
         self.proc.start()
         self._inbox = inbox
         threading.Thread(target=self._forward, name=f"worker-forward-{generation}", daemon=True).start()
@@ -81,6 +89,18 @@ class _Worker:
         self.proc.join(5)
 
 
+@dataclass
+class Lane:
+    """A worker and the one job it runs: `device` owns the GPU and the model cache, `io` stays off the device."""
+
+    name: str
+    worker: _Worker | None = None
+    info: WorkerInfo = field(default_factory=WorkerInfo)
+    running: str | None = None  # job id the worker is running
+    cancel_sent_at: float | None = None
+    cache: dict[str, int] = field(default_factory=dict)  # the worker's cached models: key -> measured bytes, LRU first
+
+
 def describe_exit(code: int | None) -> str:
     if code is None:
         return "exit status unknown"
@@ -98,20 +118,26 @@ class Studio:
     def __init__(self, config: Config, device: Device | None = None):
         self.config = config
         config.ensure_dirs()
-        self.store = Store(config.db_path)
+        try:
+            self.store = Store(config.db_path)
+        except (sqlite3.Error, OSError) as e:
+            raise DataDirError(DataDirError.explain(config.data_dir, e)) from None
         self.device = device or detect()
         self.owner = False
-        self.worker_info = WorkerInfo()
+        self.lanes = {"device": Lane("device"), "io": Lane("io")}
         self._inbox: queue.Queue = queue.Queue()
-        self._worker: _Worker | None = None
         self._generation = 0
-        self._running: str | None = None  # job id the worker is running
-        self._cancel_sent_at: float | None = None
-        self._cache_bytes = 0
-        self._cache_keys: list[str] = []
+        self._pending: dict[str, dict] = {}  # final outcomes the store could not take yet (disk full): job id -> fields
+        self._last_error: str | None = None  # the scheduler's last failure, shown by the meter
+        self._wait_written: dict[str, float] = {}  # job id -> when its wait reason was last written
         self._stopping = threading.Event()
         self._lock_fd: int | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def worker_info(self) -> WorkerInfo:
+        """The device worker's state (pid, device, restarts)."""
+        return self.lanes["device"].info
 
     # ---- ownership and lifecycle --------------------------------------------------
     def try_start(self) -> bool:
@@ -127,7 +153,8 @@ class Studio:
         self._lock_fd = fd
         self.owner = True
         self._recover()
-        self._start_worker()
+        for lane in self.lanes.values():
+            self._start_worker(lane)
         self._thread = threading.Thread(target=self._loop, name="studio-scheduler", daemon=True)
         self._thread.start()
         return True
@@ -137,16 +164,29 @@ class Studio:
             raise RuntimeError(f"another studio process already owns {self.config.data_dir}")
         return self
 
+    def server_running(self) -> bool:
+        """Whether some process (this one or another) owns this data folder and runs its queue."""
+        if self.owner:
+            return True
+        try:
+            fd = os.open(self.config.data_dir / "studio.lock", os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
     def _recover(self) -> None:
         """After an unclean stop: RUNNING jobs become INTERRUPTED and the queue starts paused."""
         clean = self.store.get_meta("clean_shutdown", "1") == "1"
         interrupted = []
         for job in self.store.with_status(JobStatus.RUNNING):
-            self._finish(
-                job.id,
-                JobStatus.INTERRUPTED,
-                error="The studio stopped while this job was running. Resume it to continue from its last checkpoint.",
-            )
+            self._finish(job.id, JobStatus.INTERRUPTED, error="The studio stopped while this job was running. "
+                         + (self._checkpoint_hint(job.id) or "Retry runs it again."))
             interrupted.append(job.id)
         if not clean or interrupted:
             self.store.set_paused(True, "Paused after an unclean stop, so a job that crashed the studio does not run "
@@ -154,46 +194,61 @@ class Studio:
         self.store.set_meta("clean_shutdown", "0")
 
     def shutdown(self) -> None:
-        """Stop the worker and mark a clean stop (queued jobs stay queued for next time)."""
+        """Stop the workers and mark a clean stop (queued jobs stay queued for next time). A running job is asked to
+        stop first and given the cancel grace to write its checkpoint."""
         if not self.owner:
             return
+        running = [lane for lane in self.lanes.values() if lane.running and lane.worker]
+        for lane in running:
+            lane.worker.cancel.set()
+            lane.cancel_sent_at = time.monotonic()
+        deadline = time.monotonic() + self.config.cancel_grace_s
+        while any(lane.running for lane in running) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the scheduler thread records each job's end as its worker reports it
         self._stopping.set()
         if self._thread:
             self._thread.join(5)
-        w = self._worker
-        if w:
-            if self._running:  # a job still running at shutdown is interrupted, its checkpoint kept
-                w.cancel.set()
-                self._finish(self._running, JobStatus.INTERRUPTED, error="The studio was shut down while this job ran. "
-                             "Resume it to continue from its last checkpoint.")
+        for lane in self.lanes.values():
+            w = lane.worker
+            if not w:
+                continue
+            if lane.running:  # it did not stop in time: interrupted, its last checkpoint kept
+                self._finish(lane.running, JobStatus.INTERRUPTED, error="The studio was shut down while this job "
+                             "ran. " + (self._checkpoint_hint(lane.running) or "Retry runs it again."))
+                lane.running = None
             try:
                 w.inq.put({"type": "stop"})
             except (OSError, ValueError):
                 pass
             w.proc.join(5)
             w.kill()
-        self.store.set_meta("clean_shutdown", "1")
+        self._flush_pending()
+        try:
+            self.store.set_meta("clean_shutdown", "1")
+        except sqlite3.Error as e:
+            log.error("could not record the clean stop: %s", e)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
         self.owner = False
 
-    def _settings(self) -> dict:
-        return {"parent_pid": os.getpid(), "idle_unload_s": self.config.idle_unload_s}
+    def _settings(self, lane: Lane) -> dict:
+        return {"parent_pid": os.getpid(), "idle_unload_s": self.config.idle_unload_s, "lane": lane.name}
 
-    def _start_worker(self) -> None:
+    def _start_worker(self, lane: Lane) -> None:
         self._generation += 1
-        self.worker_info = replace(self.worker_info, pid=None, ready=False)
-        self._worker = _Worker(self._generation, self._inbox, self._settings())
-        self.worker_info.pid = self._worker.proc.pid
-        self._cache_bytes, self._cache_keys = 0, []
+        lane.info = replace(lane.info, pid=None, ready=False, stopped=None)
+        lane.worker = _Worker(self._generation, self._inbox, self._settings(lane))
+        lane.info.pid = lane.worker.proc.pid
+        lane.cache = {}
 
     def update_config(self, **changes: Any) -> Config:
         """Apply new settings now (budget, reserve, idle unload) and save them."""
         self.config = replace(self.config, **changes)
         self.config.save()
-        if self._worker:
-            self._worker.inq.put({"type": "settings", "idle_unload_s": self.config.idle_unload_s})
+        w = self.lanes["device"].worker
+        if w:
+            w.inq.put({"type": "settings", "idle_unload_s": self.config.idle_unload_s})
         return self.config
 
     # ---- submitting -------------------------------------------------------------
@@ -209,78 +264,122 @@ class Studio:
         budget_bytes: int | None = None,
         resume_of: str | None = None,
     ) -> Job:
-        """Validate, estimate and gate a job. Bad params raise ValueError (nothing queued); over budget -> REFUSED."""
+        """Validate, estimate and gate a job. Bad params raise ValueError (nothing queued); over budget -> REFUSED.
+        The job keeps the params as asked (Retry and Resume use them) and the ones `fit` resolved (the run uses them)."""
         module = registry.module_for(kind)
         p = params_mod.build(module.Params, dict(params or {}))
-        if hasattr(module, "validate"):
-            module.validate(p, self.config)
+        requested = params_mod.to_dict(p)
+        if hasattr(module, "validate"):  # raises on bad input; may return the params with names resolved to paths
+            checked = module.validate(p, self.config)
+            if isinstance(checked, module.Params):
+                p = checked
+        uses_device = registry.uses_device(kind)
         reading = self.device.read()
         budget = budget_bytes or self.config.budget_bytes(reading.total)
-        if hasattr(module, "fit"):  # kinds that size themselves to the budget (an LLM's GPU layers)
+        if hasattr(module, "fit"):  # kinds that size themselves to the budget (an LLM's GPU layers, a batch)
             p = module.fit(p, reading, budget)
-        values = params_mod.to_dict(p)
+        resolved = params_mod.to_dict(p)
         try:
-            est = gate(p, module.estimate, reading, budget, getattr(module, "shrink", None))
+            est = gate(p, module.estimate, reading, budget, getattr(module, "shrink", None), uses_device)
         except Refused as r:
-            job = self.store.add(kind, values, JobStatus.REFUSED, estimate=r.estimate.to_dict() if r.estimate else None,
-                                 error=r.reason, owner=owner, resume_of=resume_of, budget_bytes=budget)
+            job = self.store.add(kind, requested, JobStatus.REFUSED,
+                                 estimate=r.estimate.to_dict() if r.estimate else None, error=r.reason, owner=owner,
+                                 resume_of=resume_of, budget_bytes=budget, resolved=resolved)
             self.run_dir(job.id).mkdir(parents=True, exist_ok=True)
             events.append(self.run_dir(job.id), "end", status=JobStatus.REFUSED.value, error=r.reason,
                           suggestion=r.suggestion)
             return job
-        job = self.store.add(kind, values, JobStatus.QUEUED, estimate=est.to_dict(), owner=owner,
-                             resume_of=resume_of, budget_bytes=budget)
+        job = self.store.add(kind, requested, JobStatus.QUEUED, estimate=est.to_dict(), owner=owner,
+                             resume_of=resume_of, budget_bytes=budget, resolved=resolved)
         self.run_dir(job.id).mkdir(parents=True, exist_ok=True)
         events.append(self.run_dir(job.id), "queued", estimate=est.to_dict())
         self._inbox.put(("wake",))
         return job
 
     def cancel(self, job_id: str) -> Job:
-        job = self.store.get(job_id)
-        if job.status is JobStatus.QUEUED:
-            self._finish(job_id, JobStatus.CANCELLED, error="Cancelled before it started.", frm=(JobStatus.QUEUED,))
-        elif job.status is JobStatus.RUNNING:
-            self.store.request_cancel(job_id)
-            self._inbox.put(("wake",))
-        return self.store.get(job_id)
+        """Cancel a queued or running job. The request is recorded first, so a job the scheduler is taking at this
+        very moment still sees it (the scheduler never starts a job with a cancel request)."""
+        job = self.job(job_id)
+        if job.status.final:
+            return job
+        self.store.request_cancel(job_id)
+        self._finish(job_id, JobStatus.CANCELLED, frm=(JobStatus.QUEUED,),
+                     error="Cancelled before it started." + self._checkpoint_hint(job_id, lead=" "))
+        self._inbox.put(("wake",))
+        return self.job(job_id)
 
     def retry(self, job_id: str, owner: str | None = None) -> Job:
-        """Run a finished job again from scratch, with the same params."""
+        """Run a finished job again from scratch, with the params it was asked for ("auto" stays auto)."""
         old = self.store.get(job_id)
-        params = {k: v for k, v in old.params.items() if k != "resume_from"}
-        if "resume_from" in old.params:
+        params = dict(old.params)
+        if "resume_from" in params:
             params["resume_from"] = ""
         return self.submit(old.kind, params, owner=owner or old.owner)
 
+    def checkpoint_of(self, job_id: str) -> tuple[str, dict] | None:
+        """The newest checkpoint along a job's resume chain (itself, the job it resumed, …): (job id, its state)."""
+        import json
+
+        best: tuple[str, dict] | None = None
+        seen: set[str] = set()
+        jid: str | None = job_id
+        while jid and jid not in seen:
+            seen.add(jid)
+            state = self.run_dir(jid) / "checkpoint" / "state.json"
+            try:
+                st = json.loads(state.read_text())
+            except (OSError, ValueError):
+                st = None
+            if st is not None and (best is None or st.get("step", 0) > best[1].get("step", 0)):
+                best = (jid, st)
+            try:
+                jid = self.store.get(jid).resume_of
+            except KeyError:
+                break
+        return best
+
     def resume(self, job_id: str, owner: str | None = None) -> Job:
-        """Continue an interrupted, cancelled or failed training job from its last checkpoint, as a new job."""
+        """Continue an interrupted, cancelled or failed training job from the newest checkpoint along its chain."""
         old = self.store.get(job_id)
         if not old.status.final or old.status in (JobStatus.DONE, JobStatus.REFUSED):
             raise ValueError(f"job {job_id} is {old.status.value}; only interrupted, cancelled or failed jobs resume")
         if "resume_from" not in old.params:
             raise ValueError(f"{old.kind} jobs have no checkpoints to resume from; use Retry")
-        if not (self.run_dir(job_id) / "checkpoint" / "state.json").exists():
-            raise ValueError(f"job {job_id} saved no checkpoint before it stopped; use Retry to start over")
-        return self.submit(old.kind, {**old.params, "resume_from": job_id}, owner=owner or old.owner, resume_of=job_id)
+        found = self.checkpoint_of(job_id)
+        if found is None:
+            raise ValueError(f"job {job_id} saved no checkpoint before it stopped (nor did a job it resumed); "
+                             "use Retry to start over")
+        return self.submit(old.kind, {**old.params, "resume_from": found[0]}, owner=owner or old.owner,
+                           resume_of=job_id)
 
     def unload_models(self) -> None:
         """Empty the worker's model cache now (it also empties itself after the idle timeout)."""
-        if self._worker:
-            self._worker.inq.put({"type": "evict"})
+        w = self.lanes["device"].worker
+        if w:
+            w.inq.put({"type": "evict"})
 
     def pause(self, reason: str = "Paused by the user.") -> None:
         self.store.set_paused(True, reason)
 
     def resume_queue(self) -> None:
+        """Run the queue again; a worker stopped after failed starts is started again (by the owning process)."""
         self.store.set_paused(False)
         self._inbox.put(("wake",))
 
     # ---- reading ---------------------------------------------------------------
     def job(self, job_id: str) -> Job:
-        return self.store.get(job_id)
+        return self._overlay(self.store.get(job_id))
 
     def jobs(self, limit: int = 200, owner: str | None = None, kind: str | None = None) -> list[Job]:
-        return self.store.list(limit=limit, owner=owner, kind=kind)
+        return [self._overlay(j) for j in self.store.list(limit=limit, owner=owner, kind=kind)]
+
+    def _overlay(self, job: Job) -> Job:
+        """A job as it really stands: an outcome the store could not take yet (disk full) is shown anyway."""
+        pending = self._pending.get(job.id)
+        if pending is None:
+            return job
+        return replace(job, status=pending["status"], error=pending["fields"].get("error"),
+                       finished=pending["fields"].get("finished"))
 
     def events(self, job_id: str, offset: int = 0) -> tuple[list[dict], int]:
         return events.read(self.run_dir(job_id), offset)
@@ -301,7 +400,7 @@ class Studio:
     def wait(self, job_id: str, timeout: float = 600) -> Job:
         t0 = time.time()
         while True:
-            job = self.store.get(job_id)
+            job = self.job(job_id)
             if job.status.final:
                 return job
             if time.time() - t0 > timeout:
@@ -309,41 +408,77 @@ class Studio:
             time.sleep(0.05)
 
     def studio_pids(self) -> list[int]:
-        pids = [os.getpid()]
-        if self.worker_info.pid:
-            pids.append(self.worker_info.pid)
-        return pids
+        return [os.getpid()] + [lane.info.pid for lane in self.lanes.values() if lane.info.pid]
 
     def meter(self, owner: str | None = None) -> dict[str, Any]:
-        """What the header shows: device memory, the studio's share, the running job and the queue."""
+        """What the header shows: device memory, the studio's share, the running jobs, the queue, and any trouble
+        (a stopped worker, a data folder that cannot be written) in one line."""
         reading: DeviceReading = self.device.read(self.studio_pids())
-        running = self.store.with_status(JobStatus.RUNNING)
-        queued = self.store.queued()
-        return {
-            "device": reading.to_dict(),
-            "budget": self.config.budget_bytes(reading.total),
-            "running": [{"id": j.id, "kind": j.kind, "progress": j.progress, "message": j.message} for j in running],
-            "queued": len(queued),
-            "waiting": queued[0].wait_reason if queued else None,
-            "paused": self.store.paused,
-            "pause_reason": self.store.get_meta("pause_reason", ""),
-            "cache_bytes": self._cache_bytes,
-            "cache": list(self._cache_keys),
-            "worker": vars(self.worker_info).copy(),
-            "owner": self.owner,
-        }
+        out: dict[str, Any] = {"device": reading.to_dict(), "budget": self.config.budget_bytes(reading.total),
+                               "owner": self.owner, "server": self.server_running()}
+        dev = self.lanes["device"]
+        out.update(cache_bytes=sum(dev.cache.values()), cache=[short_key(k) for k in dev.cache],
+                   worker=vars(dev.info).copy(), trouble=None)
+        try:
+            running = self.store.with_status(JobStatus.RUNNING)
+            queued = self.store.queued()
+            out.update(running=[{"id": j.id, "kind": j.kind, "progress": j.progress, "message": j.message}
+                                for j in running if j.id not in self._pending],
+                       queued=len(queued), waiting=queued[0].wait_reason if queued else None,
+                       paused=self.store.paused, pause_reason=self.store.get_meta("pause_reason", ""))
+        except (sqlite3.Error, OSError) as e:
+            out.update(running=[], queued=0, waiting=None, paused=False, pause_reason="")
+            out["trouble"] = DataDirError.explain(self.config.data_dir, e)
+            return out
+        stopped = [f"{lane.name} worker stopped: {lane.info.stopped}" for lane in self.lanes.values()
+                   if lane.info.stopped]
+        if stopped:
+            out["trouble"] = "; ".join(stopped)
+        elif self._last_error:
+            out["trouble"] = self._last_error
+        return out
 
     # ---- the scheduler -------------------------------------------------------------
     def _finish(self, job_id: str, status: JobStatus, frm: tuple[JobStatus, ...] = (JobStatus.RUNNING,),
                 **fields: Any) -> bool:
-        """Move a job to its one final status and write its one final event."""
-        moved = self.store.transition(job_id, frm, status, finished=time.time(), **fields)
+        """Move a job to its one final status and write its one final event. When the store or the run folder
+        cannot be written (disk full, folder gone), the outcome is kept in memory and written as soon as it can be;
+        this never raises, so whoever calls it can always free the job's slot."""
+        fields["finished"] = time.time()
+        try:
+            moved = self.store.transition(job_id, frm, status, **fields)
+        except (sqlite3.Error, OSError) as e:
+            log.error("could not record %s for job %s (%s); kept until the store can be written", status.value,
+                      job_id, e)
+            self._pending[job_id] = {"status": status, "frm": frm, "fields": fields}
+            self._last_error = f"job {job_id} ended {status.value} but could not be recorded: " + \
+                DataDirError.explain(self.config.data_dir, e)
+            return True
         if moved:
-            events.append(self.run_dir(job_id), "end", status=status.value, error=fields.get("error"),
-                          result=fields.get("result"))
+            self._end_event(job_id, status, fields)
         return moved
 
+    def _end_event(self, job_id: str, status: JobStatus, fields: dict) -> None:
+        try:
+            events.append(self.run_dir(job_id), "end", status=status.value, error=fields.get("error"),
+                          result=fields.get("result"))
+        except OSError as e:
+            log.error("could not write the end event of job %s: %s", job_id, e)
+
+    def _flush_pending(self) -> None:
+        for job_id, p in list(self._pending.items()):
+            try:
+                moved = self.store.transition(job_id, p["frm"], p["status"], **p["fields"])
+            except (sqlite3.Error, OSError):
+                return
+            del self._pending[job_id]
+            if moved:
+                self._end_event(job_id, p["status"], p["fields"])
+        if not self._pending:
+            self._last_error = None
+
     def _loop(self) -> None:
+        last_logged: tuple[str, float] = ("", 0.0)
         while not self._stopping.is_set():
             try:
                 msg = self._inbox.get(timeout=POLL_S)
@@ -352,34 +487,54 @@ class Studio:
             try:
                 if msg is not None:
                     self._handle(msg)
+                if self._pending:
+                    self._flush_pending()
                 self._tick()
-            except Exception:  # the device loop never dies
-                log.exception("scheduler step failed")
+            except Exception as e:  # the device loop never dies; a repeated failure is logged once a minute
+                text = f"{type(e).__name__}: {e}"
+                if isinstance(e, (sqlite3.Error, OSError)):
+                    text = DataDirError.explain(self.config.data_dir, e)
+                self._last_error = f"the scheduler cannot go on: {text}"
+                if text != last_logged[0] or time.monotonic() - last_logged[1] > 60:
+                    log.exception("scheduler step failed")
+                    last_logged = (text, time.monotonic())
+                time.sleep(POLL_S)
+            else:
+                if self._last_error and self._last_error.startswith("the scheduler") and not self._pending:
+                    self._last_error = None
+
+    def _lane_of_generation(self, gen: int) -> Lane | None:
+        for lane in self.lanes.values():
+            if lane.worker is not None and lane.worker.generation == gen:
+                return lane
+        return None
 
     def _handle(self, msg: tuple) -> None:
         if msg[0] == "wake":
             return
-        gen = msg[1]
-        if self._worker is None or gen != self._worker.generation:
+        lane = self._lane_of_generation(msg[1])
+        if lane is None:
             return  # from a worker we already replaced
         if msg[0] == "died":
-            self._worker_died(msg[2])
+            self._worker_died(lane, msg[2])
             return
         m = msg[2]
         t = m["type"]
         if t == "ready":
-            self.worker_info = replace(self.worker_info, pid=m["pid"], ready=True, failed_starts=0, device=m["device"],
-                                       device_name=m["device_name"], torch=m["torch"], torch_cuda=m["torch_cuda"])
+            lane.info = replace(lane.info, pid=m["pid"], ready=True, failed_starts=0, device=m["device"],
+                                device_name=m["device_name"], torch=m.get("torch"), torch_cuda=m.get("torch_cuda"),
+                                baseline=m.get("baseline"), stopped=None)
         elif t == "started":
             self.store.update(m["job_id"], started=m["t"])
-            events.append(self.run_dir(m["job_id"]), "started", worker_pid=self.worker_info.pid,
-                          device=self.worker_info.device)
+            events.append(self.run_dir(m["job_id"]), "started", worker_pid=lane.info.pid, device=lane.info.device)
         elif t == "progress":
             self.store.update(m["job_id"], progress=m["fraction"], message=m["message"])
         elif t == "cache":
-            self._cache_bytes, self._cache_keys = m["bytes"], m["keys"]
+            lane.cache = dict(m["sizes"])
         elif t in ("done", "failed", "cancelled"):
             job_id = m["job_id"]
+            if lane.running == job_id:  # the slot is free whatever happens to the record below
+                lane.running, lane.cancel_sent_at = None, None
             status = {"done": JobStatus.DONE, "failed": JobStatus.FAILED, "cancelled": JobStatus.CANCELLED}[t]
             fields: dict[str, Any] = {"peak_bytes": m.get("peak"), "progress": 1.0 if t == "done" else None}
             if t == "done":
@@ -387,88 +542,187 @@ class Studio:
             elif t == "failed":
                 fields["error"], fields["traceback"] = m["error"], m.get("traceback")
             else:
-                fields["error"] = "Cancelled by the user." + self._checkpoint_hint(job_id)
+                fields["error"] = "Cancelled by the user." + self._checkpoint_hint(job_id, lead=" ")
             self._finish(job_id, status, **fields)
-            if self._running == job_id:
-                self._running, self._cancel_sent_at = None, None
 
-    def _checkpoint_hint(self, job_id: str) -> str:
-        if (self.run_dir(job_id) / "checkpoint" / "state.json").exists():
-            return " Its last checkpoint is kept: Resume continues from it."
-        return ""
+    def _checkpoint_hint(self, job_id: str, lead: str = "") -> str:
+        try:
+            found = self.checkpoint_of(job_id)
+        except (sqlite3.Error, OSError):
+            found = None
+        if found is None:
+            return ""
+        step = found[1].get("step")
+        where = f" (step {step})" if step else ""
+        own = "Its" if found[0] == job_id else f"The last checkpoint along its resume chain, job {found[0]}'s,"
+        return f"{lead}{own} last checkpoint{where} is kept: Resume continues from it."
 
-    def _worker_died(self, exitcode: int | None) -> None:
+    def _worker_died(self, lane: Lane, exitcode: int | None) -> None:
         how = describe_exit(exitcode)
-        self.worker_info.restarts += 1
-        self.worker_info.last_exit = how
-        log.error("device worker %s", how)
-        if self._running:
-            job_id = self._running
-            self._running = None
-            if self._cancel_sent_at is not None:
-                self._finish(job_id, JobStatus.CANCELLED,
-                             error="Cancelled: the job did not stop in time, so its worker was stopped."
-                             + self._checkpoint_hint(job_id))
+        lane.info.restarts += 1
+        lane.info.last_exit = how
+        log.error("%s worker %s", lane.name, how)
+        if lane.running:
+            job_id = lane.running
+            lane.running = None
+            if lane.cancel_sent_at is not None:
+                self._finish(job_id, JobStatus.CANCELLED, error="Cancelled: the job did not stop in time, so its "
+                             "worker was stopped." + self._checkpoint_hint(job_id, lead=" "))
             else:
                 self._finish(job_id, JobStatus.INTERRUPTED,
-                             error=f"The device worker {how} while this job ran (out of memory, a crash, or killed). "
-                             "The worker was restarted and the queue goes on." + self._checkpoint_hint(job_id))
-            self._cancel_sent_at = None
-        if not self.worker_info.ready:
-            self.worker_info.failed_starts += 1
+                             error=f"The {lane.name} worker {how} while this job ran (out of memory, a crash, or "
+                             "killed). The worker was restarted and the queue goes on."
+                             + self._checkpoint_hint(job_id, lead=" "))
+            lane.cancel_sent_at = None
+        lane.cache = {}
+        if not lane.info.ready:
+            lane.info.failed_starts += 1
         else:
-            self.worker_info.failed_starts = 0
-        if self.worker_info.failed_starts >= 3:  # a broken install would otherwise respawn forever
-            self._worker = None
-            self.pause(f"The device worker failed to start 3 times ({how}); see the studio's log, fix the "
-                       "installation (python app.py doctor), then restart the studio.")
+            lane.info.failed_starts = 0
+        if lane.info.failed_starts >= 3:  # a broken install would otherwise respawn forever
+            self.pause(f"The {lane.name} worker failed to start 3 times ({how}); see the studio's log, fix the "
+                       "installation (python app.py doctor), then resume the queue to start it again.")
+            lane.worker = None
+            lane.info.pid = None
+            lane.info.stopped = f"it failed to start 3 times ({how}); fix the installation (python app.py doctor), " \
+                                "then Resume queue"
             return
         if not self._stopping.is_set():
-            self._start_worker()
+            self._start_worker(lane)
 
     def _tick(self) -> None:
-        w = self._worker
-        if w is None:
-            return
-        if self._running:
-            if self._cancel_sent_at is None and self.store.cancel_requested(self._running):
-                w.cancel.set()
-                self._cancel_sent_at = time.monotonic()
-                events.append(self.run_dir(self._running), "log", message="Cancel requested; stopping at the next step.")
-            elif self._cancel_sent_at is not None and time.monotonic() - self._cancel_sent_at > self.config.cancel_grace_s:
-                log.warning("job %s ignored cancel for %.0f s; killing the worker", self._running, self.config.cancel_grace_s)
-                w.kill()  # the forwarder reports the death; _worker_died records CANCELLED
-            return
-        if not self.worker_info.ready or self.store.paused:
-            return
-        queued = self.store.queued()
+        paused = self.store.paused
+        queued = None
+        for lane in self.lanes.values():
+            if lane.worker is None:
+                if lane.info.stopped and not paused and not self._stopping.is_set():
+                    log.info("queue resumed: starting the %s worker again", lane.name)
+                    lane.info.failed_starts = 0
+                    self._start_worker(lane)
+                continue
+            if lane.running:
+                self._watch_running(lane)
+                continue
+            if not lane.info.ready or paused:
+                continue
+            if queued is None:
+                queued = self.store.queued()
+            if self._dispatch(lane, [j for j in queued if registry.lane_of(j.kind) == lane.name]):
+                queued = None  # one left the queue: read it again below
+        if queued is None and (paused or any(lane.running for lane in self.lanes.values())):
+            queued = self.store.queued()
+        if queued:
+            self._note_queue_positions(queued, paused)
+
+    def _watch_running(self, lane: Lane) -> None:
+        w = lane.worker
+        if lane.cancel_sent_at is None and self.store.cancel_requested(lane.running):
+            w.cancel.set()
+            lane.cancel_sent_at = time.monotonic()
+            events.append(self.run_dir(lane.running), "log", message="Cancel requested; stopping at the next step.")
+        elif lane.cancel_sent_at is not None and time.monotonic() - lane.cancel_sent_at > self.config.cancel_grace_s:
+            log.warning("job %s ignored cancel for %.0f s; killing the worker", lane.running, self.config.cancel_grace_s)
+            w.kill()  # the forwarder reports the death; _worker_died records CANCELLED
+
+    def _dispatch(self, lane: Lane, queued: list[Job]) -> bool:
+        """Start the lane's first queued job when the device has room for what it lacks; True when a job left the
+        queue (started, failed or cancelled)."""
         if not queued:
-            return
-        job = queued[0]  # strict submission order: a big job waiting for room is not overtaken
-        need = job.estimate_bytes or 0
-        reading = self.device.read(self.studio_pids())
-        room = reading.free + self._cache_bytes  # cached models are evicted to make room
-        if need > room:
-            where = "VRAM" if reading.kind == "cuda" else "RAM"
-            reason = (f"Waiting for memory: needs {need / 2**30:.2f} GiB, {room / 2**30:.2f} GiB of {where} is free now "
-                      "(other programs hold the rest).")
-            if job.wait_reason != reason:
-                self.store.update(job.id, wait_reason=reason)
-            return
-        if not self.store.transition(job.id, (JobStatus.QUEUED,), JobStatus.RUNNING, started=time.time(),
-                                     wait_reason=None):
-            return  # cancelled meanwhile
-        self._running = job.id
-        self._cancel_sent_at = None
-        w.cancel.clear()
-        module = registry.WORKERS[job.kind]
-        w.inq.put({
+            return False
+        job = queued[0]  # strict submission order within a lane: a big job waiting for room is not overtaken
+        if job.kind not in registry.WORKERS:
+            self._finish(job.id, JobStatus.FAILED, frm=(JobStatus.QUEUED,),
+                         error=f"This studio has no job kind {job.kind!r} (it was queued by another version); "
+                               f"known kinds: {', '.join(sorted(registry.WORKERS))}.")
+            return True
+        evict: list[str] = []
+        if lane.name == "device":
+            plan = self._plan_memory(lane, job)
+            if isinstance(plan, str):
+                self._set_wait(job, plan)
+                return False
+            evict = plan
+        if not self.store.start(job.id, started=time.time()):
+            # cancelled meanwhile: record the cancel if nobody has yet (one final state either way)
+            self._finish(job.id, JobStatus.CANCELLED, frm=(JobStatus.QUEUED,),
+                         error="Cancelled before it started." + self._checkpoint_hint(job.id, lead=" "))
+            return True
+        lane.running = job.id
+        lane.cancel_sent_at = None
+        lane.worker.cancel.clear()
+        lane.worker.inq.put({
             "type": "run",
             "job_id": job.id,
             "kind": job.kind,
-            "module": module,
-            "params": job.params,
+            "module": registry.WORKERS[job.kind],
+            "params": job.resolved or job.params,
             "run_dir": str(self.run_dir(job.id)),
             "data_dir": str(self.config.data_dir),
-            "evict_bytes": max(0, need - reading.free),
+            "evict": evict,
+            "models": sorted(Estimate.from_dict(job.estimate).models),
         })
+        return True
+
+    def _plan_memory(self, lane: Lane, job: Job) -> list[str] | str:
+        """The cached models to evict so the job fits (never the ones it names), or why it has to wait.
+
+        What a job needs now is its working memory plus the models it names that are not cached yet; the worker
+        already holds its runtime context, and a named model that is cached costs nothing more."""
+        est = Estimate.from_dict(job.estimate)
+        cached = lane.cache
+        missing = sum(b for k, b in est.models.items() if k not in cached)
+        need = est.working + missing
+        reading = self.device.read(self.studio_pids())
+        evictable = [(k, b) for k, b in cached.items() if k not in est.models]  # least recently used first
+        room = reading.free + sum(b for _, b in evictable)
+        if need > room:
+            where = "VRAM" if reading.kind == "cuda" else "RAM"
+            studio_held = sum(cached.values())
+            others = max(0, reading.used - (reading.studio_used or 0))
+            return (f"Waiting for memory: needs {need / GiB:.1f} GiB of {where} ({est.working / GiB:.1f} working"
+                    f"{f', {missing / GiB:.1f} to load' if missing else ''}); {room / GiB:.1f} GiB can be had now"
+                    f"{f' after unloading the studio’s idle models' if evictable else ''}. Other programs use "
+                    f"{others / GiB:.1f} GiB" + (f"; the studio's cached models it reuses hold {studio_held / GiB:.1f}"
+                                                 " GiB" if studio_held else "")
+                    + ". It starts when they free memory; Cancel drops it.")
+        evict, short = [], need - reading.free
+        for key, size in evictable:
+            if short <= 0:
+                break
+            evict.append(key)
+            short -= size
+        return evict
+
+    def _set_wait(self, job: Job, reason: str) -> None:
+        """Record why a job waits, once: rewritten when its wording changes, and only every WAIT_REWRITE_S when
+        only its figures move (so a follower prints one line, not one a tick)."""
+        old = job.wait_reason or ""
+        if old == reason:
+            return
+        same_kind = old.split(":", 1)[0] == reason.split(":", 1)[0]
+        if same_kind and time.monotonic() - self._wait_written.get(job.id, 0.0) < WAIT_REWRITE_S:
+            return
+        self._wait_written[job.id] = time.monotonic()
+        self.store.update(job.id, wait_reason=reason)
+
+    def _note_queue_positions(self, queued: list[Job], paused: bool) -> None:
+        """Every queued job says what it waits for: the job running in its lane, or the job ahead of it."""
+        first: dict[str, Job] = {}
+        for job in queued:
+            if job.kind not in registry.WORKERS:
+                continue
+            name = registry.lane_of(job.kind)
+            lane = self.lanes[name]
+            if name not in first:
+                first[name] = job
+                if paused:
+                    reason = "Queue paused: Resume queue starts it."
+                elif lane.running:
+                    reason = f"Waiting for job {lane.running} to finish."
+                else:
+                    continue  # about to start, or waiting for memory with its own reason
+            else:
+                ahead = first[name]
+                reason = f"Queued behind job {ahead.id} ({ahead.kind})."
+            if job.wait_reason != reason:
+                self.store.update(job.id, wait_reason=reason)

@@ -17,9 +17,10 @@ def init(path: Path, schema: str) -> Path:
 
 
 @contextmanager
-def connect(path: Path) -> Iterator[sqlite3.Connection]:
+def connect(path: Path, timeout: float = 30.0) -> Iterator[sqlite3.Connection]:
+    """A connection; `timeout` is how long a write waits for another writer before it fails."""
     # A connection per call is cheap, and needs no sharing between threads or the CLI and server processes.
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn = sqlite3.connect(path, timeout=timeout, isolation_level=None)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")

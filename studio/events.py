@@ -12,7 +12,12 @@ def append(run_dir: Path, type: str, **data: Any) -> dict:
     event = {"t": time.time(), "type": type, **data}
     line = json.dumps(event, default=str) + "\n"
     # One write on an O_APPEND descriptor: lines from the worker and the scheduler never interleave.
-    fd = os.open(Path(run_dir) / "events.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    path = Path(run_dir) / "events.jsonl"
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except FileNotFoundError:  # the run folder was removed (by hand, or a clean-up): make it again
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line.encode())
     finally:

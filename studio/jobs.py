@@ -47,6 +47,7 @@ class Job:
     owner: str | None = None  # user name when the studio runs with auth
     resume_of: str | None = None  # the job whose checkpoint this one continues
     budget_bytes: int | None = None  # the budget the gate applied
+    resolved: dict[str, Any] | None = None  # params as `fit` resolved them (GPU layers, batch), when they differ
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -74,6 +75,7 @@ class Job:
             owner=row["owner"],
             resume_of=row["resume_of"],
             budget_bytes=row["budget_bytes"],
+            resolved=js(row["resolved"]),
         )
 
     @property

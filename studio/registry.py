@@ -1,30 +1,40 @@
-"""The one table of job kinds: kind -> worker module. Modules are imported only when used."""
+"""The one table of job kinds: kind -> worker module, and the lane it runs in. Modules are imported only when used.
+
+Kinds run in one of two lanes: `device` (the worker that owns the GPU and its model cache) or `io` (a worker that
+never touches the device: downloads, dataset checks), so a download does not wait behind a training run.
+"""
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
 
 WORKERS: dict[str, str] = {}
+LANES: dict[str, str] = {}
 
 
-def register(kind: str, module: str) -> None:
+def register(kind: str, module: str, lane: str = "device") -> None:
     if kind in WORKERS:
         raise ValueError(f"duplicate worker kind {kind!r}")
+    if lane not in ("device", "io"):
+        raise ValueError(f"lane must be 'device' or 'io'; got {lane!r}")
     WORKERS[kind] = module
+    LANES[kind] = lane
 
 
-register("selftest", "workers.selftest")
-register("tinylm", "workers.tinylm")
-register("tinylm_generate", "workers.tinylm_generate")
-register("chat", "workers.chat")
-register("rag_ingest", "workers.rag_ingest")
-register("rag_eval", "workers.rag_eval")
-register("model_download", "workers.model_download")
-register("transcribe", "workers.transcribe")
-register("detect_train", "workers.detect_train")
-register("detect_predict", "workers.detect_predict")
-register("detect_export", "workers.detect_export")
-register("detect_stream", "workers.detect_stream")
+#        kind               module                           lane
+register("selftest",        "workers.system.selftest")
+register("model_download",  "workers.system.model_download", lane="io")
+register("tinylm",          "workers.tinylm.train")
+register("tinylm_generate", "workers.tinylm.generate")
+register("chat",            "workers.chat.chat")
+register("rag_ingest",      "workers.rag.ingest")
+register("rag_eval",        "workers.rag.evaluate")
+register("transcribe",      "workers.speech.transcribe")
+register("detect_check",    "workers.detect.check",          lane="io")
+register("detect_train",    "workers.detect.train")
+register("detect_predict",  "workers.detect.predict")
+register("detect_export",   "workers.detect.export")
+register("detect_stream",   "workers.detect.stream")
 
 
 def module_for(kind: str) -> ModuleType:
@@ -33,3 +43,12 @@ def module_for(kind: str) -> ModuleType:
     except KeyError:
         raise ValueError(f"unknown job kind {kind!r}; known kinds: {', '.join(sorted(WORKERS))}") from None
     return importlib.import_module(name)
+
+
+def lane_of(kind: str) -> str:
+    """The lane a kind runs in; an unknown kind goes to the device lane, which fails it with the reason."""
+    return LANES.get(kind, "device")
+
+
+def uses_device(kind: str) -> bool:
+    return lane_of(kind) == "device"

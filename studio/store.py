@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
+import secrets
+import sqlite3
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     owner TEXT,
     resume_of TEXT,
     budget_bytes INTEGER,
-    cancel_requested INTEGER NOT NULL DEFAULT 0
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    resolved TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -41,11 +43,21 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 class Store:
     """Jobs and a few flags (queue paused, clean shutdown) in `<data_dir>/studio.db`."""
 
+    timeout_s = 30.0  # how long a write waits for another process's write before it fails
+
     def __init__(self, path: Path):
         self.path = init(path, SCHEMA)
+        with self._conn() as c:  # a store made before `resolved` existed gains the column
+            cols = {r[1] for r in c.execute("PRAGMA table_info(jobs)")}
+            if "resolved" not in cols:
+                try:
+                    c.execute("ALTER TABLE jobs ADD COLUMN resolved TEXT")
+                except sqlite3.OperationalError as e:  # another process added it first
+                    if "duplicate column" not in str(e):
+                        raise
 
     def _conn(self):
-        return connect(self.path)
+        return connect(self.path, self.timeout_s)
 
     # ---- jobs -------------------------------------------------------------
     def add(
@@ -59,13 +71,15 @@ class Store:
         owner: str | None = None,
         resume_of: str | None = None,
         budget_bytes: int | None = None,
+        resolved: dict[str, Any] | None = None,
     ) -> Job:
-        job_id = time.strftime("%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+        """A new job row. `params` are what was asked; `resolved` what `fit` made of them (None: the same)."""
+        job_id = secrets.token_hex(8)  # 64 random bits: unguessable, and no collisions however fast jobs come
         now = time.time()
         with self._conn() as c:
             c.execute(
                 "INSERT INTO jobs (id, kind, params, status, created, estimate, error, owner, resume_of,"
-                " budget_bytes, finished) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " budget_bytes, finished, resolved) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job_id,
                     kind,
@@ -78,6 +92,7 @@ class Store:
                     resume_of,
                     budget_bytes,
                     now if status.final else None,
+                    json.dumps(resolved) if resolved is not None and resolved != params else None,
                 ),
             )
         return self.get(job_id)
@@ -137,6 +152,14 @@ class Store:
         args += [job_id, *[s.value for s in frm]]
         with self._conn() as c:
             cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND status IN ({marks})", args)
+            return cur.rowcount == 1
+
+    def start(self, job_id: str, **fields: Any) -> bool:
+        """QUEUED -> RUNNING unless a cancel was requested: a cancel recorded first always wins."""
+        sets = ["status=?", "wait_reason=NULL"] + [f"{k}=?" for k in fields]
+        args = [JobStatus.RUNNING.value, *fields.values(), job_id, JobStatus.QUEUED.value]
+        with self._conn() as c:
+            cur = c.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=? AND status=? AND cancel_requested=0", args)
             return cur.rowcount == 1
 
     def request_cancel(self, job_id: str) -> None:

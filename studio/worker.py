@@ -20,14 +20,14 @@ from .context import JobCancelled, JobContext, ModelCache
 
 log = logging.getLogger("studio.worker")
 
-VERSIONED = ("torch", "numpy", "safetensors", "tokenizers", "gradio", "nvidia-ml-py")
+CORE_PACKAGES = ("torch", "numpy", "safetensors", "gradio", "nvidia-ml-py")  # every run card names these
 
 
-def package_versions() -> dict[str, str]:
+def package_versions(names=CORE_PACKAGES) -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": platform.python_version()}
-    for name in VERSIONED:
+    for name in names:
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -35,46 +35,46 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-class PeakSampler:
-    """Samples this process's device memory while a job runs (NVML on CUDA, RSS on the CPU)."""
+def memory_reader(device: str):
+    """A function that returns this process's memory on its device now: NVML's per-process figure on CUDA (what
+    llama.cpp and CTranslate2 allocate too), torch's reserved memory where NVML cannot see the process (containers),
+    the resident set on the CPU."""
+    import psutil
 
-    def __init__(self, device: str):
-        self.device = device
-        self.peak = 0
-        self._stop = threading.Event()
-        self._read = self._reader()
-
-    def _reader(self):
-        import psutil
-
-        proc = psutil.Process()
-        if self.device == "cuda":
-            try:
-                import pynvml
-
-                pynvml.nvmlInit()
-                h = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
-                pid = os.getpid()
-
-                import torch
-
-                def read_nvml() -> int:
-                    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-                        if p.pid == pid and p.usedGpuMemory:
-                            return p.usedGpuMemory
-                    # in a container NVML may not see our pid: fall back to what torch holds
-                    return torch.cuda.memory_reserved()
-
-                read_nvml()
-                return read_nvml
-            except Exception:  # NVML missing or per-process info not allowed: fall back to torch's counter
-                import torch
-
-                return lambda: torch.cuda.memory_reserved()
+    proc = psutil.Process()
+    if device != "cuda":
         return lambda: proc.memory_info().rss
+    import torch
+
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        h = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
+        pid = os.getpid()
+
+        def read_nvml() -> int:
+            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
+                if p.pid == pid and p.usedGpuMemory:
+                    return p.usedGpuMemory
+            return torch.cuda.memory_reserved()
+
+        read_nvml()
+        return read_nvml
+    except Exception:  # NVML missing or per-process info not allowed
+        return lambda: torch.cuda.memory_reserved()
+
+
+class PeakSampler:
+    """Samples this process's device memory while a job runs, every 50 ms."""
+
+    def __init__(self, read):
+        self._read = read
+        self.start = self.peak = 0
+        self._stop = threading.Event()
 
     def __enter__(self):
-        self.peak = self._read()
+        self.start = self.peak = self._read()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
@@ -112,9 +112,16 @@ def main(inq, outq, cancel_flag, settings: dict[str, Any]) -> None:
     import multiprocessing
 
     multiprocessing.current_process().daemon = False
-    import torch  # imported here, in the one process that owns the device, so a job starts warm
+    lane = settings.get("lane", "device")
+    if lane == "io":  # downloads and dataset checks: this process never touches the GPU, nor loads torch up front
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        torch, device = None, "cpu"
+    else:
+        import torch  # imported here, in the one process that owns the device, so a job starts warm
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":  # hold the CUDA context from the start: the gate counts it once, and no job pays for it
+        torch.zeros(1, device="cuda")
     idle_unload_s = float(settings.get("idle_unload_s", 600))
 
     def free_device_memory():
@@ -122,19 +129,21 @@ def main(inq, outq, cancel_flag, settings: dict[str, Any]) -> None:
         if device == "cuda":
             torch.cuda.empty_cache()
 
-    cache = ModelCache(on_evict=free_device_memory)
-    versions = package_versions()
+    measure = memory_reader(device)
+    baseline = measure()  # this process once started, before any job: its runtime context
+    cache = ModelCache(on_evict=free_device_memory, measure=measure)
     outq.put({
         "type": "ready",
         "pid": os.getpid(),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__,
-        "torch_cuda": torch.version.cuda,
+        "torch": torch.__version__ if torch else None,
+        "torch_cuda": torch.version.cuda if torch else None,
+        "baseline": baseline,
     })
 
     def report_cache():
-        outq.put({"type": "cache", "bytes": cache.bytes, "keys": cache.keys()})
+        outq.put({"type": "cache", "sizes": cache.sizes()})
 
     while True:
         try:
@@ -156,16 +165,15 @@ def main(inq, outq, cancel_flag, settings: dict[str, Any]) -> None:
         if mtype != "run":
             log.warning("unknown message %r", mtype)
             continue
-        _run_job(msg, outq, cancel_flag, cache, device, versions)
-        report_cache()
+        if msg.get("evict"):
+            cache.evict_keys(msg["evict"])  # chosen by the scheduler: never a model this job names
+            report_cache()
+        _run_job(msg, outq, cancel_flag, cache, device, measure, baseline)
 
 
-def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, versions: dict) -> None:
+def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, baseline: int) -> None:
     job_id = msg["job_id"]
     run_dir = Path(msg["run_dir"])
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if msg.get("evict_bytes", 0) > 0:
-        cache.evict(msg["evict_bytes"])
     outq.put({"type": "started", "job_id": job_id, "t": time.time()})
     ctx = JobContext(
         job_id=job_id,
@@ -177,8 +185,16 @@ def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, versions: d
         cache=cache,
         notify=outq.put,
     )
-    sampler = PeakSampler(device)
+    sampler = PeakSampler(measure)
+    # What the job holds: the context and the cached models it reuses, plus whatever the process grows by while it
+    # runs (the models it loads, its working memory). Models other jobs left in the cache are not its own.
+    held = baseline + sum(b for k, b in cache.sizes().items() if k in set(msg.get("models") or ()))
+
+    def job_peak() -> int:
+        return held + max(0, sampler.peak - sampler.start)
+
     try:
+        run_dir.mkdir(parents=True, exist_ok=True)
         with sampler:
             module = importlib.import_module(msg["module"])
             p = params_mod.build(module.Params, msg["params"])
@@ -187,7 +203,7 @@ def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, versions: d
                 kind=msg["kind"],
                 params=params_mod.to_dict(p),
                 seed=getattr(p, "seed", None),
-                versions=versions,
+                versions=package_versions(CORE_PACKAGES + tuple(getattr(module, "PACKAGES", ()))),
                 device={"kind": device, "host": platform.node()},
                 started=time.time(),
             )
@@ -196,25 +212,22 @@ def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, versions: d
 
                 torch.cuda.reset_peak_memory_stats()
             result = module.run(p, ctx)
-        outq.put({"type": "done", "job_id": job_id, "result": _jsonable(result), "peak": sampler.peak})
+        outcome = {"type": "done", "job_id": job_id, "result": _jsonable(result), "peak": job_peak()}
     except JobCancelled:
-        outq.put({"type": "cancelled", "job_id": job_id, "peak": sampler.peak})
+        outcome = {"type": "cancelled", "job_id": job_id, "peak": job_peak()}
     except Exception as e:  # the loop never dies: the job carries its error
         log.exception("job %s failed", job_id)
-        outq.put({
-            "type": "failed",
-            "job_id": job_id,
-            "error": _explain(e),
-            "traceback": traceback.format_exc(),
-            "peak": sampler.peak,
-        })
-    finally:
-        cancel_flag.clear()
-        gc.collect()
-        if device == "cuda":
-            import torch
+        outcome = {"type": "failed", "job_id": job_id, "error": _explain(e), "traceback": traceback.format_exc(),
+                   "peak": job_peak()}
+    cancel_flag.clear()
+    gc.collect()
+    if device == "cuda":
+        import torch
 
-            torch.cuda.empty_cache()
+        torch.cuda.empty_cache()
+    # the cache as this job leaves it goes first: the scheduler plans the next job on it as soon as this one ends
+    outq.put({"type": "cache", "sizes": cache.sizes()})
+    outq.put(outcome)
 
 
 def _explain(e: Exception) -> str:

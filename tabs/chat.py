@@ -3,8 +3,8 @@ import html
 import time
 
 from studio.conversations import Conversations
-from workers.llm import presets
-from workers.rag import list_collections
+from studio.presets import presets
+from workers.rag.index import list_collections
 
 from .common import progress_html, user_of
 

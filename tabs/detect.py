@@ -1,11 +1,8 @@
 """Detect tab: YOLO predict (images → annotated gallery and a box table; video → annotated video), train on your
 labelled set (dataset check, live losses and mAP, sample predictions, resume), export to ONNX/TensorRT with a
 latency table."""
-import time
-from pathlib import Path
 
-from workers import detect_data
-from workers.yolo import presets
+from workers.detect.yolo import presets
 
 from .common import eta, loss_frame, progress_html, stash_uploads, user_of, watch
 
@@ -178,7 +175,7 @@ def build(studio, auth: bool = False) -> dict:
 
         from PIL import Image
 
-        from workers.detect_stream import folder
+        from workers.detect.stream import folder
 
         if frame is None:
             return gr.skip(), gr.skip(), job_id
@@ -204,14 +201,13 @@ def build(studio, auth: bool = False) -> dict:
             raise gr.Error("Upload a dataset zip or give a folder / data.yaml path.")
         return chosen
 
-    def on_check(files, path):
-        src = dataset_path(files, path)
-        out = studio.config.datasets_dir / f"check-{time.strftime('%Y%m%d-%H%M%S')}"
-        try:
-            _, report = detect_data.prepare(Path(src), out)
-        except ValueError as e:
-            raise gr.Error(str(e))
-        return detect_data.summary(report)
+    def on_check(files, path, request: gr.Request):
+        """A `detect_check` job in the io lane: it runs beside a training job and cleans up its import."""
+        job = submit("detect_check", dict(data=dataset_path(files, path)), request)
+        job = studio.wait(job.id, timeout=1800)
+        if job.status.value != "DONE":
+            raise gr.Error(job.error or f"the dataset check ended {job.status.value}")
+        return job.result["summary"]
 
     t_check.click(on_check, [t_files, t_path], t_report, api_name="detect_check")
 

@@ -34,8 +34,11 @@ def meter_html(m: dict) -> str:
         q += " · <b style='color:#b91c1c'>paused</b>"
     items.append(q)
     if m["cache_bytes"]:
-        items.append(f"cached models {gib(m['cache_bytes'])}")
+        names = ", ".join(m.get("cache") or [])
+        items.append(f"<span title='{html.escape(names)}'>cached models {gib(m['cache_bytes'])}</span>")
     notes = []
+    if m.get("trouble"):
+        notes.append(f"<b style='color:#b91c1c'>{html.escape(m['trouble'])}</b>")
     if d["kind"] != "cuda":
         notes.append(f"No GPU in use: {html.escape(d['note'])}")
     if m["paused"] and m["pause_reason"]:

@@ -1,7 +1,7 @@
 """Models tab: presets for a 12 GB card, downloads into the Hugging Face cache with progress, local files."""
 from pathlib import Path
 
-from workers.llm import find_local, presets
+from workers.chat.llm import find_local, presets
 
 from .common import progress_html, user_of, watch
 
@@ -84,7 +84,7 @@ def build(studio, auth: bool = False) -> dict:
                        show_progress="hidden")
 
     def on_check(path):
-        from workers.llm import resolve
+        from workers.chat.llm import resolve
 
         try:
             ref = resolve((path or "").strip(), studio.config.data_dir)

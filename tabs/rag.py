@@ -1,8 +1,8 @@
 """Collections (ingest notes and code into Chroma) and Evaluate (retrieval and answer metrics, compared by run)."""
 from pathlib import Path
 
-from workers.llm import presets
-from workers.rag import list_collections
+from studio.presets import presets
+from workers.rag.index import list_collections
 
 from .common import progress_html, stash_uploads, user_of, watch
 

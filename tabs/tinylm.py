@@ -3,7 +3,7 @@
 import html
 import time
 
-from workers.tinylm import PRESETS
+from workers.tinylm.train import PRESETS
 
 from .common import eta, gib, loss_frame, progress_html, stash_uploads, user_of, watch
 

@@ -2,8 +2,8 @@
 speaker labels and renames; the LLM post-editor's changes shown as a word diff to accept or reject."""
 import time
 
-from workers import transcript as tr
-from workers.llm import presets
+from workers.speech import transcript as tr
+from studio.presets import presets
 
 from .common import owned_job, progress_html, user_of
 

@@ -11,7 +11,7 @@ from rag_fixtures import make_evalset, make_notes, make_pdf, make_tiny_cross_enc
 
 from studio import Config, GiB, JobStatus, Studio
 from studio.conversations import Conversations
-from workers.chat import calculate
+from workers.chat.chat import calculate
 
 GEMMA = "gemma-3-270m-packaged"
 LLM = {"model": GEMMA, "threads": 2, "n_ctx": 2048, "seed": 7}
@@ -148,7 +148,7 @@ def test_tool_call_round_trip(studio, notes):
 
 def test_open_file_tool_stays_inside_the_collection(studio, notes):
     from studio.context import JobContext
-    from workers.chat import open_collection_file
+    from workers.chat.chat import open_collection_file
 
     ctx = JobContext("t", "chat", studio.config.runs_dir, studio.config.data_dir, "cpu", None)
     assert "def start_backup_server" in open_collection_file(ctx, "notes", "code/backup.py", 1, 10)
@@ -193,9 +193,10 @@ def test_the_gate_fits_gpu_layers_and_refuses_what_cannot_fit(tmp_path):
     assert "32 of 32 layers on the GPU" in full.estimate["note"]
     small = Studio(Config.load(tmp_path / "e"), device=FakeNvml(total=5 * GiB, free=5 * GiB))
     part = small.submit("chat", {"prompt": "hi", "model": "llama-3.1-8b-instruct-q4km", "n_ctx": 8192})
-    assert part.status is JobStatus.QUEUED and 0 < part.params["n_gpu_layers"] < 32
+    assert part.status is JobStatus.QUEUED and 0 < part.resolved["n_gpu_layers"] < 32
+    assert part.params["n_gpu_layers"] == -1  # as asked: a retry fits it again
     assert part.estimate["total"] <= 4 * GiB
-    assert f"{part.params['n_gpu_layers']} of 32 layers" in part.estimate["note"]
+    assert f"{part.resolved['n_gpu_layers']} of 32 layers" in part.estimate["note"]
     refused = small.submit("chat", {"prompt": "hi", "model": "llama-3.1-8b-instruct-q4km", "n_ctx": 131072,
                                     "n_gpu_layers": 32}, budget_bytes=4 * GiB)
     assert refused.status is JobStatus.REFUSED and "kv_cache" in refused.error and "Fits with" in refused.error

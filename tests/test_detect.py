@@ -10,7 +10,7 @@ from detect_fixtures import (NAMES, broken_copy, make_shapes, make_video, to_coc
                              zip_folder)
 
 from studio import JobStatus
-from workers import detect_data
+from workers.detect import data as detect_data
 
 pytest.importorskip("cv2", reason="OpenCV needs libgl1 and libglib2.0-0 (python app.py test installs them as root)")
 
@@ -80,7 +80,7 @@ def test_training_reports_every_epoch_and_writes_best_weights(studio, trained):
     assert (run_dir / "best.pt").exists() and (run_dir / "train" / "results.csv").exists()
     assert list((run_dir / "train").glob("*PR_curve.png")) and (run_dir / "train" / "confusion_matrix.png").exists()
     hashes = json.loads((run_dir / "weights.json").read_text())
-    from workers.yolo import sha256
+    from workers.detect.yolo import sha256
 
     assert hashes["best.pt"] == sha256(run_dir / "best.pt")
     assert trained.result["epochs"] == 3 and trained.result["map50"] is not None
@@ -208,7 +208,7 @@ def test_webcam_stream_job_answers_each_frame(studio, trained):
 
     from ultralytics.utils import ASSETS
 
-    from workers.detect_stream import folder
+    from workers.detect.stream import folder
 
     best = str(studio.run_dir(trained.id) / "best.pt")
     job = studio.submit("detect_stream", {"model": best, "session": "cam-test", "imgsz": 96, "idle_s": 2})
@@ -230,7 +230,7 @@ def test_the_gate_sizes_yolo_training_for_a_12_gb_card(shapes):
 
     from studio.gate import Refused, gate
     from studio.params import build
-    from workers import detect_train
+    from workers.detect import train as detect_train
 
     gpu, budget = FakeNvml().read(), 11 * 2**30
     big = build(detect_train.Params, {"data": str(shapes), "model": "yolov8s.yaml", "batch": 256, "imgsz": 1280})

@@ -6,9 +6,9 @@ import torch
 from conftest import TINY
 
 from studio import JobStatus
-from workers.tinylm import load_checkpoint, save_checkpoint
-from workers.tinylm_data import BpeTokenizer, CharTokenizer
-from workers.tinylm_model import GPT, GPTConfig, generate
+from workers.tinylm.train import load_checkpoint, save_checkpoint
+from workers.tinylm.data import BpeTokenizer, CharTokenizer
+from workers.tinylm.model import GPT, GPTConfig, generate
 
 
 @pytest.mark.parametrize("pos", ["learned", "rope", "alibi"])
@@ -144,7 +144,7 @@ def test_tinyshakespeare_download_checks_its_sha256_and_explains_offline(tmp_pat
     """The real download code against local file:// URLs (tests never touch the network)."""
     import hashlib
 
-    from workers import tinylm_data
+    from workers.tinylm import data as tinylm_data
 
     src = tmp_path / "input.txt"
     src.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 200)

@@ -223,7 +223,7 @@ def test_two_voices_taking_turns_get_two_speakers(studio, speech, num_speakers):
 
 
 def test_renaming_speakers_rewrites_every_output(studio, speech):
-    from workers import transcript as tr
+    from workers.speech import transcript as tr
 
     job = run(studio, speech["turns"], diarize=True, num_speakers=2, speaker_names="S1=Host")
     run_dir = studio.run_dir(job.id)
@@ -252,7 +252,7 @@ def test_post_editor_runs_chunkwise_and_saves_beside_the_raw_transcript(studio, 
     assert edits["model"] == "gemma-3-270m-packaged" and edits["glossary"] == ["Stella", "Kubernetes"]
     assert edits["chunks"] == job.result["post_edit"]["chunks"] >= 1
     for c in edits["changes"]:  # whatever the base model proposed kept the words (punctuation/casing/names only)
-        from workers.transcript import same_content
+        from workers.speech.transcript import same_content
 
         assert same_content(c["original"], c["edited"], edits["glossary"]) and c["diff"]
     raw = json.loads((run_dir / "transcript.json").read_text())
@@ -265,7 +265,7 @@ def test_post_editor_runs_chunkwise_and_saves_beside_the_raw_transcript(studio, 
 
 def test_accepting_and_rejecting_changes(studio, speech):
     """An edit proposal (as the editor writes it) applied, rejected and re-accepted; the guard and the word diff."""
-    from workers import transcript as tr
+    from workers.speech import transcript as tr
 
     job = run(studio, speech["fox"])
     run_dir = studio.run_dir(job.id)
@@ -299,7 +299,7 @@ def test_accepting_and_rejecting_changes(studio, speech):
 
 
 def test_post_editor_parses_numbered_lines_and_chunks():
-    from workers import post_edit as pe
+    from workers.speech import post_edit as pe
 
     assert pe.parse("[1] Hello, world.\n[2] How are you?\n[2] again\n[9] out of range\nnoise", 3) == {
         1: "Hello, world.", 2: "How are you?"}
@@ -312,20 +312,24 @@ def test_post_editor_parses_numbered_lines_and_chunks():
 def test_estimate_counts_the_post_editor_and_fit_shares_the_budget(speech):
     from conftest import FakeNvml
 
+    from studio.gate import full_estimate
     from studio.params import build
-    from workers import transcribe
+    from workers.speech import transcribe
 
     gpu = FakeNvml().read()
     base = dict(audio=str(speech["fox"]), model="large-v3")
-    plain = transcribe.estimate(build(transcribe.Params, base), gpu)
+    plain = full_estimate(build(transcribe.Params, base), transcribe.estimate, gpu)
     edited = build(transcribe.Params, {**base, "post_edit": True, "editor_model": "gemma-3-270m-packaged"})
-    with_editor = transcribe.estimate(edited, gpu)
+    with_editor = full_estimate(edited, transcribe.estimate, gpu)
     assert with_editor.total - plain.total > 200 * 2**20  # the GGUF's weights, KV cache and buffers
-    assert with_editor.parts["context"] == plain.parts["context"]  # one process, one CUDA context
+    assert with_editor.context == plain.context > 0  # one process, one CUDA context
+    assert len(with_editor.models) == 2  # whisper and the editor, each under its cache key
     assert transcribe.fit(edited, gpu, 10 * 2**30).editor_gpu_layers == -1  # all layers fit beside whisper
+
     def total(layers):
-        return transcribe.estimate(build(transcribe.Params, {**base, "post_edit": True, "editor_gpu_layers": layers,
-                                                              "editor_model": "gemma-3-270m-packaged"}), gpu).total
+        return full_estimate(build(transcribe.Params, {**base, "post_edit": True, "editor_gpu_layers": layers,
+                                                       "editor_model": "gemma-3-270m-packaged"}),
+                             transcribe.estimate, gpu).total
 
     tight = total(0) + (total(-1) - total(0)) // 2  # room for about half the editor's layers
     layers = transcribe.fit(edited, gpu, tight).editor_gpu_layers

@@ -25,7 +25,7 @@ PROMPT = "Write a short paragraph about tomatoes on a balcony."
 def raw_runs(model: str, runs: int, tokens: int, threads: int, n_ctx: int) -> tuple[list, list]:
     from llama_cpp import Llama
 
-    from workers.llm import resolve
+    from workers.chat.llm import resolve
 
     fmt = (resolve(model).preset or {}).get("chat_format") if not Path(model).exists() else None
     llm = Llama(model_path=model, n_ctx=n_ctx, n_threads=threads, chat_format=fmt, verbose=False)

@@ -24,9 +24,9 @@ def make_baby_checkpoint(folder: Path, res_vocab: int) -> Path:
     """A Tiny LM checkpoint at the gpu-baby preset's shape with random weights (nothing trained, nothing downloaded)."""
     import torch
 
-    from workers.tinylm import PRESETS, save_checkpoint
-    from workers.tinylm_data import CharTokenizer, save_tokenizer
-    from workers.tinylm_model import GPT, GPTConfig
+    from workers.tinylm.train import PRESETS, save_checkpoint
+    from workers.tinylm.data import CharTokenizer, save_tokenizer
+    from workers.tinylm.model import GPT, GPTConfig
 
     b = PRESETS["gpu-baby"]
     cfg = GPTConfig(vocab_size=res_vocab, block_size=b["block_size"], n_layer=b["n_layer"], n_head=b["n_head"],

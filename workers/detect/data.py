@@ -124,7 +124,7 @@ def detect_format(root: Path) -> tuple[str, Path | None]:
 
 def prepare(source: Path, out: Path, val_split: float = 0.2, seed: int = 0) -> tuple[Path, dict]:
     """Import and check a dataset into `out` (a new folder); return (data.yaml, report)."""
-    from workers.rag_chunk import safe_extract
+    from workers.rag.chunk import safe_extract
 
     source = Path(source).expanduser()
     if not source.exists():

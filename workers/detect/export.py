@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from studio.gate import Estimate, runtime_context_bytes
-from workers import yolo
+from studio.gate import Estimate
+from workers.detect import yolo
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,7 @@ def estimate(p: Params, device) -> Estimate:
     params_m, scale = yolo.size_of(p.model)
     return Estimate(parts={"weights": int(params_m * 1e6 * 4 * 3),  # PyTorch + ONNX Runtime (+ TensorRT) copies
                            "activations": yolo.activation_bytes(scale, p.imgsz, p.batch, False, training=False) * 2,
-                           "workspace": (1024 if p.format == "engine" else 256) * 2**20,
-                           "context": runtime_context_bytes(device)},
+                           "workspace": (1024 if p.format == "engine" else 256) * 2**20},
                     note=f"{Path(p.model).stem} → {p.format} at {p.imgsz} px, batch {p.batch}")
 
 

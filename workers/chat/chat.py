@@ -41,6 +41,8 @@ class Params:
     grammar: str = ""  # constrain the answer: "json" (any JSON value), or a GBNF grammar
     chat_format: str = ""  # llama-cpp chat format; empty: the model's own template (or the preset's)
     load_in_4bit: bool = False  # transformers models only: load in NF4 through bitsandbytes
+    flash_attn: str = "auto"  # llama.cpp flash attention: "auto" (on for CUDA), "on" or "off"
+    embedder: str = ""  # the collection's embedder; empty: the one it was built with (the only one that fits it)
     seed: int = 0  # 0: random
     threads: int = 0  # CPU threads; 0: all cores
 
@@ -53,6 +55,8 @@ class Params:
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise ValueError(f"flash_attn must be auto, on or off; got {self.flash_attn!r}")
         if self.tool_choice != "auto" and self.tool_choice not in TOOL_NAMES:
             raise ValueError(f"tool_choice must be auto or one of {', '.join(TOOL_NAMES)}")
 
@@ -103,9 +107,10 @@ def run_tool(ctx, p: Params, name: str, args: dict) -> str:
         if not p.collection:
             return "error: no collection is selected"
         if name == "search_collection":
-            from workers.rag import retrieve
+            from workers.rag.index import retrieve
 
-            hits = retrieve(ctx, p.collection, str(args.get("query", "")), k=p.top_k, reranker=p.reranker)
+            hits = retrieve(ctx, p.collection, str(args.get("query", "")), k=p.top_k, reranker=p.reranker,
+                            embedder=p.embedder)
             return "\n\n".join(f"[{h.where}]\n{h.text}" for h in hits) or "no results"
         if name == "open_file":
             return open_collection_file(ctx, p.collection, str(args.get("path", "")), args.get("start_line"),
@@ -117,7 +122,7 @@ def run_tool(ctx, p: Params, name: str, args: dict) -> str:
 
 def open_collection_file(ctx, collection: str, rel: str, start=None, end=None) -> str:
     """Lines of a file that the collection ingested; nothing outside its root can be read."""
-    from workers.rag import load_manifest
+    from workers.rag.index import load_manifest
 
     m = load_manifest(ctx.data_dir, collection)
     if m is None or rel not in m["files"]:
@@ -132,41 +137,81 @@ def open_collection_file(ctx, collection: str, rel: str, start=None, end=None) -
 
 # ---- the gate ------------------------------------------------------------------------------------------------------
 def _ref(p: Params, data_dir=None):
-    from workers.llm import resolve
+    from workers.chat.llm import resolve
 
     return resolve(p.model, data_dir)
 
 
-def validate(p: Params, config) -> None:
-    from workers.rag import load_manifest
+def validate(p: Params, config) -> Params:
+    """The model must resolve and the collection exist; the collection's embedder is filled in."""
+    from workers.rag.index import load_manifest
 
     _ref(p, config.data_dir)
-    if p.collection and load_manifest(config.data_dir, p.collection) is None:
+    if not p.collection:
+        return p
+    manifest = load_manifest(config.data_dir, p.collection)
+    if manifest is None:
         raise ValueError(f"collection {p.collection!r} does not exist; ingest some files into it first")
+    if p.embedder and p.embedder != manifest["embedder"]:
+        raise ValueError(f"collection {p.collection!r} was embedded with {manifest['embedder']}; searching it with "
+                         f"{p.embedder} would compare unrelated vectors. Leave embedder empty, or re-ingest.")
+    return replace(p, embedder=manifest["embedder"])
+
+
+def _flash(p: Params, device) -> bool:
+    from workers.chat.llm import flash_attn_default
+
+    return flash_attn_default(device) if p.flash_attn == "auto" else p.flash_attn == "on"
 
 
 def fit(p: Params, device, budget: int) -> Params:
-    """Choose n_gpu_layers so the model fits the budget (all of it when it can)."""
-    from workers.llm import fit_layers
+    """Choose n_gpu_layers so the model fits the budget beside the context and the RAG models (all of it when it
+    can)."""
+    from studio.gate import runtime_context_bytes
+    from workers.chat.llm import fit_layers
 
     if p.n_gpu_layers != -1:
         return p
-    return replace(p, n_gpu_layers=fit_layers(_ref(p), p.n_ctx, device, budget))
+    beside = runtime_context_bytes(device) + sum(_rag_models(p).values()) + WORKSPACE
+    return replace(p, n_gpu_layers=fit_layers(_ref(p), p.n_ctx, device, budget - beside))
+
+
+WORKSPACE = 64 * 2**20  # one turn's own memory: the prompt, sampling, retrieved chunks
+
+
+def llm_key(p: Params) -> str:
+    """The cache key of the job's LLM, from its (resolved) params alone, so the estimate and the run agree."""
+    from workers.chat.llm import llm_key as key
+
+    ref = _ref(p)
+    fmt = p.chat_format or (ref.preset or {}).get("chat_format") or None
+    return key(ref, p.n_ctx, p.n_gpu_layers, fmt, p.load_in_4bit) + f":fa={p.flash_attn}"
+
+
+def _rag_models(p: Params) -> dict[str, int]:
+    from workers.rag.index import model_bytes, model_key
+
+    out = {}
+    if p.collection:
+        out[model_key("embedder", p.embedder)] = model_bytes("embedder", p.embedder)
+    if p.reranker:
+        out[model_key("reranker", p.reranker)] = model_bytes("reranker", p.reranker)
+    return out
 
 
 def estimate(p: Params, device) -> Estimate:
-    from workers.llm import llm_estimate
+    """The LLM as it sits in the worker's cache (weights, KV cache, compute buffers), the collection's embedder and
+    the reranker (also cached), and one turn's working memory."""
+    from workers.chat.llm import llm_estimate
 
     ref = _ref(p)
-    parts = llm_estimate(ref, p.n_ctx, p.n_gpu_layers, device, p.load_in_4bit)
-    if p.collection:
-        parts["weights"] += 150 * 2**20  # the embedder
-    if p.reranker:
-        parts["weights"] += 1150 * 2**20  # bge-reranker-base in fp32
+    kind = getattr(device, "kind", "cpu")
+    llm = llm_estimate(ref, p.n_ctx, p.n_gpu_layers, device, p.load_in_4bit, _flash(p, device))
     layers = ref.shape["n_layer"] if p.n_gpu_layers < 0 else p.n_gpu_layers
-    where = (f"{layers} of {ref.shape['n_layer']} layers on the GPU" if getattr(device, "kind", "") == "cuda"
-             else "on the CPU")
-    return Estimate(parts=parts, note=f"{ref.name}: {where}, context {p.n_ctx}")
+    where = f"{layers} of {ref.shape['n_layer']} layers on the GPU" if kind == "cuda" else "on the CPU"
+    inside = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in llm.items() if v)
+    return Estimate(parts={"workspace": WORKSPACE}, models={llm_key(p): sum(llm.values()), **_rag_models(p)},
+                    note=f"{ref.name}: {where}, context {p.n_ctx} ({inside})")
 
 
 def shrink(p: Params):
@@ -181,24 +226,26 @@ def shrink(p: Params):
 # ---- run -------------------------------------------------------------------------------------------------------------
 def load_llm(ctx, p: Params):
     """The model behind one `stream()` interface (GGUFChat or HFChat), from the worker's cache when it is there."""
-    from workers.llm import GGUFChat, ensure_local, load_gguf, load_hf
+    from workers.chat.llm import GGUFChat, ensure_local, load_gguf, load_hf
 
     ref = _ref(p, ctx.data_dir)
+    key = llm_key(p)
     path = ensure_local(ref, ctx.data_dir, lambda d, t, m: ctx.progress(d, t, m))
     if ref.backend == "hf":
-        return ctx.cached(f"hf:{path}:{ctx.device}:{p.load_in_4bit}", lambda: load_hf(path, ctx.device,
-                                                                                       p.load_in_4bit))
+        return ctx.cached(key, lambda: load_hf(path, ctx.device, p.load_in_4bit))
     fmt = p.chat_format or (ref.preset or {}).get("chat_format") or None
     layers = p.n_gpu_layers if ctx.device == "cuda" else 0
+    flash = p.flash_attn == "on" or (p.flash_attn == "auto" and ctx.device == "cuda")
 
     def load():
-        return GGUFChat(load_gguf(path, p.n_ctx, layers, fmt, p.threads or None), fmt), path.stat().st_size
+        llm = load_gguf(path, p.n_ctx, layers, fmt, p.threads or None, flash_attn=flash)
+        return GGUFChat(llm, fmt), path.stat().st_size
 
-    return ctx.cached(f"gguf:{path}:{p.n_ctx}:{layers}:{fmt}", load)
+    return ctx.cached(key, load)
 
 
 def _decide_grammar(choices: list[str]) -> str:
-    from workers.llm import json_schema_grammar
+    from workers.chat.llm import json_schema_grammar
 
     options = []
     for t in TOOLS:
@@ -297,9 +344,9 @@ def _run(p: Params, ctx) -> dict:
     sources: list[dict] = []
     user = p.prompt
     if p.collection and not p.tools:
-        from workers.rag import retrieve
+        from workers.rag.index import retrieve
 
-        hits = retrieve(ctx, p.collection, p.prompt, k=p.top_k, reranker=p.reranker)
+        hits = retrieve(ctx, p.collection, p.prompt, k=p.top_k, reranker=p.reranker, embedder=p.embedder)
         sources = [h.to_dict() for h in hits]
         ctx.emit("sources", sources=sources)
         blocks = "\n\n".join(f"[{i}] {h.where}\n{h.text}" for i, h in enumerate(hits, start=1))

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
-from studio.gate import Estimate, runtime_context_bytes
+from studio.gate import Estimate
 
 Preset = Literal["cpu-quick", "gpu-baby"]
 
@@ -89,7 +89,7 @@ def resolve(p: Params) -> Params:
 
 
 def validate(p: Params, config) -> None:
-    from workers.tinylm_data import check_path
+    from workers.tinylm.data import check_path
 
     resolve(p)
     check_path(p.data)
@@ -104,7 +104,7 @@ def count_params(vocab: int, r: Params) -> int:
 
 
 def estimate(p: Params, device) -> Estimate:
-    """Bytes for fp32 weights, grads and AdamW state, activations at batch x context, logits, and the runtime."""
+    """Bytes for fp32 weights, grads and AdamW state, activations at batch x context, and logits."""
     r = resolve(p)
     vocab = r.vocab_size if r.tokenizer == "bpe" else 256  # char vocabularies are at most a few hundred symbols
     n = count_params(vocab, r)
@@ -125,7 +125,6 @@ def estimate(p: Params, device) -> Estimate:
             "optimizer": 8 * n,  # AdamW: two fp32 moments
             "activations": int(L * per_layer + backward + logits),
             "workspace": 64 * 2**20,
-            "context": runtime_context_bytes(device),
         },
         note=f"{n / 1e6:.1f} M parameters",
     )
@@ -176,17 +175,26 @@ def save_checkpoint(ckpt_dir: Path, model, optim, state: dict) -> None:
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     step = state["step"]
     model_file, optim_file = f"model-{step}.safetensors", f"optim-{step}.safetensors"
-    save_model(model, str(ckpt_dir / model_file))
     osd = optim.state_dict()
     tensors = {}
     for idx, st in osd["state"].items():
         for k, v in st.items():
             tensors[f"{idx}.{k}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
-    save_file(tensors, str(ckpt_dir / optim_file))
     state = {**state, "model_file": model_file, "optim_file": optim_file, "param_groups": osd["param_groups"]}
-    tmp = ckpt_dir / "state.json.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, ckpt_dir / "state.json")
+    # Written under temporary names and renamed only when all of it is on disk: a failed write (disk full) leaves
+    # the previous checkpoint whole and removes its own pieces.
+    written = [ckpt_dir / f"{model_file}.tmp", ckpt_dir / f"{optim_file}.tmp", ckpt_dir / "state.json.tmp"]
+    try:
+        save_model(model, str(written[0]))
+        save_file(tensors, str(written[1]))
+        written[2].write_text(json.dumps(state))
+    except BaseException:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise
+    os.replace(written[0], ckpt_dir / model_file)
+    os.replace(written[1], ckpt_dir / optim_file)
+    os.replace(written[2], ckpt_dir / "state.json")
     for f in ckpt_dir.glob("*.safetensors"):
         if f.name not in (model_file, optim_file):
             f.unlink()
@@ -214,8 +222,8 @@ def load_checkpoint(ckpt_dir: Path, model, optim=None) -> dict:
 def run(p: Params, ctx) -> dict:
     import torch
 
-    from workers.tinylm_data import BpeTokenizer, CharTokenizer, load_text, load_tokenizer, save_tokenizer
-    from workers.tinylm_model import GPT, GPTConfig, generate
+    from workers.tinylm.data import BpeTokenizer, CharTokenizer, load_text, load_tokenizer, save_tokenizer
+    from workers.tinylm.model import GPT, GPTConfig, generate
 
     r = resolve(p)
     dev = ctx.device
@@ -284,6 +292,7 @@ def run(p: Params, ctx) -> dict:
         model.eval()
         losses = []
         for _ in range(r.eval_iters):
+            ctx.check_cancel()  # evaluation can take seconds: a cancel here still checkpoints in time
             x, y = batch("val")
             with amp:
                 losses.append(fwd(x, y)[1].item())
@@ -334,7 +343,7 @@ def run(p: Params, ctx) -> dict:
                     metrics["mfu"] = flops_tok * tok_s / peak
                 ctx.metric(step, **metrics)
                 sample_ids = generate(model, torch.zeros((1, 1), dtype=torch.long, device=dev), 120,
-                                      temperature=0.8, top_k=40)[0, 1:].tolist()
+                                      temperature=0.8, top_k=40, on_token=ctx.check_cancel)[0, 1:].tolist()
                 model.train()
                 ctx.emit("sample", step=step, text=tok.decode(sample_ids))
                 train_losses, window_tokens = [], 0

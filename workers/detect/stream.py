@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from studio.gate import Estimate
-from workers import detect_predict, yolo
+from workers.detect import predict as detect_predict
+from workers.detect import yolo
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,16 @@
 """The LLM post-editor: fixes punctuation, casing and names (from the user's glossary) segment by segment, so
 timestamps stay aligned, and refuses any change that adds or drops words.
 
-It runs the Chat tab's LLM backend (workers.chat.load_llm: a GGUF through llama.cpp or a transformers model),
+It runs the Chat tab's LLM backend (workers.chat.chat.load_llm: a GGUF through llama.cpp or a transformers model),
 a chunk of numbered segment lines per request. Each proposed change is kept with its word diff in edits.json;
-all start accepted and the user may reject any (workers.transcript.apply_edits).
+all start accepted and the user may reject any (workers.speech.transcript.apply_edits).
 """
 from __future__ import annotations
 
 import re
 import time
 
-from workers import transcript
+from workers.speech import transcript
 
 N_CTX = 2048
 CHUNK_WORDS = 120  # words per request: short enough for small models to copy faithfully

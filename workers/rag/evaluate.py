@@ -9,10 +9,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from studio.gate import Estimate, runtime_context_bytes
+from studio.gate import Estimate
 
 JUDGE_PROMPT = ("Rate how well the answer matches the expected answer, from 1 (wrong or unsupported) to 5 (correct "
                 "and complete). Reply with JSON {{\"score\": N}}.\n\nQuestion: {q}\nExpected: {a}\nAnswer: {r}")
@@ -30,6 +30,7 @@ class Params:
     n_ctx: int = 4096
     n_gpu_layers: int = -1  # -1: as many as fit the budget
     threads: int = 0
+    embedder: str = ""  # the collection's embedder; empty: the one it was built with
 
     def __post_init__(self):
         if not 1 <= self.k <= 50:
@@ -59,39 +60,48 @@ def load_evalset(path: Path) -> list[dict]:
     return rows
 
 
-def validate(p: Params, config) -> None:
-    from workers.rag import load_manifest
+def validate(p: Params, config) -> Params:
+    from workers.rag.index import load_manifest
 
     load_evalset(Path(p.evalset).expanduser())
-    if load_manifest(config.data_dir, p.collection) is None:
+    manifest = load_manifest(config.data_dir, p.collection)
+    if manifest is None:
         raise ValueError(f"collection {p.collection!r} does not exist; ingest some files into it first")
     if p.model:
-        from workers.llm import resolve
+        from workers.chat.llm import resolve
 
         resolve(p.model, config.data_dir)
+    return replace(p, embedder=manifest["embedder"])
+
+
+def _answerer(p: Params):
+    """The chat params the answering (and judging) model loads with: the Chat kind's loader and cache key."""
+    from workers.chat.chat import Params as ChatParams
+
+    return ChatParams(prompt="-", model=p.model, n_ctx=p.n_ctx, n_gpu_layers=p.n_gpu_layers, threads=p.threads,
+                      collection=p.collection, embedder=p.embedder, reranker=p.reranker)
 
 
 def fit(p: Params, device, budget: int) -> Params:
-    from dataclasses import replace
-
-    from workers.llm import fit_layers, resolve
+    from workers.chat import chat
 
     if not p.model or p.n_gpu_layers != -1:
         return p
-    return replace(p, n_gpu_layers=fit_layers(resolve(p.model), p.n_ctx, device, budget))
+    return replace(p, n_gpu_layers=chat.fit(_answerer(p), device, budget).n_gpu_layers)
 
 
 def estimate(p: Params, device) -> Estimate:
-    parts = {"weights": 150 * 2**20, "activations": 64 * 2**20, "context": runtime_context_bytes(device)}
-    if p.reranker:
-        parts["weights"] += 1150 * 2**20
-    if p.model:
-        from workers.llm import llm_estimate, resolve
+    """The collection's embedder and the reranker (cached), one encoding batch, and the answering model when set."""
+    from workers.chat import chat
+    from workers.rag.index import encode_workspace, model_bytes, model_key
 
-        llm = llm_estimate(resolve(p.model), p.n_ctx, p.n_gpu_layers, device)
-        for k in ("weights", "kv_cache", "workspace"):
-            parts[k] = parts.get(k, 0) + llm[k]
-    return Estimate(parts=parts)
+    models = {model_key("embedder", p.embedder): model_bytes("embedder", p.embedder)}
+    if p.reranker:
+        models[model_key("reranker", p.reranker)] = model_bytes("reranker", p.reranker)
+    parts = {"activations": encode_workspace(p.reranker or p.embedder), "workspace": 64 * 2**20}
+    if p.model:
+        models.update(chat.estimate(_answerer(p), device).models)
+    return Estimate(parts=parts, models=models)
 
 
 def _norm(path: str) -> str:
@@ -102,30 +112,28 @@ def run(p: Params, ctx) -> dict:
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
-    from workers.rag import load_manifest, retrieve
+    from workers.rag.index import load_manifest, retrieve
 
     rows = load_evalset(Path(p.evalset).expanduser())
     manifest = load_manifest(ctx.data_dir, p.collection)
     llm = None
     if p.model:
-        from workers.chat import Params as ChatParams
-        from workers.chat import load_llm
+        from workers.chat.chat import load_llm
 
-        llm = load_llm(ctx, ChatParams(prompt="-", model=p.model, n_ctx=p.n_ctx, n_gpu_layers=p.n_gpu_layers,
-                                       threads=p.threads))[0]  # GGUFChat or HFChat
+        llm = load_llm(ctx, _answerer(p))[0]  # GGUFChat or HFChat
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     bleu = BLEU(effective_order=True)
     per, t0 = [], time.perf_counter()
     for i, row in enumerate(rows):
         ctx.progress(i, len(rows), row["question"][:60])
-        hits = retrieve(ctx, p.collection, row["question"], k=p.k, reranker=p.reranker)
+        hits = retrieve(ctx, p.collection, row["question"], k=p.k, reranker=p.reranker, embedder=p.embedder)
         got = [_norm(h.source) for h in hits]
         want = {_norm(s) for s in row["sources"]}
         rank = next((r for r, s in enumerate(got, start=1) if s in want), None)
         item = {"question": row["question"], "expected_sources": sorted(want), "retrieved": [h.where for h in hits],
                 "hit": rank is not None, "recall": len(want & set(got)) / len(want), "rr": 1 / rank if rank else 0.0}
         if llm is not None:
-            from workers.chat import RAG_INSTRUCTIONS
+            from workers.chat.chat import RAG_INSTRUCTIONS
 
             blocks = "\n\n".join(f"[{n}] {h.where}\n{h.text}" for n, h in enumerate(hits, start=1))
             prompt = f"{RAG_INSTRUCTIONS}\n\nSources:\n{blocks}\n\nQuestion: {row['question']}"
@@ -136,7 +144,7 @@ def run(p: Params, ctx) -> dict:
             item["rougeL"] = scorer.score(expected, answer)["rougeL"].fmeasure if expected else None
             item["bleu"] = bleu.sentence_score(answer, [expected]).score if expected else None
             if p.judge:
-                from workers.llm import json_schema_grammar
+                from workers.chat.llm import json_schema_grammar
 
                 g = json_schema_grammar({"type": "object", "properties": {"score": {"type": "integer", "enum": [1, 2, 3, 4, 5]}},
                                          "required": ["score"]})

@@ -41,7 +41,7 @@ def setup(data_dir: Path) -> Path:
 
 
 def presets() -> dict[str, dict]:
-    from workers.llm import presets as all_presets
+    from studio.presets import presets as all_presets
 
     return all_presets()["yolo"]
 

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from workers.llm import hub_snapshot, presets
+from studio.presets import presets
+from workers.chat.llm import hub_snapshot
 
 COLLECTION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{1,61}[A-Za-z0-9]$")  # Chroma's naming rule
 
@@ -73,29 +74,60 @@ def resolve_model_dir(name: str, kind: str) -> str:
     return hub_snapshot(p["repo"])
 
 
+def model_key(kind: str, name: str) -> str:
+    """The worker-cache key of an embedder or reranker: the same in an estimate and in the run that loads it."""
+    local = Path(name).expanduser()
+    return f"{kind}:{local.resolve() if local.is_dir() else name}"
+
+
+def encoder_params(cfg: dict) -> int:
+    """Parameters of a BERT-style encoder from its config.json: embeddings plus, per layer, attention (4 h²),
+    the feed-forward pair (2 h·ffn) and their biases and norms."""
+    h, layers = cfg.get("hidden_size", 384), cfg.get("num_hidden_layers", 6)
+    ffn = cfg.get("intermediate_size", 4 * h)
+    emb = (cfg.get("vocab_size", 30522) + cfg.get("max_position_embeddings", 512) + cfg.get("type_vocab_size", 2)) * h
+    return emb + layers * (4 * h * h + 2 * h * ffn + 9 * h + ffn) + h * h  # + the pooler / classifier head
+
+
+def model_bytes(kind: str, name: str) -> int:
+    """Bytes of an embedder or reranker's fp32 weights, from its preset or its folder's config.json (no download)."""
+    local = Path(name).expanduser()
+    if local.is_dir() and (local / "config.json").exists():
+        return 4 * encoder_params(json.loads((local / "config.json").read_text()))
+    entry = presets()[kind].get(name)
+    if entry is None:  # a hub id not downloaded yet: the largest preset of its kind bounds it
+        entry = max(presets()[kind].values(), key=lambda e: e.get("params_m", 0))
+    return int(entry["params_m"] * 1e6 * (2 if entry.get("dtype") == "float16" else 4))
+
+
+def encode_workspace(name: str, batch: int = 32, seq: int = 512) -> int:
+    """Activations of one encoding batch (attention scores dominate at full length), fp32."""
+    local = Path(name).expanduser()
+    cfg = json.loads((local / "config.json").read_text()) if (local / "config.json").exists() else {}
+    h, heads = cfg.get("hidden_size", 1024), cfg.get("num_attention_heads", 16)
+    return batch * seq * (8 * h + 2 * heads * seq) * 4
+
+
 def load_embedder(ctx, name: str):
     """A SentenceTransformer from the worker's model cache."""
-    path = resolve_model_dir(name, "embedder")
 
     def load():
         from sentence_transformers import SentenceTransformer
 
-        m = SentenceTransformer(path, device=ctx.device)
+        m = SentenceTransformer(resolve_model_dir(name, "embedder"), device=ctx.device)
         return m, sum(p.numel() * p.element_size() for p in m.parameters())
 
-    return ctx.cached(f"embedder:{path}:{ctx.device}", load)[0]
+    return ctx.cached(model_key("embedder", name), load)[0]
 
 
 def load_reranker(ctx, name: str):
-    path = resolve_model_dir(name, "reranker")
-
     def load():
         from sentence_transformers import CrossEncoder
 
-        m = CrossEncoder(path, device=ctx.device)
+        m = CrossEncoder(resolve_model_dir(name, "reranker"), device=ctx.device)
         return m, sum(p.numel() * p.element_size() for p in m.model.parameters())
 
-    return ctx.cached(f"reranker:{path}:{ctx.device}", load)[0]
+    return ctx.cached(model_key("reranker", name), load)[0]
 
 
 class Embedder:

@@ -1,6 +1,6 @@
 """Job kind `detect_train`: Ultralytics YOLO training on the user's labelled set, with live losses and mAP.
 
-The dataset is imported and checked first (workers.detect_data); Ultralytics' own callbacks report each batch
+The dataset is imported and checked first (workers.detect.data); Ultralytics' own callbacks report each batch
 (a cancel point) and epoch (losses, mAP50, mAP50-95, a sample prediction); last.pt is saved every epoch, so a
 cancelled or interrupted job resumes from it (a new job with resume_from, as everywhere in the studio).
 The run folder holds best.pt and last.pt (hashes in weights.json), results.csv and Ultralytics' plots.
@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from studio.gate import Estimate, runtime_context_bytes
-from workers import yolo
+from studio.gate import Estimate
+from workers.detect import yolo
 
 
 @dataclass(frozen=True)
@@ -78,8 +78,7 @@ def estimate(p: Params, device) -> Estimate:
     return Estimate(
         parts={"weights": int(n * 4 * 2), "optimizer": int(n * 8),  # fp32 weights + EMA copy; AdamW/SGD state
                "activations": yolo.activation_bytes(scale, p.imgsz, batch, amp, training=True),
-               "workspace": (384 if cuda else 1024) * 2**20,  # cuDNN workspace / dataloader buffers and mosaic
-               "context": runtime_context_bytes(device)},
+               "workspace": (384 if cuda else 1024) * 2**20},  # cuDNN workspace / dataloader buffers and mosaic
         note=f"{Path(p.model).stem} ({params_m:.1f} M params), batch {batch} at {p.imgsz} px"
              + (", AMP" if amp else ""))
 
@@ -88,9 +87,11 @@ def fit(p: Params, device, budget: int) -> Params:
     """batch=-1: the largest power of two (up to 64) that fits the budget."""
     if p.batch != -1:
         return p
+    from studio.gate import full_estimate
+
     best = 1
     for b in (2, 4, 8, 16, 32, 64):
-        if estimate(replace(p, batch=b), device).total <= budget:
+        if full_estimate(replace(p, batch=b), estimate, device).total <= budget:
             best = b
     return replace(p, batch=best)
 
@@ -150,7 +151,7 @@ def _sample(trainer, image: Path, out: Path, names: dict) -> Path | None:
 
 def run(p: Params, ctx) -> dict:
     from studio.context import JobCancelled
-    from workers import detect_data
+    from workers.detect import data as detect_data
 
     yolo.setup(ctx.data_dir)
     ctx.progress(0, None, "checking the dataset")
@@ -205,6 +206,8 @@ def run(p: Params, ctx) -> dict:
 
     model.add_callback("on_train_batch_end", on_batch_end)
     model.add_callback("on_fit_epoch_end", on_fit_epoch_end)
+    # validation takes seconds per epoch: its batches are cancel points too (the trainer hands its callbacks on)
+    model.add_callback("on_val_batch_end", lambda validator: ctx.check_cancel())
     device = "0" if ctx.device == "cuda" else "cpu"
     args = dict(data=str(data_yaml), epochs=p.epochs, imgsz=p.imgsz, batch=p.batch, amp=p.amp,
                 patience=p.patience or 10_000, mosaic=p.mosaic, fliplr=p.fliplr, flipud=p.flipud, hsv_h=p.hsv_h,

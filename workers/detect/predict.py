@@ -8,8 +8,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.gate import Estimate, runtime_context_bytes
-from workers import yolo
+from studio.gate import Estimate
+from workers.detect import yolo
 
 VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 
@@ -41,7 +41,7 @@ def sources(p: Params) -> list[Path]:
             continue
         path = Path(item).expanduser()
         if path.is_dir():
-            from workers.detect_data import _images
+            from workers.detect.data import _images
 
             out += _images(path)
         else:
@@ -61,11 +61,17 @@ def validate(p: Params, config) -> None:
 
 
 def estimate(p: Params, device) -> Estimate:
+    """The model's fp32 weights (kept in the worker's cache) and one image's activations."""
     params_m, scale = yolo.size_of(p.model)
-    return Estimate(parts={"weights": int(params_m * 1e6 * 4),
-                           "activations": yolo.activation_bytes(scale, p.imgsz, 1, False, training=False),
-                           "workspace": 256 * 2**20, "context": runtime_context_bytes(device)},
-                    note=f"{Path(p.model).stem} at {p.imgsz} px")
+    return Estimate(parts={"activations": yolo.activation_bytes(scale, p.imgsz, 1, False, training=False),
+                           "workspace": 256 * 2**20},
+                    models={model_key(p.model): int(params_m * 1e6 * 4)}, note=f"{Path(p.model).stem} at {p.imgsz} px")
+
+
+def model_key(model: str) -> str:
+    """The worker-cache key of a YOLO model: the same in the estimate and the run."""
+    local = Path(model).expanduser()
+    return f"yolo:{local.resolve() if local.is_file() else model}"
 
 
 def class_ids(p: Params, names: dict) -> list[int] | None:
@@ -87,9 +93,9 @@ def load_model(ctx, model: str, trust: bool):
     def load():
         m = yolo.load(model, ctx.data_dir, trust, progress=ctx.progress)
         path = Path(m.ckpt_path or "") if getattr(m, "ckpt_path", None) else None
-        return m, (path.stat().st_size * 2 if path and path.exists() else 50 * 2**20)
+        return m, (path.stat().st_size if path and path.exists() else 50 * 2**20)  # used when it measured nothing
 
-    return ctx.cached(f"yolo:{model}:{ctx.device}", load)
+    return ctx.cached(model_key(model), load)
 
 
 def boxes_of(result, names: dict) -> list[dict]:

@@ -1,6 +1,6 @@
 """The shared LLM backend (chat, RAG evaluation, transcript post-editing): GGUF through llama-cpp-python.
 
-Resolving a model name is pure (no downloads, no CUDA): a preset from assets/model_presets.json, a local .gguf
+Resolving a model name is pure (no downloads, no CUDA): a preset from assets/presets/chat.json, a local .gguf
 file, or a packaged model. Loading happens in the device worker and goes through its model cache.
 """
 from __future__ import annotations
@@ -13,15 +13,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from studio.gate import runtime_context_bytes
 
-ROOT = Path(__file__).resolve().parent.parent
-PRESETS_PATH = ROOT / "assets" / "model_presets.json"
-
-
-@lru_cache(maxsize=1)
-def presets() -> dict[str, dict]:
-    return json.loads(PRESETS_PATH.read_text())
+from studio.presets import presets
 
 
 @dataclass(frozen=True)
@@ -100,6 +93,8 @@ def _shape_cached(path: str, size: int, mtime: float) -> dict:
     tokens = meta.get("tokenizer.ggml.tokens")
     return {
         "n_layer": val("block_count", 1),
+        "n_head": n_head,
+        "n_embd": n_embd,
         "n_kv_head": val("attention.head_count_kv", n_head),
         "head_dim": val("attention.key_length", n_embd // max(n_head, 1)),
         "vocab": tokens["array_len"] if isinstance(tokens, dict) else 32000,
@@ -123,7 +118,10 @@ def hf_shape(folder: Path) -> dict:
     size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) or \
         sum(f.stat().st_size for f in Path(folder).glob("*.bin"))
     stored = 4 if str(cfg.get("torch_dtype", cfg.get("dtype", "float32"))) == "float32" else 2
-    return {"n_layer": cfg.get("num_hidden_layers", 1), "n_kv_head": cfg.get("num_key_value_heads", heads),
+    hidden = cfg.get("hidden_size", 64)
+    return {"n_layer": cfg.get("num_hidden_layers", 1), "n_head": heads, "n_embd": hidden,
+            "tied": bool(cfg.get("tie_word_embeddings", False)),
+            "n_kv_head": cfg.get("num_key_value_heads", heads),
             "head_dim": cfg.get("head_dim") or cfg.get("hidden_size", 64) // heads, "vocab": cfg.get("vocab_size", 32000),
             "ctx_train": cfg.get("max_position_embeddings", 4096), "size": size, "n_params": size // stored,
             "arch": (cfg.get("architectures") or ["?"])[0]}
@@ -153,7 +151,7 @@ def resolve(model: str, data_dir: Path | None = None) -> ModelRef:
                              "convert it with llama.cpp's convert script or pick a .gguf file")
         return ModelRef(model, path, None, gguf_shape(path))
     p = table[model]
-    shape = {k: p[k] for k in ("n_layer", "n_kv_head", "head_dim", "vocab")} | {"size": int(p["size_gb"] * 1e9),
+    shape = {k: p[k] for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "head_dim", "vocab")} | {"size": int(p["size_gb"] * 1e9),
                                                                                 "ctx_train": p["ctx"]}
     local = find_local(model, p, data_dir) if data_dir is not None else None
     return ModelRef(model, local, p, shape)
@@ -227,29 +225,59 @@ def hub_snapshot(repo: str) -> str:
                            "local model folder.") from None
 
 
-def llm_estimate(ref: ModelRef, n_ctx: int, n_gpu_layers: int, device, load_in_4bit: bool = False) -> dict[str, int]:
-    """Bytes on the gated device: offloaded layers' weights, the KV cache (f16) and compute buffers there."""
+N_UBATCH = 512  # llama.cpp's default micro-batch: its compute buffers are sized for this many tokens at once
+
+
+def llm_key(ref: ModelRef, n_ctx: int, n_gpu_layers: int, chat_format: str | None = None,
+            load_in_4bit: bool = False) -> str:
+    """The worker-cache key of a loaded LLM: the same in the estimate (pure) and in the run that loads it."""
+    where = str(ref.path.resolve()) if ref.path is not None else ref.name
+    if ref.backend == "hf":
+        return f"hf:{where}:{load_in_4bit}"
+    return f"gguf:{where}:{n_ctx}:{n_gpu_layers}:{chat_format or ''}"
+
+
+def llm_estimate(ref: ModelRef, n_ctx: int, n_gpu_layers: int, device, load_in_4bit: bool = False,
+                 flash_attn: bool | None = None) -> dict[str, int]:
+    """Bytes a loaded LLM holds on the gated device while it is cached: offloaded weights, the KV cache and the
+    compute buffers. llama.cpp's attention buffer grows with the context unless flash attention is on (the default
+    on CUDA, see `flash_attn_default`)."""
     s = ref.shape
     cuda = getattr(device, "kind", "cpu") == "cuda"
+    n_head = s.get("n_head") or s["n_kv_head"]
     if ref.backend == "hf":  # fp16 on CUDA (NF4 with load_in_4bit), fp32 on the CPU; the whole model on one device
-        per_param = (0.55 if load_in_4bit else 2) if cuda else 4
-        return {"weights": int(s["n_params"] * per_param),
+        n_params = s["n_params"]
+        if cuda and load_in_4bit:  # bitsandbytes quantizes the linear layers; embeddings and LM head stay 16-bit
+            embed = s["vocab"] * s.get("n_embd", 0) * (1 if s.get("tied") else 2)
+            weights = int(max(0, n_params - embed) * 0.55 + embed * 2)
+        else:
+            weights = int(n_params * (2 if cuda else 4))
+        attn = n_head * n_ctx * n_ctx * (2 if cuda else 4)  # eager attention scores of one full-context prefill
+        return {"weights": weights,
                 "kv_cache": 2 * s["n_layer"] * n_ctx * s["n_kv_head"] * s["head_dim"] * (2 if cuda else 4),
-                "workspace": 512 * s["vocab"] * 4 + 128 * 2**20, "context": runtime_context_bytes(device)}
+                "workspace": N_UBATCH * s["vocab"] * 4 + min(attn, 2 * 2**30) + 128 * 2**20}
     layers = s["n_layer"] if n_gpu_layers < 0 else min(n_gpu_layers, s["n_layer"])
     frac = layers / s["n_layer"] if cuda else 1.0  # on the CPU the whole (memory-mapped) file is resident
     kv = 2 * s["n_layer"] * n_ctx * s["n_kv_head"] * s["head_dim"] * 2
-    compute = 512 * s["vocab"] * 4 + 256 * 2**20  # logits of one 512-token batch + graph buffers
+    fa = flash_attn_default(device) if flash_attn is None else flash_attn
+    scores = 0 if fa else n_head * n_ctx * N_UBATCH * 4  # KQ of one micro-batch against the whole context (f32)
+    compute = N_UBATCH * s["vocab"] * 4 + scores + 256 * 2**20  # logits of one micro-batch + graph buffers
     return {
         "weights": int(s["size"] * frac),
         "kv_cache": int(kv * (frac if cuda else 1.0)),
         "workspace": compute,
-        "context": runtime_context_bytes(device),
     }
 
 
+def flash_attn_default(device) -> bool:
+    """llama.cpp's flash attention: on for CUDA (its attention buffer then stays small at any context), off on the
+    CPU, where it is not faster."""
+    return getattr(device, "kind", "cpu") == "cuda"
+
+
 def fit_layers(ref: ModelRef, n_ctx: int, device, budget: int) -> int:
-    """The most layers that fit `budget` on CUDA (-1 = all); 0 on the CPU."""
+    """The most layers that fit `budget` (which must leave out the runtime context) on CUDA (-1 = all); 0 on the
+    CPU."""
     if getattr(device, "kind", "cpu") != "cuda":
         return 0
     if ref.backend == "hf":
@@ -262,11 +290,12 @@ def fit_layers(ref: ModelRef, n_ctx: int, device, budget: int) -> int:
 
 
 def load_gguf(path: Path, n_ctx: int, n_gpu_layers: int, chat_format: str | None, n_threads: int | None = None,
-              seed: int = 0):
+              seed: int = 0, flash_attn: bool = False):
     from llama_cpp import Llama
 
     return Llama(model_path=str(path), n_ctx=n_ctx, n_gpu_layers=n_gpu_layers, chat_format=chat_format,
-                 n_threads=n_threads or max(1, (os.cpu_count() or 2)), seed=seed or -1, verbose=False)
+                 n_threads=n_threads or max(1, (os.cpu_count() or 2)), seed=seed or -1, flash_attn=flash_attn,
+                 verbose=False)
 
 
 def stream_chat(llm, messages: list[dict], *, max_tokens: int, temperature: float, top_p: float,

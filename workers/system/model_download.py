@@ -11,7 +11,7 @@ from studio.gate import Estimate
 
 @dataclass(frozen=True)
 class Params:
-    preset: str = ""  # a preset name from assets/model_presets.json (LLM, embedder, reranker, whisper or YOLO)
+    preset: str = ""  # a preset name from assets/presets/ (LLM, embedder, reranker, whisper or YOLO)
     repo: str = ""  # or a hub repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF
     file: str = ""  # one file of `repo`; empty: the whole repo (embedders, rerankers)
 
@@ -22,7 +22,7 @@ class Params:
 
 def target(p: Params) -> tuple[str, str | None, dict | None]:
     """(repo, file or None, preset entry) to fetch."""
-    from workers.llm import presets
+    from studio.presets import presets
 
     if p.repo:
         return p.repo, p.file or None, None
@@ -47,12 +47,12 @@ def estimate(p: Params, device) -> Estimate:
 
 
 def run(p: Params, ctx) -> dict:
-    from workers.llm import download
+    from workers.chat.llm import download
 
     repo, file, entry = target(p)
     progress = lambda d, t, m: ctx.progress(d, t, m)  # noqa: E731  (each call is a cancel point)
     if repo == "ultralytics":
-        from workers import yolo
+        from workers.detect import yolo
 
         yolo.load(p.preset, ctx.data_dir, trust=False, progress=progress)  # downloads, then pins its sha256
         path = yolo.setup(ctx.data_dir) / file

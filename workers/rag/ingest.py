@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from studio.gate import Estimate, runtime_context_bytes
+from studio.gate import Estimate
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class Params:
     overlap_chars: int = 150  # text repeated between neighbouring chunks of one section
 
     def __post_init__(self):
-        from workers.rag import check_collection_name
+        from workers.rag.index import check_collection_name
 
         check_collection_name(self.collection)
         if not 200 <= self.chunk_chars <= 20_000:
@@ -30,7 +30,7 @@ class Params:
 
 
 def validate(p: Params, config) -> None:
-    from workers.rag import load_manifest
+    from workers.rag.index import load_manifest
 
     path = Path(p.path).expanduser()
     if not path.exists():
@@ -42,13 +42,16 @@ def validate(p: Params, config) -> None:
 
 
 def estimate(p: Params, device) -> Estimate:
-    # an embedder of the MiniLM/bge-small class: ~130 MB of weights, batches of 32 chunks
-    return Estimate(parts={"weights": 150 * 2**20, "activations": 64 * 2**20, "context": runtime_context_bytes(device)})
+    """The embedder (kept in the worker's cache) and one batch of 32 chunks through it, plus the chunks in hand."""
+    from workers.rag.index import encode_workspace, model_bytes, model_key
+
+    return Estimate(parts={"activations": encode_workspace(p.embedder), "workspace": 64 * 2**20},
+                    models={model_key("embedder", p.embedder): model_bytes("embedder", p.embedder)})
 
 
 def run(p: Params, ctx) -> dict:
-    from workers.rag import Embedder, get_collection, load_embedder, load_manifest, rag_dir, save_manifest
-    from workers.rag_chunk import chunk_file, file_hash, list_files, safe_extract
+    from workers.rag.index import Embedder, get_collection, load_embedder, load_manifest, rag_dir, save_manifest
+    from workers.rag.chunk import chunk_file, file_hash, list_files, safe_extract
 
     t0 = time.perf_counter()
     src = Path(p.path).expanduser().resolve()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from studio.gate import Estimate, runtime_context_bytes
+from studio.gate import Estimate
 
 
 @dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Params:
 
 
 def estimate(p: Params, device) -> Estimate:
-    return Estimate(parts={"workspace": p.mib * 2**20, "context": runtime_context_bytes(device)})
+    return Estimate(parts={"workspace": p.mib * 2**20})
 
 
 def run(p: Params, ctx) -> dict:
