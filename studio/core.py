@@ -130,6 +130,7 @@ class Studio:
         self._pending: dict[str, dict] = {}  # final outcomes the store could not take yet (disk full): job id -> fields
         self._last_error: str | None = None  # the scheduler's last failure, shown by the meter
         self._wait_written: dict[str, float] = {}  # job id -> when its wait reason was last written
+        self._shutting_down = False
         self._stopping = threading.Event()
         self._lock_fd: int | None = None
         self._thread: threading.Thread | None = None
@@ -199,6 +200,7 @@ class Studio:
         if not self.owner:
             return
         running = [lane for lane in self.lanes.values() if lane.running and lane.worker]
+        self._shutting_down = True  # a job stopped now ends INTERRUPTED (resumable), not CANCELLED
         for lane in running:
             lane.worker.cancel.set()
             lane.cancel_sent_at = time.monotonic()
@@ -541,6 +543,10 @@ class Studio:
                 fields["result"] = m.get("result") or {}
             elif t == "failed":
                 fields["error"], fields["traceback"] = m["error"], m.get("traceback")
+            elif self._shutting_down:
+                status = JobStatus.INTERRUPTED
+                fields["error"] = "The studio was shut down while this job ran. " + \
+                    (self._checkpoint_hint(job_id) or "Retry runs it again.")
             else:
                 fields["error"] = "Cancelled by the user." + self._checkpoint_hint(job_id, lead=" ")
             self._finish(job_id, status, **fields)

@@ -17,8 +17,8 @@ PARTS = ("weights", "optimizer", "grads", "activations", "kv_cache", "workspace"
 
 def runtime_context_bytes(device) -> int:
     """Memory a job's process holds before any tensor: the CUDA context (~620 MiB of NVML-used memory), or on
-    the CPU the worker's Python + torch resident set (~700 MiB measured)."""
-    return (620 if getattr(device, "kind", "cpu") == "cuda" else 700) * 2**20
+    the CPU the device worker's resident set once it has imported torch (815 MiB measured with torch 2.14)."""
+    return (620 if getattr(device, "kind", "cpu") == "cuda" else 900) * 2**20
 
 
 def short_key(key: str) -> str:

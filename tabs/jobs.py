@@ -6,7 +6,14 @@ import time
 
 from .common import duration, gib, loss_frame, owned_job, progress_html, user_of
 
-HEADERS = ["id", "kind", "status", "created", "ran for", "estimate", "peak", "note"]
+HEADERS = ["id", "kind", "status", "created", "ran for", "estimate", "peak", "peak/est", "note"]
+
+
+def ratio(job) -> str:
+    """Measured peak over the estimate: above 1.00 the estimate was too low for this job."""
+    if not job.peak_bytes or not job.estimate_bytes:
+        return "—"
+    return f"{job.peak_bytes / job.estimate_bytes:.2f}"
 
 
 def table(studio, owner: str | None = None) -> list[list]:
@@ -15,7 +22,8 @@ def table(studio, owner: str | None = None) -> list[list]:
         ran = (j.finished or time.time()) - j.started if j.started else None
         note = j.error or j.wait_reason or j.message or ""
         rows.append([j.id, j.kind, j.status.value, time.strftime("%m-%d %H:%M:%S", time.localtime(j.created)),
-                     duration(ran), gib(j.estimate_bytes), gib(j.peak_bytes), note.splitlines()[0][:90] if note else ""])
+                     duration(ran), gib(j.estimate_bytes), gib(j.peak_bytes), ratio(j),
+                     note.splitlines()[0][:90] if note else ""])
     return rows
 
 
@@ -29,11 +37,15 @@ def details(studio, job_id: str):
     """(summary markdown, log text, metrics rows, artifact paths) for one job."""
     job = studio.job(job_id)
     evs, _ = studio.events(job_id)
-    est = job.estimate or {}
-    parts = ", ".join(f"{k} {gib(v)}" for k, v in (est.get("parts") or {}).items() if v)
+    from studio.gate import Estimate
+
+    est = Estimate.from_dict(job.estimate)
     md = [progress_html(job),
-          f"**estimate** {gib(job.estimate_bytes)} ({parts}) · **measured peak** {gib(job.peak_bytes)} · "
-          f"**budget** {gib(job.budget_bytes)}"]
+          f"**estimate** {html.escape(est.describe()) if job.estimate else '—'} · **measured peak** "
+          f"{gib(job.peak_bytes)} (peak/estimate {ratio(job)}) · **budget** {gib(job.budget_bytes)}"]
+    if job.resolved:
+        changed = {k: v for k, v in job.resolved.items() if job.params.get(k) != v}
+        md.append("**chosen to fit** " + html.escape(", ".join(f"{k}={v}" for k, v in changed.items())))
     if job.resume_of:
         md.append(f"resumes job `{job.resume_of}`")
     md.append("<details><summary>params</summary><pre>" + html.escape(json.dumps(job.params, indent=1)) +

@@ -320,3 +320,18 @@ def test_an_unusable_data_folder_is_one_line_not_a_traceback(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert out.stderr.startswith("error: the data folder") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_shutdown_during_evaluation_gives_the_job_time_to_checkpoint(tmp_path, corpus):
+    s = Studio(Config.load(tmp_path / "d")).start()
+    job = s.submit("tinylm", {"data": str(corpus), **TINY, "max_steps": 1000, "eval_every": 5, "eval_iters": 10000,
+                              "checkpoint_every": 100000})
+    wait_for(lambda: (s.job(job.id).progress or 0) >= 0.005, 120, "step 5, where evaluation starts")
+    time.sleep(0.5)
+    t0 = time.time()
+    s.shutdown()  # as on Ctrl-C or SIGTERM to `python app.py`
+    assert time.time() - t0 < s.config.cancel_grace_s + 6
+    again = Studio(Config.load(tmp_path / "d"))
+    j = again.job(job.id)
+    assert j.status is JobStatus.INTERRUPTED and "shut down" in j.error and "Resume continues" in j.error
+    assert (again.run_dir(job.id) / "checkpoint" / "state.json").exists()

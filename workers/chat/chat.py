@@ -21,16 +21,18 @@ RAG_INSTRUCTIONS = ("Answer the question using the numbered sources below. Cite 
                     "number in brackets, like [1] or [2]. If the sources do not contain the answer, say so.")
 
 
+PACKAGES = ("llama-cpp-python", "transformers", "chromadb", "sentence-transformers")  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     prompt: str  # the user's message
     model: str = "llama-3.1-8b-instruct-q4km"  # a preset, a local .gguf file, or a transformers model folder
     collection: str = ""  # answer over this RAG collection, citing sources; empty: plain chat
     conversation: str = ""  # keep the exchange in this conversation id; "new" starts one; empty: not saved
-    system: str = DEFAULT_SYSTEM
-    max_tokens: int = 512
-    temperature: float = 0.7
-    top_p: float = 0.95
+    system: str = DEFAULT_SYSTEM  # the system prompt
+    max_tokens: int = 512  # longest answer, in tokens
+    temperature: float = 0.7  # 0: always the likeliest token; higher: more varied
+    top_p: float = 0.95  # sample from the smallest set of tokens whose probabilities add up to this
     n_ctx: int = 4096  # context window; the KV cache grows with it
     n_gpu_layers: int = -1  # -1: as many layers as fit the budget (the gate decides); 0: CPU only
     top_k: int = 4  # chunks retrieved from the collection

@@ -13,17 +13,19 @@ from studio.gate import Estimate
 from workers.detect import yolo
 
 
+PACKAGES = ("ultralytics", "onnx", "onnxruntime")  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     model: str  # a preset, a yaml, weights a detect_train job wrote, or a trusted .pt
     format: Literal["onnx", "engine"] = "onnx"  # engine: TensorRT (needs an NVIDIA GPU and the tensorrt package)
-    imgsz: int = 640
-    batch: int = 1
+    imgsz: int = 640  # the exported model's fixed input size in pixels
+    batch: int = 1  # the exported model's fixed batch size
     half: bool = False  # FP16 (CUDA only: ONNX on the GPU, TensorRT)
     latency: bool = True  # time PyTorch vs ONNX Runtime (vs TensorRT)
     runs: int = 30  # timed runs per backend, after the warm-up
-    warmup: int = 5
-    trust: bool = False
+    warmup: int = 5  # untimed runs before the latency is measured
+    trust: bool = False  # load a .pt the studio did not write (pickle: only files you trust)
 
     def __post_init__(self):
         for name, lo, hi in [("imgsz", 32, 4096), ("batch", 1, 64), ("runs", 1, 10_000), ("warmup", 0, 1000)]:

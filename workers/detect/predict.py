@@ -14,15 +14,17 @@ from workers.detect import yolo
 VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 
 
+PACKAGES = ("ultralytics", "torchvision")  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     model: str  # a preset (yolov8n, yolo11s, …), weights a detect_train job wrote, an .onnx, or a trusted .pt
     source: str  # an image, a video, a folder of images, or several image paths separated by newlines
     conf: float = 0.25  # confidence threshold
     iou: float = 0.7  # NMS IoU threshold
-    imgsz: int = 640
+    imgsz: int = 640  # images are resized to this many pixels on their long side
     classes: str = ""  # keep only these classes: names or ids, comma-separated; empty: all
-    max_det: int = 300
+    max_det: int = 300  # most boxes kept per image
     trust: bool = False  # load a .pt the studio did not write (pickle: only files you trust)
 
     def __post_init__(self):

@@ -16,17 +16,19 @@ from workers.detect import predict as detect_predict
 from workers.detect import yolo
 
 
+PACKAGES = ("ultralytics", "opencv-python")  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     model: str  # as for detect_predict
     session: str  # the stream's folder name under uploads/streams (letters, digits, dashes)
-    conf: float = 0.25
-    iou: float = 0.7
-    imgsz: int = 640
-    classes: str = ""
-    trust: bool = False
+    conf: float = 0.25  # lowest confidence a box is shown with
+    iou: float = 0.7  # boxes overlapping more than this are merged (NMS)
+    imgsz: int = 640  # frames are resized to this many pixels on their long side
+    classes: str = ""  # only these classes (names or ids, comma separated); empty: all
+    trust: bool = False  # load a .pt the studio did not write (pickle: only files you trust)
     idle_s: float = 10.0  # stop when no frame has come for this long
-    max_minutes: float = 60.0
+    max_minutes: float = 60.0  # a stream stops after this long
 
     def __post_init__(self):
         if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", self.session):

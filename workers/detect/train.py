@@ -18,11 +18,13 @@ from studio.gate import Estimate
 from workers.detect import yolo
 
 
+PACKAGES = ("ultralytics", "torchvision")  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     data: str  # a dataset zip, folder or data.yaml (YOLO, Roboflow YOLOv8, Label Studio YOLO, COCO JSON)
     model: str = "yolov8n.yaml"  # a yaml trains from scratch; a preset (yolov8n, yolo11s, …) or .pt fine-tunes
-    epochs: int = 50
+    epochs: int = 50  # passes over the training images
     imgsz: int = 640  # training image size (pixels, a multiple of 32)
     batch: int = 16  # images per step; -1: the largest that fits the budget (the gate decides)
     amp: bool = True  # mixed precision on CUDA (ignored on the CPU)
@@ -35,7 +37,7 @@ class Params:
     hsv_v: float = 0.4  # value (brightness) jitter
     lr0: float = 0.01  # initial learning rate
     val_split: float = 0.2  # fraction for validation when the dataset has no split
-    seed: int = 0
+    seed: int = 0  # the split, augmentation and initial weights
     workers: int = 2  # dataloader processes
     trust: bool = False  # load a .pt the studio did not write (pickle: only files you trust)
     resume_from: str = ""  # a detect_train job id whose last.pt this run continues (set by Resume)

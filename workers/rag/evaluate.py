@@ -18,18 +18,21 @@ JUDGE_PROMPT = ("Rate how well the answer matches the expected answer, from 1 (w
                 "and complete). Reply with JSON {{\"score\": N}}.\n\nQuestion: {q}\nExpected: {a}\nAnswer: {r}")
 
 
+# versions for the run card
+PACKAGES = ("chromadb", "sentence-transformers", "llama-cpp-python", "rouge-score", "sacrebleu")
+
 @dataclass(frozen=True)
 class Params:
-    collection: str
+    collection: str  # the collection to evaluate
     evalset: str  # a JSONL file: {"question", "answer", "source"} per line
     k: int = 4  # retrieval depth for hit@k and recall@k
     reranker: str = ""  # a cross-encoder preset or local folder; empty: embedding order
     model: str = ""  # an LLM preset or .gguf to answer each question (ROUGE-L, BLEU); empty: retrieval only
     judge: bool = False  # also ask the model to score each answer 1-5 (an LLM-judge rubric)
-    max_tokens: int = 200
-    n_ctx: int = 4096
+    max_tokens: int = 200  # longest answer per question, in tokens
+    n_ctx: int = 4096  # the answering model's context window
     n_gpu_layers: int = -1  # -1: as many as fit the budget
-    threads: int = 0
+    threads: int = 0  # CPU threads; 0: all cores
     embedder: str = ""  # the collection's embedder; empty: the one it was built with
 
     def __post_init__(self):

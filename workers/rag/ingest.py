@@ -11,6 +11,8 @@ from pathlib import Path
 from studio.gate import Estimate
 
 
+PACKAGES = ("chromadb", "sentence-transformers", "pypdf")  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     collection: str  # a name: 3-63 letters, digits, '.', '_' or '-'

@@ -19,6 +19,8 @@ from workers.speech import transcript
 from workers.speech.post_edit import N_CTX as EDITOR_CTX
 
 
+PACKAGES = ("faster-whisper", "ctranslate2", "resemblyzer", "llama-cpp-python")  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     audio: str  # an audio or video file (wav, mp3, m4a, flac, ogg, mp4, mkv, …)
@@ -28,12 +30,12 @@ class Params:
     vad: bool = True  # Silero VAD drops silence before decoding (faster, fewer hallucinations)
     vad_threshold: float = 0.5  # speech probability above which a frame counts as speech
     min_silence_ms: int = 500  # silence this long splits speech
-    word_timestamps: bool = True
-    beam_size: int = 5
+    word_timestamps: bool = True  # a start and end time for every word (needed for speaker labels)
+    beam_size: int = 5  # hypotheses kept while decoding; 1 is greedy (faster, a little less accurate)
     initial_prompt: str = ""  # context or a glossary of names and terms, to steer spelling
     hotwords: str = ""  # words to favour (names, jargon)
     batched: bool = False  # faster-whisper's batched pipeline: faster on long files, needs VAD
-    batch_size: int = 8
+    batch_size: int = 8  # 30 s windows decoded together in batched mode
     compute_type: str = "auto"  # auto: float16 on CUDA, int8 on the CPU; or int8_float16, float32, …
     threads: int = 0  # CPU threads; 0: all cores
     diarize: bool = False  # label speakers (S1, S2, …) in every output

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from studio.gate import Estimate
 
 
+PACKAGES = ("huggingface-hub",)  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     preset: str = ""  # a preset name from assets/presets/ (LLM, embedder, reranker, whisper or YOLO)
@@ -51,6 +53,7 @@ def run(p: Params, ctx) -> dict:
 
     repo, file, entry = target(p)
     progress = lambda d, t, m: ctx.progress(d, t, m)  # noqa: E731  (each call is a cancel point)
+    progress(0, None, f"fetching {file or repo}")
     if repo == "ultralytics":
         from workers.detect import yolo
 

@@ -10,6 +10,8 @@ from dataclasses import replace
 from studio.gate import Estimate
 
 
+PACKAGES = ("tokenizers",)  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     checkpoint: str  # a tinylm job id, or the path of its run folder / checkpoint folder

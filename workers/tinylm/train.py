@@ -30,6 +30,8 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "4090": 165e12, "4
               "4070": 58e12, "3090": 71e12, "3080": 59e12, "L4": 121e12, "A10": 125e12, "T4": 65e12}
 
 
+PACKAGES = ("tokenizers",)  # versions for the run card
+
 @dataclass(frozen=True)
 class Params:
     data: str = "tinyshakespeare"  # "tinyshakespeare" (downloaded on first use), a text file, or a folder of code
@@ -41,20 +43,20 @@ class Params:
     target_val_loss: float = 0.0  # stop as soon as val loss is at or below this; 0 trains all steps
     batch_size: int | None = None  # sequences per step
     block_size: int | None = None  # context in tokens; attention cost grows with its square
-    n_layer: int | None = None
-    n_head: int | None = None
+    n_layer: int | None = None  # transformer blocks; None: the preset's
+    n_head: int | None = None  # attention heads (n_embd must divide by it); None: the preset's
     n_embd: int | None = None  # width; must be a multiple of n_head
     dropout: float | None = None  # 0 for short CPU runs; 0.2 keeps the GPU preset from overfitting
     lr: float | None = None  # peak learning rate after warm-up; cosine decay to min_lr
-    min_lr: float | None = None
-    warmup_steps: int | None = None
+    min_lr: float | None = None  # learning rate at the end of the cosine decay; None: lr / 10
+    warmup_steps: int | None = None  # linear warmup from 0; None: the preset's
     beta2: float | None = None  # AdamW beta2; 0.99 because there are few tokens per step
     weight_decay: float = 0.1  # on matrices only, not on norms
     grad_clip: float = 1.0  # max gradient norm; 0 turns clipping off
     eval_every: int | None = None  # steps between val-loss evaluations (and a text sample)
     eval_iters: int | None = None  # batches per evaluation
     checkpoint_every: int = 500  # steps between checkpoints (one is also written at the end and on cancel)
-    seed: int = 1337
+    seed: int = 1337  # data order and initial weights (nanoGPT's seed, so runs compare)
     compile: Literal["auto", "on", "off"] = "auto"  # torch.compile; auto: on CUDA only (CPU compile costs more than it saves)
     threads: int = 0  # CPU threads; 0 uses every core
     resume_from: str = ""  # a job id whose checkpoint this run continues (set by Resume)
