@@ -57,10 +57,13 @@ class _Worker:
 
         export_library_path()  # faster-whisper's CUDA 12 libraries, read by the loader when the worker starts
         self.generation = generation
-        self.inq, self.outq, self.cancel = ctx.Queue(), ctx.Queue(), ctx.Event()
+        self.inq, self.cancel = ctx.Queue(), ctx.Event()
+        # Reports come back over a plain pipe, written synchronously: a Queue's feeder thread would wait for the GIL
+        # while the worker runs gc after a job, and hold the job's outcome back by ~100 ms.
+        self.reports, writer = ctx.Pipe(duplex=False)
         from . import worker
 
-        self.proc = ctx.Process(target=worker.main, args=(self.inq, self.outq, self.cancel, settings),
+        self.proc = ctx.Process(target=worker.main, args=(self.inq, writer, self.cancel, settings),
                                 name=f"studio-{settings['lane']}-worker", daemon=True)
         self.proc.start()
         self._inbox = inbox
@@ -69,13 +72,13 @@ class _Worker:
     def _forward(self) -> None:
         while True:
             try:
-                msg = self.outq.get(timeout=0.1)
-            except queue.Empty:
-                if not self.proc.is_alive():
-                    self._inbox.put(("died", self.generation, self.proc.exitcode))
-                    return
-                continue
-            except (EOFError, OSError):
+                if not self.reports.poll(0.1):
+                    if not self.proc.is_alive():
+                        self._inbox.put(("died", self.generation, self.proc.exitcode))
+                        return
+                    continue
+                msg = self.reports.recv()
+            except (EOFError, OSError):  # the worker is gone (its end of the pipe closed)
                 self.proc.join(1)
                 self._inbox.put(("died", self.generation, self.proc.exitcode))
                 return
@@ -97,6 +100,7 @@ class Lane:
     worker: _Worker | None = None
     info: WorkerInfo = field(default_factory=WorkerInfo)
     running: str | None = None  # job id the worker is running
+    settling: bool = False  # the job ended and the worker is still freeing its memory
     cancel_sent_at: float | None = None
     cache: dict[str, int] = field(default_factory=dict)  # the worker's cached models: key -> measured bytes, LRU first
 
@@ -131,6 +135,7 @@ class Studio:
         self._last_error: str | None = None  # the scheduler's last failure, shown by the meter
         self._wait_written: dict[str, float] = {}  # job id -> when its wait reason was last written
         self._shutting_down = False
+        self._ended = threading.Condition()  # notified whenever a job ends here: wait() in the owner need not poll
         self._stopping = threading.Event()
         self._lock_fd: int | None = None
         self._thread: threading.Thread | None = None
@@ -242,7 +247,7 @@ class Studio:
         lane.info = replace(lane.info, pid=None, ready=False, stopped=None)
         lane.worker = _Worker(self._generation, self._inbox, self._settings(lane))
         lane.info.pid = lane.worker.proc.pid
-        lane.cache = {}
+        lane.cache, lane.settling = {}, False
 
     def update_config(self, **changes: Any) -> Config:
         """Apply new settings now (budget, reserve, idle unload) and save them."""
@@ -407,7 +412,11 @@ class Studio:
                 return job
             if time.time() - t0 > timeout:
                 raise TimeoutError(f"job {job_id} still {job.status.value} after {timeout:.0f} s")
-            time.sleep(0.05)
+            if self.owner:  # the scheduler runs here: sleep until some job ends (the poll is only a safety net)
+                with self._ended:
+                    self._ended.wait(0.5)
+            else:  # another process runs the queue: read the row again soon (cheap), less often as time goes on
+                time.sleep(0.01 if time.time() - t0 < 5 else 0.05)
 
     def studio_pids(self) -> list[int]:
         return [os.getpid()] + [lane.info.pid for lane in self.lanes.values() if lane.info.pid]
@@ -455,9 +464,12 @@ class Studio:
             self._pending[job_id] = {"status": status, "frm": frm, "fields": fields}
             self._last_error = f"job {job_id} ended {status.value} but could not be recorded: " + \
                 DataDirError.explain(self.config.data_dir, e)
-            return True
-        if moved:
-            self._end_event(job_id, status, fields)
+            moved = True
+        else:
+            if moved:
+                self._end_event(job_id, status, fields)
+        with self._ended:
+            self._ended.notify_all()
         return moved
 
     def _end_event(self, job_id: str, status: JobStatus, fields: dict) -> None:
@@ -533,10 +545,12 @@ class Studio:
             self.store.update(m["job_id"], progress=m["fraction"], message=m["message"])
         elif t == "cache":
             lane.cache = dict(m["sizes"])
+        elif t == "idle":
+            lane.settling = False
         elif t in ("done", "failed", "cancelled"):
             job_id = m["job_id"]
             if lane.running == job_id:  # the slot is free whatever happens to the record below
-                lane.running, lane.cancel_sent_at = None, None
+                lane.running, lane.cancel_sent_at, lane.settling = None, None, True
             status = {"done": JobStatus.DONE, "failed": JobStatus.FAILED, "cancelled": JobStatus.CANCELLED}[t]
             fields: dict[str, Any] = {"peak_bytes": m.get("peak"), "progress": 1.0 if t == "done" else None}
             if t == "done":
@@ -609,7 +623,7 @@ class Studio:
             if lane.running:
                 self._watch_running(lane)
                 continue
-            if not lane.info.ready or paused:
+            if not lane.info.ready or lane.settling or paused:
                 continue
             if queued is None:
                 queued = self.store.queued()

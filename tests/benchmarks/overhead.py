@@ -28,15 +28,16 @@ TEXT = ("The studio runs one job at a time on the device. It keeps the models a 
 CHAT = {"model": "gemma-3-270m-packaged", "n_ctx": 1024, "max_tokens": 32, "temperature": 0.0, "seed": 1}
 
 
-def timed(fn, runs: int) -> list[float]:
-    """Seconds per call, after one warm-up call."""
-    out = []
+def side_by_side(studio_fn, direct_fn, runs: int) -> tuple[list[float], list[float]]:
+    """Seconds per call of each, alternating (so drift on a noisy machine hits both alike), after a warm-up of each."""
+    a, b = [], []
     for i in range(runs + 1):
-        t0 = time.perf_counter()
-        fn()
-        if i:
-            out.append(time.perf_counter() - t0)
-    return out
+        for fn, out in ((studio_fn, a), (direct_fn, b)):
+            t0 = time.perf_counter()
+            fn()
+            if i:
+                out.append(time.perf_counter() - t0)
+    return a, b
 
 
 def through_studio(studio, kind: str, params: dict) -> None:
@@ -65,8 +66,9 @@ def direct_chat(threads: int):
     from workers.chat.llm import ensure_local, load_gguf, resolve, stream_chat
 
     data = Path(tempfile.mkdtemp())
-    path = ensure_local(resolve(CHAT["model"], data), data, lambda *a: None)
-    llm = load_gguf(path, CHAT["n_ctx"], 0, None, threads)
+    ref = resolve(CHAT["model"], data)
+    path = ensure_local(ref, data, lambda *a: None)
+    llm = load_gguf(path, CHAT["n_ctx"], 0, (ref.preset or {}).get("chat_format"), threads)  # as the chat kind does
 
     def run():
         messages = [{"role": "system", "content": ""}, {"role": "user", "content": "Name three colours."}]
@@ -93,21 +95,8 @@ def main() -> None:
         from faster_whisper import decode_audio
 
         seconds = len(decode_audio(audio)) / 16000
-        studio = Studio(Config.load(Path(tmp) / "data")).start()
-        try:
-            while not studio.worker_info.ready:
-                time.sleep(0.05)
-            noop = timed(lambda: through_studio(studio, "selftest", {"mib": 1}), args.runs)
-            tr = timed(lambda: through_studio(studio, "transcribe", {"audio": audio, "model": "tiny.en-packaged",
-                                                                     "threads": args.threads}), args.runs)
-            chat = timed(lambda: through_studio(studio, "chat", {**CHAT, "prompt": "Name three colours.",
-                                                                 "system": "", "threads": args.threads}), args.runs)
-            studio.unload_models()  # the direct runs get the machine to themselves
-            time.sleep(1.0)
-        finally:
-            studio.shutdown()
-        from workers.system import selftest  # the no-op's own work, called directly (a 1 MiB alloc on the CPU)
         from studio.params import build
+        from workers.system import selftest  # the no-op's own work, called directly (a 1 MiB alloc on the CPU)
 
         class Ctx:
             device = "cpu"
@@ -116,9 +105,22 @@ def main() -> None:
             def progress(*a, **k):
                 pass
 
-        noop_direct = timed(lambda: selftest.run(build(selftest.Params, {"mib": 1}), Ctx), args.runs)
-        tr_direct = timed(direct_transcribe(audio, args.threads), args.runs)
-        chat_direct = timed(direct_chat(args.threads), args.runs)
+        studio = Studio(Config.load(Path(tmp) / "data")).start()
+        try:
+            while not studio.worker_info.ready:
+                time.sleep(0.05)
+            noop, noop_direct = side_by_side(lambda: through_studio(studio, "selftest", {"mib": 1}),
+                                             lambda: selftest.run(build(selftest.Params, {"mib": 1}), Ctx), args.runs)
+            tr, tr_direct = side_by_side(
+                lambda: through_studio(studio, "transcribe", {"audio": audio, "model": "tiny.en-packaged",
+                                                              "threads": args.threads}),
+                direct_transcribe(audio, args.threads), args.runs)
+            chat, chat_direct = side_by_side(
+                lambda: through_studio(studio, "chat", {**CHAT, "prompt": "Name three colours.", "system": "",
+                                                        "threads": args.threads}),
+                direct_chat(args.threads), args.runs)
+        finally:
+            studio.shutdown()
     med = statistics.median
     figures = {
         "noop_overhead_ms": round(1000 * (med(noop) - med(noop_direct)), 1),
