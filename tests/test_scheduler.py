@@ -268,7 +268,10 @@ def test_a_dataset_check_runs_while_training_holds_the_device(studio, corpus, tm
     wait_for(lambda: studio.job(train.id).status is JobStatus.RUNNING, 120, "training to start")
     check = studio.wait(studio.submit("detect_check", {"data": str(data / "data.yaml")}).id, 120)
     assert check.status is JobStatus.DONE, check.error
-    assert studio.job(train.id).status is JobStatus.RUNNING  # the check did not wait behind it
+    # a download (offline here: it fails, plainly) does not wait behind the training either
+    fetch = studio.wait(studio.submit("model_download", {"repo": "studio-tests/none", "file": "x.gguf"}).id, 120)
+    assert fetch.status is JobStatus.FAILED and "hub cannot be reached" in fetch.error
+    assert studio.job(train.id).status is JobStatus.RUNNING  # neither waited behind it
     assert "images" in check.result["summary"] and not (studio.run_dir(check.id) / "import").exists()
     studio.cancel(train.id)
     assert studio.wait(train.id, 60).status is JobStatus.CANCELLED

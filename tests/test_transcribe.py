@@ -125,6 +125,31 @@ def test_cancel_keeps_the_partial_transcript(studio, speech):
     assert (studio.run_dir(job.id) / "transcript.srt").read_text().startswith("1\n")
 
 
+def test_a_cancelled_transcription_stops_its_decoder_with_it(studio, speech, tmp_path):
+    """The decode thread must not outlive its job (it would decode beside the next one)."""
+    import threading
+    import time
+
+    from studio import JobCancelled, JobContext
+    from studio.params import build
+    from workers.speech import transcribe
+
+    flag = threading.Event()
+    ctx = JobContext("t", "transcribe", tmp_path, studio.config.data_dir, "cpu", flag)
+
+    def cancel_at_first_segment():
+        while not flag.is_set():
+            if (tmp_path / "events.jsonl").exists() and '"segment"' in (tmp_path / "events.jsonl").read_text():
+                flag.set()
+            time.sleep(0.05)
+
+    threading.Thread(target=cancel_at_first_segment, daemon=True).start()
+    p = build(transcribe.Params, {"audio": str(speech["long"]), **MODEL, "vad": False, "beam_size": 1})
+    with pytest.raises(JobCancelled):
+        transcribe.run(p, ctx)
+    assert not [t for t in threading.enumerate() if t.name == "whisper-decode" and t.is_alive()]
+
+
 def test_bad_inputs_give_clear_errors(studio, tmp_path):
     fake = tmp_path / "song.mp3"
     fake.write_text("this is a text file, not an mp3\n" * 50)

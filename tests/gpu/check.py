@@ -23,9 +23,9 @@ sys.path.insert(0, str(ROOT))
 from studio.config import GiB  # noqa: E402
 from studio.context import JobContext, ModelCache  # noqa: E402
 from studio.device import detect  # noqa: E402
-from studio.gate import Refused, gate  # noqa: E402
+from studio.gate import Refused, full_estimate, gate  # noqa: E402
 from studio.params import build  # noqa: E402
-from studio.worker import PeakSampler  # noqa: E402
+from studio.worker import PeakSampler, memory_reader  # noqa: E402
 
 
 def run_kind(module, params: dict, run_dir: Path, data_dir: Path, device: str, cache: ModelCache, reading):
@@ -33,13 +33,13 @@ def run_kind(module, params: dict, run_dir: Path, data_dir: Path, device: str, c
     import torch
 
     p = build(module.Params, params)
-    est = module.estimate(p, reading).total
+    est = full_estimate(p, module.estimate, reading).total  # with the one CUDA context, as the gate counts it
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = JobContext(run_dir.name, module.__name__, run_dir, data_dir, device, threading.Event(), cache)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     t0 = time.time()
-    with PeakSampler(device) as s:
+    with PeakSampler(memory_reader(device)) as s:
         result = module.run(p, ctx)
     torch_peak = torch.cuda.max_memory_reserved() if device == "cuda" else None
     return result, est, s.peak, torch_peak, time.time() - t0
@@ -62,10 +62,8 @@ def main() -> None:
     import torch
 
     from workers.system import selftest
-
-    from workers.tinylm import train as tinylm
-
     from workers.tinylm import generate as tinylm_generate
+    from workers.tinylm import train as tinylm
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = detect()
