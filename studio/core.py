@@ -283,12 +283,20 @@ class Studio:
         uses_device = registry.uses_device(kind)
         reading = self.device.read()
         budget = budget_bytes or self.config.budget_bytes(reading.total)
+        why = ""
+        if reading.kind == "cpu" and budget_bytes is None:  # RAM the studio's other processes hold is never free
+            held = self._resident_beside_device_worker()
+            if reading.total - held < budget:
+                budget = reading.total - held
+                why = f" (all RAM less the {held / 2**30:.2f} GiB the studio's UI and io processes hold)"
         if hasattr(module, "fit"):  # kinds that size themselves to the budget (an LLM's GPU layers, a batch)
             p = module.fit(p, reading, budget)
         resolved = params_mod.to_dict(p)
         try:
             est = gate(p, module.estimate, reading, budget, getattr(module, "shrink", None), uses_device)
         except Refused as r:
+            if why:
+                r.reason = r.reason.replace(" budget ", " budget" + why + " ", 1)
             job = self.store.add(kind, requested, JobStatus.REFUSED,
                                  estimate=r.estimate.to_dict() if r.estimate else None, error=r.reason, owner=owner,
                                  resume_of=resume_of, budget_bytes=budget, resolved=resolved)
@@ -417,6 +425,19 @@ class Studio:
                     self._ended.wait(0.5)
             else:  # another process runs the queue: read the row again soon (cheap), less often as time goes on
                 time.sleep(0.01 if time.time() - t0 < 5 else 0.05)
+
+    def _resident_beside_device_worker(self) -> int:
+        """RAM held by this process and the io worker: on the CPU no job can have it, however long it waits."""
+        import psutil
+
+        pids = [os.getpid()] + ([self.lanes["io"].info.pid] if self.owner and self.lanes["io"].info.pid else [])
+        total = 0
+        for pid in pids:
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                pass
+        return total
 
     def studio_pids(self) -> list[int]:
         return [os.getpid()] + [lane.info.pid for lane in self.lanes.values() if lane.info.pid]

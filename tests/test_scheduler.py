@@ -338,3 +338,19 @@ def test_shutdown_during_evaluation_gives_the_job_time_to_checkpoint(tmp_path, c
     j = again.job(job.id)
     assert j.status is JobStatus.INTERRUPTED and "shut down" in j.error and "Resume continues" in j.error
     assert (again.run_dir(job.id) / "checkpoint" / "state.json").exists()
+
+
+def test_a_cpu_job_that_could_never_have_the_ram_is_refused_not_left_waiting(tmp_path):
+    import psutil
+
+    from studio.gate import runtime_context_bytes
+
+    register_test_kinds()
+    from dataclasses import replace
+
+    s = Studio(replace(Config.load(tmp_path / "d"), reserve_gb=0.0))  # the CPU; this process is the studio's UI
+    total, held = psutil.virtual_memory().total, psutil.Process().memory_info().rss
+    budget = s.config.budget_bytes(total)  # all of RAM, as configured
+    need = (total - held + budget) // 2  # under the configured budget, over what could ever be free
+    job = s.submit("test_steps", {"mib": (need - runtime_context_bytes(s.device.read())) >> 20})
+    assert job.status is JobStatus.REFUSED and "the studio's UI and io processes hold" in job.error
