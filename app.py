@@ -469,38 +469,40 @@ def launch(demo, studio, **kwargs):
         footer_links=["api"], **kwargs)
 
 
-TAB_IDS = ("chat", "transcribe", "detect", "tinylm", "jobs", "models", "settings")
+# The tabs, in order: (id, label, module). Adding a tab is one row here. The id names the tab in a deep link
+# (?tab=<id>) and in studio_ui; the module has build(studio, auth=False) -> dict of named components, and a tab that
+# starts jobs declares KINDS = {kind: Follow(...)}, so a reloaded page re-attaches to its newest unfinished job
+# (endpoint /<id>_attach).
+TABS = (
+    ("chat", "Chat (RAG)", "tabs.chat_rag"),
+    ("transcribe", "Transcribe", "tabs.transcribe"),
+    ("detect", "Detect", "tabs.detect"),
+    ("tinylm", "Tiny LM", "tabs.tinylm"),
+    ("jobs", "Jobs", "tabs.jobs"),
+    ("models", "Models", "tabs.models"),
+    ("settings", "Settings", "tabs.settings"),
+)
+TAB_IDS = tuple(tab_id for tab_id, _, _ in TABS)
 
 
 def build_ui(studio, auth: bool = False):
-    """The Blocks: the live meter on top, then one tab per job kind, Jobs and Settings."""
+    """The Blocks: the live meter on top, then the tabs of TABS."""
+    import importlib
+
     import gradio as gr
 
-    from tabs import chat, detect, header, jobs, models, rag, settings, tinylm, transcribe
+    from tabs import common, header
 
     # Gradio reads this as each component is built: uploads land in the studio's own folder
     os.environ["GRADIO_TEMP_DIR"] = str(studio.config.uploads_dir)
     with gr.Blocks(title="Studio") as demo:
         ui = {"header": header.build(studio, auth)}
         with gr.Tabs() as tabs:
-            with gr.Tab("Chat (RAG)", id="chat"):
-                with gr.Tabs():
-                    with gr.Tab("Chat"):
-                        ui["chat"] = chat.build(studio, auth)
-                    ui["rag"] = rag.build(studio, auth)
-            with gr.Tab("Transcribe", id="transcribe"):
-                ui["transcribe"] = transcribe.build(studio, auth)
-            with gr.Tab("Detect", id="detect"):
-                ui["detect"] = detect.build(studio, auth)
-            with gr.Tab("Tiny LM", id="tinylm"):
-                ui["tinylm"] = tinylm.build(studio, auth)
-            with gr.Tab("Jobs", id="jobs"):
-                ui["jobs"] = jobs.build(studio, auth)
-            with gr.Tab("Models", id="models"):
-                ui["models"] = models.build(studio, auth)
-            with gr.Tab("Settings", id="settings"):
-                ui["settings"] = settings.build(studio)
-        tinylm.reattach(demo, studio, ui["tinylm"], auth)
+            for tab_id, label, name in TABS:
+                module = importlib.import_module(name)
+                with gr.Tab(label, id=tab_id):
+                    ui[tab_id] = module.build(studio, auth)
+                common.reattach(demo, studio, tab_id, ui[tab_id], getattr(module, "KINDS", {}), auth)
         header.deep_link(demo, tabs, TAB_IDS)
     demo.studio_ui = ui  # named components, for tests and scripts
     return demo

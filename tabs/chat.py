@@ -1,12 +1,24 @@
 """Chat (RAG) tab: a local LLM answering over your notes and code, streaming, with citations, tools and Stop."""
 import html
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import gradio as gr
+
+from studio import Job
 from studio.conversations import Conversations
 from studio.presets import presets
 from workers.rag.index import list_collections
 
-from .common import progress_html, user_of
+from .common import Follow, bind, progress_html, user_of, watch
+
+# the Send button's inputs: the /chat endpoint's parameter names, in this order, each with the component (its name
+# in build()'s dict) it comes from
+SEND_INPUTS = dict(message="prompt", conversation="conversation", model="model", collection="collection",
+                   system="system", temperature="temperature", top_p="top_p", max_tokens="max_tokens", n_ctx="n_ctx",
+                   top_k="top_k", reranker="reranker", tools="tools", load_in_4bit="load_in_4bit")
+OUTPUTS = ("chatbot", "prompt", "stats", "sources", "job_id", "conversation")  # what a chat job streams into
 
 
 def model_choices() -> list[str]:
@@ -46,10 +58,93 @@ def sources_md(sources: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def build(studio, auth: bool = False) -> dict:
-    import gradio as gr
+def conversations(studio) -> Conversations:
+    return Conversations(studio.config.data_dir / "chat.db")
 
-    convs = Conversations(studio.config.data_dir / "chat.db")
+
+def _messages(convs: Conversations, cid: str) -> list[dict]:
+    """A conversation as chatbot messages; none for a job that keeps no conversation (or one deleted since)."""
+    try:
+        return to_chatbot(convs.get(cid)) if cid else []
+    except KeyError:
+        return []
+
+
+def _answer(events: list[dict]) -> tuple[str, list[dict], list[dict]]:
+    """(answer so far, tool steps as chatbot messages, sources) from a chat job's events."""
+    answer, steps, sources = "", [], []
+    for e in events:
+        if e["type"] == "token":
+            answer += e["text"]
+        elif e["type"] == "sources":
+            sources = e["sources"]
+        elif e["type"] == "tool_call":
+            steps.append({"role": "assistant", "content": str(e["arguments"]),
+                          "metadata": {"title": f"🔧 {e['name']}"}})
+        elif e["type"] == "tool_result":
+            steps[-1]["content"] += f"\n→ {e['result'][:500]}"
+    return answer, steps, sources
+
+
+def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """Stream a chat job into the tab (OUTPUTS): the answer, tool steps and sources under the conversation so far,
+    then the conversation as stored with speed and citations. Send uses it, and so does a reloaded page."""
+    convs = conversations(studio)
+    cid = job.params.get("conversation") or ""
+    question = {"role": "user", "content": job.params["prompt"]}
+    shown = _messages(convs, cid)
+    if shown[-1:] != [question]:  # the worker stores the question only once it starts answering
+        shown.append(question)
+    choices = gr.update(choices=conversation_choices(convs, owner), value=cid or None)
+    for current, evs in watch(studio, job, every=0.05):
+        answer, steps, srcs = _answer(evs)
+        if not current.status.final:
+            yield (shown + steps + [{"role": "assistant", "content": answer or "…"}], "",
+                   progress_html(current) if not answer else "", sources_md(srcs), job.id, choices)
+    if current.status.value == "DONE":
+        r = current.result
+        tps = f"{r['tokens_per_s']:.1f} tok/s · " if r.get("tokens_per_s") else ""
+        info = (f"{tps}first token {r['ttft_ms']:.0f} ms · {r['tokens']} tokens · model "
+                f"{'from cache' if r['model_cached'] else 'loaded'} ({r['n_gpu_layers']} GPU layers) · "
+                f"job `{current.id}`")
+        if r.get("citations"):
+            info += " · cites " + ", ".join(f"[{c['n']}] {c['where']}" for c in r["citations"])
+    else:
+        info = progress_html(current)
+    if current.status.value == "REFUSED":  # it never ran: the question stays, the reason below it
+        final = shown
+    else:  # the exchange as the worker stored it (or, kept nowhere, as it streamed)
+        final = _messages(convs, cid) or shown + steps + [{"role": "assistant", "content": answer}]
+    yield final, "", info, sources_md(srcs), job.id, choices
+
+
+KINDS = {"chat": Follow(follow, OUTPUTS)}
+
+
+def send(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
+    """Send (or Enter), given its inputs by name (SEND_INPUTS): a chat job in the open conversation, or in a new one
+    named after the question; streamed."""
+    message = v["message"]
+    if not (message or "").strip():
+        raise gr.Error("Type a message first.")
+    convs = conversations(studio)
+    cid = v["conversation"] or convs.create(message.strip()[:60], owner,
+                                            {"model": v["model"], "collection": v["collection"]})
+    try:
+        job = studio.submit("chat", dict(prompt=message, model=v["model"], collection=v["collection"] or "",
+                                         conversation=cid, system=v["system"], temperature=v["temperature"],
+                                         top_p=v["top_p"], max_tokens=int(v["max_tokens"]), n_ctx=int(v["n_ctx"]),
+                                         top_k=int(v["top_k"]), reranker=v["reranker"] or "", tools=bool(v["tools"]),
+                                         load_in_4bit=bool(v["load_in_4bit"])), owner=owner)
+    except ValueError as e:
+        if not v["conversation"]:
+            convs.delete(cid)  # the new conversation would stay empty
+        raise gr.Error(str(e))
+    yield from follow(studio, job, owner)
+
+
+def build(studio, auth: bool = False) -> dict:
+    convs = conversations(studio)
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
             conversation = gr.Dropdown(conversation_choices(convs), label="Conversation", value=None)
@@ -65,7 +160,7 @@ def build(studio, auth: bool = False) -> dict:
             chatbot = gr.Chatbot(label="Chat", height=460, buttons=["copy"])
             prompt = gr.Textbox(placeholder="Ask about your notes and code …", show_label=False, lines=2)
             with gr.Row():
-                send = gr.Button("Send", variant="primary")
+                send_button = gr.Button("Send", variant="primary")
                 stop = gr.Button("Stop", variant="stop")
             stats = gr.Markdown()
         with gr.Column(scale=2, min_width=260):
@@ -89,68 +184,21 @@ def build(studio, auth: bool = False) -> dict:
             sources = gr.Markdown()
     job_id = gr.State("")
 
+    ui = dict(conversation=conversation, new=new, delete=delete, title=title, rename=rename, export=export,
+              export_file=export_file, chatbot=chatbot, prompt=prompt, send=send_button, stop=stop, stats=stats,
+              model=model, collection=collection, system=system, temperature=temperature, top_p=top_p,
+              max_tokens=max_tokens, n_ctx=n_ctx, top_k=top_k, reranker=reranker, tools=tools,
+              load_in_4bit=load_in_4bit, sources=sources, job_id=job_id)
+
     def owner(request):
         return user_of(request, auth)
 
-    def on_send(message, conversation, model, collection, system, temperature, top_p, max_tokens, n_ctx, top_k,
-                reranker, tools, load_in_4bit, request: gr.Request):
-        if not (message or "").strip():
-            raise gr.Error("Type a message first.")
-        cid = conversation or convs.create(message.strip()[:60], owner(request),
-                                           {"model": model, "collection": collection})
-        shown = to_chatbot(convs.get(cid)) + [{"role": "user", "content": message}]
-        try:
-            job = studio.submit("chat", dict(prompt=message, model=model, collection=collection or "",
-                                             conversation=cid, system=system, temperature=temperature, top_p=top_p,
-                                             max_tokens=int(max_tokens), n_ctx=int(n_ctx), top_k=int(top_k),
-                                             reranker=reranker or "", tools=bool(tools),
-                                             load_in_4bit=bool(load_in_4bit)), owner=owner(request))
-        except ValueError as e:
-            if not conversation:
-                convs.delete(cid)  # the new conversation would stay empty
-            raise gr.Error(str(e))
-        choices = gr.update(choices=conversation_choices(convs, owner(request)), value=cid)
-        if job.status.value == "REFUSED":
-            yield shown, "", progress_html(job), "", job.id, choices
-            return
-        offset, answer, steps, srcs = 0, "", [], []
-        while True:
-            evs, offset = studio.events(job.id, offset)
-            for e in evs:
-                if e["type"] == "token":
-                    answer += e["text"]
-                elif e["type"] == "sources":
-                    srcs = e["sources"]
-                elif e["type"] == "tool_call":
-                    steps.append({"role": "assistant", "content": str(e["arguments"]),
-                                  "metadata": {"title": f"🔧 {e['name']}"}})
-                elif e["type"] == "tool_result":
-                    steps[-1]["content"] += f"\n→ {e['result'][:500]}"
-            current = studio.job(job.id)
-            if current.status.final:
-                break
-            status = progress_html(current) if not answer else ""
-            yield shown + steps + [{"role": "assistant", "content": answer or "…"}], "", status, \
-                sources_md(srcs), job.id, choices
-            time.sleep(0.05)
-        final = studio.job(job.id)
-        if final.status.value == "DONE":
-            r = final.result
-            tps = f"{r['tokens_per_s']:.1f} tok/s · " if r.get("tokens_per_s") else ""
-            info = (f"{tps}first token {r['ttft_ms']:.0f} ms · {r['tokens']} tokens · model "
-                    f"{'from cache' if r['model_cached'] else 'loaded'} ({r['n_gpu_layers']} GPU layers) · "
-                    f"job `{final.id}`")
-            if r.get("citations"):
-                info += " · cites " + ", ".join(f"[{c['n']}] {c['where']}" for c in r["citations"])
-        else:
-            info = progress_html(final)
-        yield to_chatbot(convs.get(cid)), "", info, sources_md(srcs), job.id, choices
-
-    outputs = [chatbot, prompt, stats, sources, job_id, conversation]
-    inputs = [prompt, conversation, model, collection, system, temperature, top_p, max_tokens, n_ctx, top_k,
-              reranker, tools, load_in_4bit]
-    send.click(on_send, inputs, outputs, api_name="chat", show_progress="hidden")
-    prompt.submit(on_send, inputs, outputs, api_name="chat_submit", show_progress="hidden")
+    inputs = {name: ui[component] for name, component in SEND_INPUTS.items()}
+    outputs = [ui[n] for n in OUTPUTS]
+    send_button.click(bind(send, studio, auth), None, outputs, inputs_kwargs=inputs, api_name="chat",
+                      show_progress="hidden")
+    prompt.submit(bind(send, studio, auth), None, outputs, inputs_kwargs=inputs, api_name="chat_submit",
+                  show_progress="hidden")
 
     def on_stop(current):
         if current:
@@ -205,9 +253,4 @@ def build(studio, auth: bool = False) -> dict:
         return gr.update(choices=collection_choices(studio))
 
     collection.focus(on_refresh, None, collection, api_name="chat_collections", show_progress="hidden")
-    return dict(conversation=conversation, new=new, delete=delete, title=title, rename=rename, export=export,
-                export_file=export_file, chatbot=chatbot, prompt=prompt, send=send, stop=stop, stats=stats,
-                model=model, collection=collection, system=system, temperature=temperature, top_p=top_p,
-                max_tokens=max_tokens, n_ctx=n_ctx, top_k=top_k, reranker=reranker, tools=tools,
-                load_in_4bit=load_in_4bit, sources=sources,
-                job_id=job_id)
+    return ui

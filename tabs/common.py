@@ -1,9 +1,17 @@
-"""Small helpers the tabs share: formatting, reading a job's events into plot rows, the request's user."""
+"""What the tabs share: the one loop that follows jobs, re-attaching a tab to its job on page load, handlers that
+take named inputs, formatting, reading a job's events into plot rows, the request's user."""
 from __future__ import annotations
 
 import html
+import inspect
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
+
+import gradio as gr
+
+from studio import Job, JobStatus
 
 
 def stash_uploads(studio, files, prefix: str) -> str:
@@ -23,8 +31,6 @@ def stash_uploads(studio, files, prefix: str) -> str:
 
 def owned_job(studio, job_id: str, owner: str | None):
     """The job, when it exists and (with auth) belongs to `owner`; otherwise a gr.Error that says why."""
-    import gradio as gr
-
     job_id = (job_id or "").strip()
     if not job_id:
         raise gr.Error("Pick or enter a job first.")
@@ -37,12 +43,76 @@ def owned_job(studio, job_id: str, owner: str | None):
     return job
 
 
-def watch(studio, job, every: float = 0.2):
-    """Yield a job's row until it is final (the last one yielded is final): for handlers that stream status."""
-    while not (job := studio.job(job.id)).status.final:
-        yield job
+def watch_all(studio, jobs: list[Job], every: float = 0.2) -> Iterator[list[tuple[Job, list[dict]]]]:
+    """The one loop that follows jobs: yield [(job row, its events so far), …] until every job is final (the last
+    list yielded is). Tabs turn these into what they show, so a Run button and a page reload stream alike."""
+    events: dict[str, list[dict]] = {j.id: [] for j in jobs}
+    offsets = dict.fromkeys(events, 0)
+    while True:
+        rows = [studio.job(j.id) for j in jobs]  # status before events: a final job has written all its events
+        for j in rows:
+            new, offsets[j.id] = studio.events(j.id, offsets[j.id])
+            events[j.id].extend(new)
+        yield [(j, events[j.id]) for j in rows]
+        if all(j.status.final for j in rows):
+            return
         time.sleep(every)
-    yield job
+
+
+def watch(studio, job: Job, every: float = 0.2) -> Iterator[tuple[Job, list[dict]]]:
+    """Yield (job row, its events so far) until the job is final (the last pair yielded is)."""
+    for [(row, events)] in watch_all(studio, [job], every):
+        yield row, events
+
+
+@dataclass(frozen=True)
+class Follow:
+    """How a tab shows one job kind: the generator its own Run button streams with, and the components (names in
+    the tab's build() dict) that each row it yields fills, in order."""
+
+    stream: Callable[[Any, Job, str | None], Iterator[tuple]]  # stream(studio, job, owner)
+    outputs: tuple[str, ...]
+
+
+def live_job(studio, kinds: tuple[str, ...], owner: str | None) -> Job | None:
+    """The newest RUNNING or QUEUED job of these kinds that `owner` may see (every job when there is no auth)."""
+    live = [j for status in (JobStatus.RUNNING, JobStatus.QUEUED) for j in studio.store.with_status(status)
+            if j.kind in kinds and (owner is None or j.owner == owner)]
+    return max(live, key=lambda j: j.created, default=None)
+
+
+def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth: bool) -> None:
+    """On page load, stream the newest unfinished job of the tab's kinds into the tab, with the same code its Run
+    button uses, so a reload (or a second browser) picks up where the first page was."""
+    if not kinds:
+        return
+    names = list(dict.fromkeys(n for f in kinds.values() for n in f.outputs))  # each component once, in order
+
+    def on_load(request: gr.Request):
+        owner = user_of(request, auth)
+        job = live_job(studio, tuple(kinds), owner)
+        if job is None:
+            yield tuple(gr.skip() for _ in names)
+            return
+        follow = kinds[job.kind]
+        for row in follow.stream(studio, job, owner):
+            shown = dict(zip(follow.outputs, row, strict=True))
+            yield tuple(shown.get(n, gr.skip()) for n in names)  # another kind's components stay as they are
+
+    demo.load(on_load, None, [ui[n] for n in names], api_name=f"{tab_id}_attach", show_progress="hidden")
+
+
+def bind(handler: Callable, studio, auth: bool) -> Callable:
+    """`handler(studio, owner, values)`, a generator that starts a job and streams it, as a Gradio listener for
+    `inputs_kwargs={name: component}`: `values` maps each input's name to its value, and those names are the
+    endpoint's parameter names for gradio_client, in that order."""
+    if not inspect.isgeneratorfunction(handler):
+        raise TypeError(f"{handler.__name__} must be a generator: it streams the job it starts")
+
+    def listener(request: gr.Request, **values):
+        yield from handler(studio, user_of(request, auth), values)
+
+    return listener
 
 
 def gib(b: float | None) -> str:

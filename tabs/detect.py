@@ -1,12 +1,22 @@
 """Detect tab: YOLO predict (images → annotated gallery and a box table; video → annotated video), train on your
 labelled set (dataset check, live losses and mAP, sample predictions, resume), export to ONNX/TensorRT with a
 latency table."""
+from collections.abc import Iterator
+from typing import Any
 
+import gradio as gr
+
+from studio import Job
 from workers.detect.yolo import presets
 
-from .common import eta, loss_frame, progress_html, stash_uploads, user_of, watch
+from .common import Follow, bind, eta, loss_frame, progress_html, stash_uploads, user_of, watch
 
 BASE_MODELS = ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo11s.yaml"]
+# the Train button's inputs: each comes from build()'s t_<name> component, and they are the /detect_train
+# endpoint's parameters in this order
+TRAIN_INPUTS = ("files", "path", "model", "epochs", "imgsz", "batch", "mosaic", "fliplr", "flipud", "hsv_h", "hsv_s",
+                "hsv_v", "amp", "patience", "seed", "trust")
+TRAIN_OUTPUTS = ("t_status", "t_report", "t_loss", "t_map", "t_sample", "t_plots", "t_files_out", "t_job")
 
 
 def trained_models(studio, owner=None) -> list[tuple[str, str]]:
@@ -28,9 +38,55 @@ def _paths(files) -> list[str]:
     return [f if isinstance(f, str) else f.name for f in files or []]
 
 
-def build(studio, auth: bool = False) -> dict:
-    import gradio as gr
+def _submit(studio, kind: str, params: dict, owner: str | None) -> Job:
+    try:
+        return studio.submit(kind, params, owner=owner)
+    except ValueError as e:
+        raise gr.Error(str(e))
 
+
+def _dataset_path(studio, files, path) -> str:
+    chosen = stash_uploads(studio, [files] if files else [], "dataset") if files else (path or "").strip()
+    if not chosen:
+        raise gr.Error("Upload a dataset zip or give a folder / data.yaml path.")
+    return chosen
+
+
+def follow_train(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """Stream a training job into the Train tab (TRAIN_OUTPUTS): the dataset report, losses, mAP and the latest
+    sample prediction as epochs end; plots and weights once it is over. Train, Resume and a reloaded page use it."""
+    last = None
+    for job, evs in watch(studio, job, every=0.5):
+        key = (len(evs), job.status)
+        if key == last and not job.status.final:
+            continue  # nothing new to draw
+        last = key
+        run_dir = studio.run_dir(job.id)
+        report = next((e["summary"] for e in evs if e["type"] == "dataset"), gr.update())
+        samples = [e for e in evs if e["type"] == "sample"]
+        sample = str(run_dir / samples[-1]["path"]) if samples else None
+        plots = [(str(p), p.stem) for p in sorted((run_dir / "train").glob("*.png"))] if job.status.final else []
+        files = [str(run_dir / f) for f in ("best.pt", "last.pt") if (run_dir / f).exists()]
+        files += [str(p) for p in (run_dir / "train").glob("results.csv")]
+        yield (progress_html(job, eta(job)), report,
+               loss_frame(evs, ("train_box_loss", "train_cls_loss", "train_dfl_loss")),
+               loss_frame(evs, ("map50", "map50_95")), sample, plots or None, files or None, job.id)
+
+
+KINDS = {"detect_train": Follow(follow_train, TRAIN_OUTPUTS)}  # predict and export are short: nothing to re-attach
+
+
+def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
+    """The Train button, given its inputs by name (TRAIN_INPUTS): a detect_train job, streamed."""
+    job = _submit(studio, "detect_train", dict(
+        data=_dataset_path(studio, v["files"], v["path"]), model=v["model"], epochs=int(v["epochs"]),
+        imgsz=int(v["imgsz"]), batch=int(v["batch"]), mosaic=v["mosaic"], fliplr=v["fliplr"], flipud=v["flipud"],
+        hsv_h=v["hsv_h"], hsv_s=v["hsv_s"], hsv_v=v["hsv_v"], amp=v["amp"], patience=int(v["patience"]),
+        seed=int(v["seed"]), trust=v["trust"]), owner)
+    yield from follow_train(studio, job, owner)
+
+
+def build(studio, auth: bool = False) -> dict:
     gr.Markdown("Find objects with Ultralytics YOLO: predict on images or video, train on your own labelled set "
                 "(YOLO, Roboflow, Label Studio or COCO exports), export to ONNX or TensorRT and compare latency. "
                 ".pt files are pickles: the studio loads only weights it wrote, hash-pinned presets, or files you "
@@ -127,15 +183,20 @@ def build(studio, auth: bool = False) -> dict:
                                            label="Latency (median, warm-up excluded)", interactive=False)
                     e_files = gr.File(label="Exported", file_count="multiple", interactive=False)
     p_job, t_job = gr.State(""), gr.State("")
+    ui = dict(p_files=p_files, p_model=p_model, p_trust=p_trust, p_go=p_go, p_status=p_status,
+              p_gallery=p_gallery, p_video=p_video, p_table=p_table, t_files=t_files, t_path=t_path,
+              t_check=t_check, t_report=t_report, t_model=t_model, t_epochs=t_epochs, t_imgsz=t_imgsz,
+              t_batch=t_batch, t_mosaic=t_mosaic, t_fliplr=t_fliplr, t_flipud=t_flipud, t_hsv_h=t_hsv_h,
+              t_hsv_s=t_hsv_s, t_hsv_v=t_hsv_v, t_amp=t_amp, t_patience=t_patience, t_seed=t_seed, t_trust=t_trust,
+              t_go=t_go, t_cancel=t_cancel, t_resume=t_resume, t_status=t_status, t_loss=t_loss, t_map=t_map,
+              t_sample=t_sample, t_plots=t_plots, t_files_out=t_files_out, t_job=t_job, e_model=e_model,
+              e_format=e_format, e_go=e_go, e_table=e_table, e_files=e_files)
 
     def owner(request):
         return user_of(request, auth)
 
     def submit(kind, params, request):
-        try:
-            return studio.submit(kind, params, owner=owner(request))
-        except ValueError as e:
-            raise gr.Error(str(e))
+        return _submit(studio, kind, params, owner(request))
 
     # ---- predict ---------------------------------------------------------------------------------------------
     def on_predict(files, model, trust, conf, iou, imgsz, classes, request: gr.Request):
@@ -146,8 +207,7 @@ def build(studio, auth: bool = False) -> dict:
             raise gr.Error("Pick a model: train one, or download a preset in the Models tab.")
         job = submit("detect_predict", dict(model=model, source="\n".join(paths), trust=trust, conf=conf, iou=iou,
                                             imgsz=int(imgsz), classes=classes or ""), request)
-        for job in watch(studio, job):
-            evs = studio.events(job.id)[0]
+        for job, evs in watch(studio, job):
             run_dir = studio.run_dir(job.id)
             dets = [e for e in evs if e["type"] == "detections"]
             gallery = [(str(run_dir / e["annotated"]), e["image"]) for e in dets]
@@ -195,54 +255,17 @@ def build(studio, auth: bool = False) -> dict:
                [cam_out, cam_status, cam_job], stream_every=0.2, api_name="detect_webcam")
 
     # ---- train -----------------------------------------------------------------------------------------------
-    def dataset_path(files, path) -> str:
-        chosen = stash_uploads(studio, [files] if files else [], "dataset") if files else (path or "").strip()
-        if not chosen:
-            raise gr.Error("Upload a dataset zip or give a folder / data.yaml path.")
-        return chosen
-
     def on_check(files, path, request: gr.Request):
         """A `detect_check` job in the io lane: it runs beside a training job and cleans up its import."""
-        job = submit("detect_check", dict(data=dataset_path(files, path)), request)
+        job = submit("detect_check", dict(data=_dataset_path(studio, files, path)), request)
         job = studio.wait(job.id, timeout=1800)
         if job.status.value != "DONE":
             raise gr.Error(job.error or f"the dataset check ended {job.status.value}")
         return job.result["summary"]
 
     t_check.click(on_check, [t_files, t_path], t_report, api_name="detect_check")
-
-    def follow_train(job):
-        last = None
-        for job in watch(studio, job, every=0.5):
-            evs = studio.events(job.id)[0]
-            run_dir = studio.run_dir(job.id)
-            report = next((e["summary"] for e in evs if e["type"] == "dataset"), gr.update())
-            samples = [e for e in evs if e["type"] == "sample"]
-            sample = str(run_dir / samples[-1]["path"]) if samples else None
-            key = (len(evs), job.status)
-            if key == last and not job.status.final:
-                continue
-            last = key
-            plots = [(str(p), p.stem) for p in sorted((run_dir / "train").glob("*.png"))] if job.status.final else []
-            files = [str(run_dir / f) for f in ("best.pt", "last.pt") if (run_dir / f).exists()]
-            files += [str(p) for p in (run_dir / "train").glob("results.csv")]
-            yield (progress_html(job, eta(job)), report,
-                   loss_frame(evs, ("train_box_loss", "train_cls_loss", "train_dfl_loss")),
-                   loss_frame(evs, ("map50", "map50_95")), sample, plots or None, files or None, job.id)
-
-    train_inputs = [t_files, t_path, t_model, t_epochs, t_imgsz, t_batch, t_mosaic, t_fliplr, t_flipud, t_hsv_h,
-                    t_hsv_s, t_hsv_v, t_amp, t_patience, t_seed, t_trust]
-    train_outputs = [t_status, t_report, t_loss, t_map, t_sample, t_plots, t_files_out, t_job]
-
-    def on_train(files, path, model, epochs, imgsz, batch, mosaic, fliplr, flipud, hsv_h, hsv_s, hsv_v, amp,
-                 patience, seed, trust, request: gr.Request):
-        job = submit("detect_train", dict(
-            data=dataset_path(files, path), model=model, epochs=int(epochs), imgsz=int(imgsz), batch=int(batch),
-            mosaic=mosaic, fliplr=fliplr, flipud=flipud, hsv_h=hsv_h, hsv_s=hsv_s, hsv_v=hsv_v, amp=amp,
-            patience=int(patience), seed=int(seed), trust=trust), request)
-        yield from follow_train(job)
-
-    t_go.click(on_train, train_inputs, train_outputs, api_name="detect_train", show_progress="hidden")
+    t_go.click(bind(start_train, studio, auth), None, [ui[n] for n in TRAIN_OUTPUTS],
+               inputs_kwargs={n: ui[f"t_{n}"] for n in TRAIN_INPUTS}, api_name="detect_train", show_progress="hidden")
     t_cancel.click(lambda j: cancel(j, "last.pt is kept; Resume continues from it."), t_job, t_status)
 
     def on_resume(job_id, request: gr.Request):
@@ -252,9 +275,10 @@ def build(studio, auth: bool = False) -> dict:
             job = studio.resume(job_id, owner(request))
         except (ValueError, KeyError) as e:
             raise gr.Error(str(e))
-        yield from follow_train(job)
+        yield from follow_train(studio, job, owner(request))
 
-    t_resume.click(on_resume, t_job, train_outputs, api_name="detect_resume", show_progress="hidden")
+    t_resume.click(on_resume, t_job, [ui[n] for n in TRAIN_OUTPUTS], api_name="detect_resume",
+                   show_progress="hidden")
 
     # ---- export ----------------------------------------------------------------------------------------------
     def on_export(model, trust, fmt, imgsz, batch, half, request: gr.Request):
@@ -262,7 +286,7 @@ def build(studio, auth: bool = False) -> dict:
             raise gr.Error("Pick a model to export.")
         job = submit("detect_export", dict(model=model, trust=trust, format=fmt, imgsz=int(imgsz), batch=int(batch),
                                            half=half), request)
-        for job in watch(studio, job):
+        for job, _ in watch(studio, job):
             rows = [[r["backend"], r["ms_per_image"], r["inference_ms"], r["fps"], r.get("note", "")]
                     for r in (job.result or {}).get("latency", [])]
             run_dir = studio.run_dir(job.id)
@@ -280,8 +304,4 @@ def build(studio, auth: bool = False) -> dict:
 
     p_model.focus(refresh_predict, None, p_model)
     e_model.focus(refresh_export, None, e_model)
-    return dict(p_files=p_files, p_model=p_model, p_trust=p_trust, p_go=p_go, p_status=p_status,
-                p_gallery=p_gallery, p_video=p_video, p_table=p_table, t_files=t_files, t_path=t_path,
-                t_check=t_check, t_report=t_report, t_model=t_model, t_go=t_go, t_cancel=t_cancel,
-                t_resume=t_resume, t_status=t_status, t_loss=t_loss, t_map=t_map, t_sample=t_sample,
-                t_plots=t_plots, e_model=e_model, e_format=e_format, e_go=e_go, e_table=e_table, e_files=e_files)
+    return ui

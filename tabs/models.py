@@ -1,9 +1,13 @@
 """Models tab: presets for a 12 GB card, downloads into the Hugging Face cache with progress, local files."""
+from collections.abc import Iterator
 from pathlib import Path
 
+import gradio as gr
+
+from studio import Job
 from workers.chat.llm import find_local, presets
 
-from .common import progress_html, user_of, watch
+from .common import Follow, progress_html, user_of, watch
 
 HEADERS = ["kind", "name", "source", "file", "size GB", "licence", "VRAM est. GB", "on disk"]
 
@@ -36,9 +40,19 @@ def _snapshot_state(repo: str) -> str:
         return "no"
 
 
-def build(studio, auth: bool = False) -> dict:
-    import gradio as gr
+def follow_download(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """Stream a download into the tab (status, models): progress, then where it landed and the presets table."""
+    for job, _ in watch(studio, job, every=0.3):
+        if not job.status.final:
+            yield progress_html(job), gr.skip()
+    extra = f"<br>saved to <code>{job.result['path']}</code>" if job.result else ""
+    yield progress_html(job) + extra, table(studio)
 
+
+KINDS = {"model_download": Follow(follow_download, ("status", "models"))}
+
+
+def build(studio, auth: bool = False) -> dict:
     gr.Markdown("Presets name the model for each job on a 12 GB card. Downloads go to your normal Hugging Face "
                 "cache (shared with your other tools) and resume if interrupted. You can also point any model "
                 "field at a local `.gguf` file or model folder.")
@@ -63,11 +77,7 @@ def build(studio, auth: bool = False) -> dict:
             job = studio.submit("model_download", params, owner=user_of(request, auth))
         except ValueError as e:
             raise gr.Error(str(e))
-        for job in watch(studio, job, every=0.3):
-            if not job.status.final:
-                yield progress_html(job), gr.skip()
-        extra = f"<br>saved to <code>{job.result['path']}</code>" if job.result else ""
-        yield progress_html(job) + extra, table(studio)
+        yield from follow_download(studio, job, user_of(request, auth))
 
     def on_download(preset, request: gr.Request):
         if not preset:

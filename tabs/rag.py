@@ -1,10 +1,14 @@
 """Collections (ingest notes and code into Chroma) and Evaluate (retrieval and answer metrics, compared by run)."""
+from collections.abc import Iterator
 from pathlib import Path
 
+import gradio as gr
+
+from studio import Job
 from studio.presets import presets
 from workers.rag.index import list_collections
 
-from .common import progress_html, stash_uploads, user_of, watch
+from .common import Follow, progress_html, stash_uploads, user_of, watch
 
 EVAL_COLUMNS = ["job", "collection", "embedder", "chunking", "k", "reranker", "model", "hit@k", "recall@k", "MRR",
                 "ROUGE-L", "BLEU", "judge", "questions"]
@@ -34,9 +38,34 @@ def eval_table(studio, owner=None) -> list[list]:
     return rows
 
 
-def build(studio, auth: bool = False) -> dict:
-    import gradio as gr
+def follow_ingest(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """Stream an ingest into Collections (ingest_status, table): progress, then what changed and the new table."""
+    for job, _ in watch(studio, job):
+        if not job.status.final:
+            yield progress_html(job), gr.skip()
+    msg = progress_html(job)
+    if job.status.value == "DONE":
+        r = job.result
+        msg += (f"<br>{r['added']} added, {r['updated']} updated, {r['unchanged']} unchanged, {r['removed']} "
+                f"removed · {r['chunks']} chunks · {r['docs_per_s'] or 0:.1f} files/s")
+        for s in r["skipped"]:
+            msg += f"<br>skipped <code>{s['file']}</code>: {s['reason']}"
+    yield msg, collections_table(studio)
 
+
+def follow_eval(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """Stream an evaluation into Evaluate (ev_status, ev_table): progress, then every run side by side."""
+    for job, _ in watch(studio, job):
+        if not job.status.final:
+            yield progress_html(job), gr.skip()
+    yield progress_html(job), eval_table(studio, owner)
+
+
+KINDS = {"rag_ingest": Follow(follow_ingest, ("ingest_status", "table")),
+         "rag_eval": Follow(follow_eval, ("ev_status", "ev_table"))}
+
+
+def build(studio, auth: bool = False) -> dict:
     def owner(request):
         return user_of(request, auth)
 
@@ -71,16 +100,7 @@ def build(studio, auth: bool = False) -> dict:
                                 owner=owner(request))
         except ValueError as e:
             raise gr.Error(str(e))
-        for job in watch(studio, job):
-            yield progress_html(job), gr.skip()
-        msg = progress_html(job)
-        if job.status.value == "DONE":
-            r = job.result
-            msg += (f"<br>{r['added']} added, {r['updated']} updated, {r['unchanged']} unchanged, {r['removed']} "
-                    f"removed · {r['chunks']} chunks · {r['docs_per_s'] or 0:.1f} files/s")
-            for s in r["skipped"]:
-                msg += f"<br>skipped <code>{s['file']}</code>: {s['reason']}"
-        yield msg, collections_table(studio)
+        yield from follow_ingest(studio, job, owner(request))
 
     ingest.click(on_ingest, [name, files, folder, embedder, chunk_chars, overlap_chars], [ingest_status, table],
                  api_name="rag_ingest", show_progress="hidden")
@@ -117,9 +137,7 @@ def build(studio, auth: bool = False) -> dict:
                                 owner=owner(request))
         except ValueError as e:
             raise gr.Error(str(e))
-        for job in watch(studio, job):
-            yield progress_html(job), gr.skip()
-        yield progress_html(job), eval_table(studio, owner(request))
+        yield from follow_eval(studio, job, owner(request))
 
     run_eval.click(on_eval, [ev_collection, evalset, ev_k, ev_reranker, ev_model, ev_judge], [ev_status, ev_table],
                    api_name="rag_eval", show_progress="hidden")

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .common import gib
 
 
-def build(studio) -> dict:
+def build(studio, auth: bool = False) -> dict:  # the same signature as every tab: settings are not per user
     import gradio as gr
 
     c = studio.config

@@ -1,13 +1,25 @@
 """Tiny LM tab: train a small transformer from scratch with a live loss plot and samples; generate from it."""
-
 import html
 import time
+from collections.abc import Iterator
+from typing import Any
 
+import gradio as gr
+
+from studio import Job
 from workers.tinylm.train import PRESETS
 
-from .common import eta, gib, loss_frame, progress_html, stash_uploads, user_of, watch
+from .common import Follow, bind, eta, gib, loss_frame, progress_html, stash_uploads, user_of, watch
 
 DATA_CHOICES = ["TinyShakespeare", "Upload text file(s)", "Folder on this machine"]
+# the Train and Generate buttons' inputs: names in build()'s dict, and their endpoints' parameters in this order
+TRAIN_INPUTS = ("data_source", "files", "folder", "preset", "pos", "tokenizer", "max_steps", "target_val_loss",
+                "batch_size", "block_size", "n_layer", "n_head", "n_embd", "lr")
+GENERATE_INPUTS = ("checkpoint", "prompt", "max_new_tokens", "temperature", "top_k", "kv_cache")
+TRAIN_OUTPUTS = ("status", "plot", "sample", "stats", "job_id")
+GENERATE_OUTPUTS = ("output", "gen_stats")
+SIZE_FIELDS = ("max_steps", "batch_size", "block_size", "n_layer", "n_head", "n_embd", "lr")  # 0: the preset's value
+
 
 def _stats(job, events: list[dict]) -> str:
     metrics = [e for e in events if e["type"] == "metric"]
@@ -26,22 +38,71 @@ def _stats(job, events: list[dict]) -> str:
     return "  \n".join(lines)
 
 
-def follow(studio, job_id: str):
-    """Yield (status, plot, sample, stats, job_id) while a job runs; used by Train and on page load."""
-    offset, evs = 0, []
-    last = 0.0
-    while True:
-        new, offset = studio.events(job_id, offset)
-        evs.extend(new)
-        job = studio.job(job_id)
-        if new or job.status.final or time.time() - last > 1.0:
-            last = time.time()
-            samples = [e for e in evs if e["type"] == "sample"]
-            sample = f"step {samples[-1]['step']}:\n{samples[-1]['text']}" if samples else ""
-            yield progress_html(job, eta(job)), loss_frame(evs), sample, _stats(job, evs), job_id
-        if job.status.final:
-            return
-        time.sleep(0.25)
+def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """Stream a training job into the tab (TRAIN_OUTPUTS): status, loss plot, latest sample, speed; used by Train
+    and by a reloaded page."""
+    seen, last = -1, 0.0
+    for job, evs in watch(studio, job, every=0.25):
+        if len(evs) == seen and not job.status.final and time.time() - last < 1.0:
+            continue  # nothing new: the status line (ETA) still refreshes once a second
+        seen, last = len(evs), time.time()
+        samples = [e for e in evs if e["type"] == "sample"]
+        sample = f"step {samples[-1]['step']}:\n{samples[-1]['text']}" if samples else ""
+        yield progress_html(job, eta(job)), loss_frame(evs), sample, _stats(job, evs), job.id
+
+
+def follow_generate(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """Stream a generation into the tab (GENERATE_OUTPUTS): its status while it runs, then the text and speed."""
+    for job, _ in watch(studio, job, every=0.1):
+        if not job.status.final:
+            yield "", progress_html(job)
+    if job.status.value != "DONE":
+        raise gr.Error(job.error or job.status.value)
+    r = job.result
+    yield r["text"], (f"**{r['tokens_per_s']:,.0f} tokens/s** · {r['tokens']} tokens in {r['seconds']:.2f} s · "
+                      f"KV cache {'on' if r['kv_cache'] else 'off'} · model "
+                      f"{'from the cache' if r['model_cached'] else 'loaded'} · job `{job.id}`")
+
+
+KINDS = {"tinylm": Follow(follow, TRAIN_OUTPUTS), "tinylm_generate": Follow(follow_generate, GENERATE_OUTPUTS)}
+
+
+def _data_path(studio, source: str, uploaded, folder: str) -> str:
+    if source == DATA_CHOICES[0]:
+        return "tinyshakespeare"
+    if source == DATA_CHOICES[2]:
+        if not (folder or "").strip():
+            raise gr.Error("Enter a folder path, or pick another data source.")
+        return folder.strip()
+    if not uploaded:
+        raise gr.Error("Upload at least one text file, or pick another data source.")
+    return stash_uploads(studio, uploaded, "tinylm")
+
+
+def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
+    """The Train button, given its inputs by name (TRAIN_INPUTS): a tinylm job, streamed."""
+    params = dict(data=_data_path(studio, v["data_source"], v["files"], v["folder"]), preset=v["preset"],
+                  pos=v["pos"], tokenizer=v["tokenizer"], target_val_loss=v["target_val_loss"] or 0.0)
+    params |= {name: v[name] for name in SIZE_FIELDS if v[name]}
+    try:
+        job = studio.submit("tinylm", params, owner=owner)
+    except ValueError as e:
+        raise gr.Error(str(e))
+    if job.status.value == "REFUSED":
+        yield html.escape(job.error), loss_frame([]), "", "", job.id
+        return
+    yield from follow(studio, job, owner)
+
+
+def start_generate(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
+    """The Generate button, given its inputs by name (GENERATE_INPUTS): a tinylm_generate job, streamed."""
+    if not v["checkpoint"]:
+        raise gr.Error("Pick a trained model first (train one above, then press ↻).")
+    try:
+        job = studio.submit("tinylm_generate", {name: v[name] for name in GENERATE_INPUTS}, owner=owner)
+    except ValueError as e:
+        raise gr.Error(str(e))
+    yield from follow_generate(studio, job, owner)
 
 
 def checkpoint_choices(studio, owner: str | None = None) -> list[tuple[str, str]]:
@@ -55,8 +116,6 @@ def checkpoint_choices(studio, owner: str | None = None) -> list[tuple[str, str]
 
 
 def build(studio, auth: bool = False) -> dict:
-    import gradio as gr
-
     gr.Markdown("Train a 1–10 M parameter transformer from scratch, watch its loss fall and its samples improve, "
                 "then generate from it. Runs on the GPU when there is one, else on the CPU.")
     with gr.Row():
@@ -110,44 +169,19 @@ def build(studio, auth: bool = False) -> dict:
             output = gr.Textbox(label="Output", lines=10, interactive=False)
             gen_stats = gr.Markdown()
 
+    ui = dict(data_source=data_source, files=files, folder=folder, preset=preset, pos=pos, tokenizer=tokenizer,
+              max_steps=max_steps, target_val_loss=target_val_loss, batch_size=batch_size, block_size=block_size,
+              n_layer=n_layer, n_head=n_head, n_embd=n_embd, lr=lr, train=train, cancel=cancel, status=status,
+              plot=plot, stats=stats, sample=sample, job_id=job_id, checkpoint=checkpoint, refresh=refresh,
+              prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+              kv_cache=kv_cache, generate=gen, output=output, gen_stats=gen_stats)
+
     def on_source(choice):
         return gr.update(visible=choice == DATA_CHOICES[1]), gr.update(visible=choice == DATA_CHOICES[2])
 
     data_source.change(on_source, data_source, [files, folder], api_name="tinylm_data_source", show_progress="hidden")
-
-    def _data_path(source, uploaded, folder_path) -> str:
-        if source == DATA_CHOICES[0]:
-            return "tinyshakespeare"
-        if source == DATA_CHOICES[2]:
-            if not (folder_path or "").strip():
-                raise gr.Error("Enter a folder path, or pick another data source.")
-            return folder_path.strip()
-        if not uploaded:
-            raise gr.Error("Upload at least one text file, or pick another data source.")
-        return stash_uploads(studio, uploaded, "tinylm")
-
-    def on_train(data_source, files, folder, preset, pos, tokenizer, max_steps, target_val_loss, batch_size,
-                 block_size, n_layer, n_head, n_embd, lr, request: gr.Request):
-        params = dict(data=_data_path(data_source, files, folder), preset=preset, pos=pos, tokenizer=tokenizer,
-                      target_val_loss=target_val_loss or 0.0)
-        # a 0 in a size field means "the preset's value"
-        for name, value in dict(max_steps=max_steps, batch_size=batch_size, block_size=block_size, n_layer=n_layer,
-                                n_head=n_head, n_embd=n_embd, lr=lr).items():
-            if value:
-                params[name] = value
-        try:
-            job = studio.submit("tinylm", params, owner=user_of(request, auth))
-        except ValueError as e:
-            raise gr.Error(str(e))
-        if job.status.value == "REFUSED":
-            yield html.escape(job.error), loss_frame([]), "", "", job.id
-            return
-        yield from follow(studio, job.id)
-
-    outputs = [status, plot, sample, stats, job_id]
-    train.click(on_train, [data_source, files, folder, preset, pos, tokenizer, max_steps, target_val_loss,
-                           batch_size, block_size, n_layer, n_head, n_embd, lr], outputs, api_name="tinylm_train",
-                show_progress="hidden")
+    train.click(bind(start_train, studio, auth), None, [ui[n] for n in TRAIN_OUTPUTS],
+                inputs_kwargs={n: ui[n] for n in TRAIN_INPUTS}, api_name="tinylm_train", show_progress="hidden")
 
     def on_cancel(current):
         if not current:
@@ -162,48 +196,6 @@ def build(studio, auth: bool = False) -> dict:
         return gr.update(choices=checkpoint_choices(studio, user_of(request, auth)))
 
     refresh.click(on_refresh, None, checkpoint, api_name="tinylm_checkpoints")
-
-    def on_generate(checkpoint, prompt, max_new_tokens, temperature, top_k, kv_cache, request: gr.Request):
-        if not checkpoint:
-            raise gr.Error("Pick a trained model first (train one above, then press ↻).")
-        try:
-            job = studio.submit("tinylm_generate", dict(checkpoint=checkpoint, prompt=prompt,
-                                                        max_new_tokens=max_new_tokens, temperature=temperature,
-                                                        top_k=top_k, kv_cache=kv_cache),
-                                owner=user_of(request, auth))
-        except ValueError as e:
-            raise gr.Error(str(e))
-        for job in watch(studio, job, every=0.1):
-            if not job.status.final:
-                yield "", progress_html(job)
-        if job.status.value != "DONE":
-            raise gr.Error(job.error or job.status.value)
-        r = job.result
-        yield r["text"], (f"**{r['tokens_per_s']:,.0f} tokens/s** · {r['tokens']} tokens in {r['seconds']:.2f} s · "
-                          f"KV cache {'on' if r['kv_cache'] else 'off'} · model "
-                          f"{'from the cache' if r['model_cached'] else 'loaded'} · job `{job.id}`")
-
-    gen.click(on_generate, [checkpoint, prompt, max_new_tokens, temperature, top_k, kv_cache], [output, gen_stats],
-              api_name="tinylm_generate", show_progress="hidden")
-
-    return dict(data_source=data_source, files=files, folder=folder, preset=preset, pos=pos, tokenizer=tokenizer,
-                max_steps=max_steps, target_val_loss=target_val_loss, batch_size=batch_size, block_size=block_size,
-                n_layer=n_layer, n_head=n_head, n_embd=n_embd, lr=lr, train=train, cancel=cancel, status=status,
-                plot=plot, stats=stats, sample=sample, job_id=job_id, checkpoint=checkpoint, refresh=refresh,
-                prompt=prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                kv_cache=kv_cache, generate=gen, output=output, gen_stats=gen_stats)
-
-
-def reattach(demo, studio, ui: dict, auth: bool = False) -> None:
-    """On page load, pick up the newest unfinished Tiny LM job so a reload keeps streaming it."""
-    import gradio as gr
-
-    def on_load(request: gr.Request):
-        for j in studio.jobs(limit=20, owner=user_of(request, auth), kind="tinylm"):
-            if not j.status.final:
-                yield from follow(studio, j.id)
-                return
-        yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-
-    demo.load(on_load, None, [ui["status"], ui["plot"], ui["sample"], ui["stats"], ui["job_id"]],
-              api_name="tinylm_attach", show_progress="hidden")
+    gen.click(bind(start_generate, studio, auth), None, [ui[n] for n in GENERATE_OUTPUTS],
+              inputs_kwargs={n: ui[n] for n in GENERATE_INPUTS}, api_name="tinylm_generate", show_progress="hidden")
+    return ui

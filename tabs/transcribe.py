@@ -1,11 +1,21 @@
 """Transcribe tab: faster-whisper on uploaded files or the microphone, segments streaming in as they decode;
 speaker labels and renames; the LLM post-editor's changes shown as a word diff to accept or reject."""
-import time
+from collections.abc import Iterator
+from typing import Any
 
-from workers.speech import transcript as tr
+import gradio as gr
+
+from studio import Job
 from studio.presets import presets
+from workers.speech import transcript as tr
 
-from .common import owned_job, progress_html, user_of
+from .common import Follow, bind, owned_job, progress_html, user_of, watch_all
+
+# the Transcribe button's inputs: names in build()'s dict, and the /transcribe endpoint's parameters in this order
+INPUTS = ("files", "mic", "model", "language", "task", "vad", "vad_threshold", "min_silence_ms", "word_timestamps",
+          "beam_size", "batched", "initial_prompt", "hotwords", "diarize", "num_speakers", "post_edit",
+          "editor_model", "glossary")
+OUTPUTS = ("status", "transcript", "outputs", "job_ids", "job")  # what a transcribe job streams into
 
 
 def _ts(t: float) -> str:
@@ -51,9 +61,71 @@ def review(studio, job_id: str | None):
     return rows, diff, choices, accepted, files or None
 
 
-def build(studio, auth: bool = False) -> dict:
-    import gradio as gr
+def _lines(events: list[dict]) -> list[str]:
+    """A job's transcript so far: what it detected, then a line per segment (with its speaker once labelled)."""
+    lines: list[str] = []
+    for e in events:
+        if e["type"] == "segment":
+            lines.append(f"[{_ts(e['start'])} → {_ts(e['end'])}] {e['text'].strip()}")
+        elif e["type"] == "info":
+            lines.append(f"— {e['language']} ({100 * e['language_probability']:.0f}%), {e['duration']:.1f} s, "
+                         f"{e['model']} {e['compute_type']} on {e['device']}")
+        elif e["type"] == "speakers":  # the transcript again, now with a speaker on every line
+            lines = lines[:1] + [f"[{_ts(s['start'])} → {_ts(s['end'])}] {s['speaker']}: {s['text'].strip()}"
+                                 for s in e["segments"]]
+        elif e["type"] == "post_edit":
+            lines.append(f"— post-editor: {e['changes']} change(s) proposed (review below)")
+    return lines
 
+
+def follow_all(studio, jobs: list[Job], owner: str | None) -> Iterator[tuple]:
+    """Stream transcribe jobs into the tab (OUTPUTS): segments as they decode, then the files and, once all are
+    done, the first transcript opened in the review panel."""
+    ids = [j.id for j in jobs]
+    for rows in watch_all(studio, jobs, every=0.3):
+        current = [job for job, _ in rows]
+        body = "\n\n".join("\n".join(_lines(events)) for _, events in rows)
+        done = all(j.status.final for j in current)
+        files_out = [str(studio.run_dir(j.id) / f) for j in current if j.result for f in j.result["outputs"]]
+        files_out += [str(p) for j in current if j.status.value == "CANCELLED"
+                      for p in sorted(studio.run_dir(j.id).glob("transcript.*"))]
+        picker = gr.update()
+        if done:
+            choices = transcripts(studio, owner)
+            picker = gr.update(choices=choices, value=ids[0] if any(c[1] == ids[0] for c in choices) else None)
+        yield "<br>".join(progress_html(j) for j in current), body, files_out or None, ids, picker
+
+
+def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
+    """One transcribe job into the tab: what a reloaded page streams."""
+    yield from follow_all(studio, [job], owner)
+
+
+KINDS = {"transcribe": Follow(follow, OUTPUTS)}
+
+
+def start(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
+    """The Transcribe button, given its inputs by name (INPUTS): a job per uploaded file (and the recording),
+    streamed together."""
+    paths = [f if isinstance(f, str) else f.name for f in v["files"] or []] + ([v["mic"]] if v["mic"] else [])
+    if not paths:
+        raise gr.Error("Upload a file or record something first.")
+    jobs = []
+    for path in paths:
+        try:
+            jobs.append(studio.submit("transcribe", dict(
+                audio=path, model=v["model"], language=(v["language"] or "").strip(), task=v["task"], vad=v["vad"],
+                vad_threshold=v["vad_threshold"], min_silence_ms=int(v["min_silence_ms"]),
+                word_timestamps=v["word_timestamps"], beam_size=int(v["beam_size"]), batched=v["batched"],
+                initial_prompt=v["initial_prompt"] or "", hotwords=v["hotwords"] or "", diarize=v["diarize"],
+                num_speakers=int(v["num_speakers"] or 0) if v["diarize"] else 0, post_edit=v["post_edit"],
+                editor_model=v["editor_model"], glossary=v["glossary"] or ""), owner=owner))
+        except ValueError as e:
+            raise gr.Error(f"{path.rsplit('/', 1)[-1]}: {e}")
+    yield from follow_all(studio, jobs, owner)
+
+
+def build(studio, auth: bool = False) -> dict:
     gr.Markdown("Transcribe or translate speech with faster-whisper. Silero VAD skips silence; word timestamps "
                 "go into the JSON; speakers are labelled on request; an LLM can fix punctuation, casing and names. "
                 "Outputs: TXT, SRT, VTT and JSON in the job's run folder.")
@@ -112,60 +184,15 @@ def build(studio, auth: bool = False) -> dict:
         review_note = gr.Markdown()
     job_ids = gr.State([])
 
-    def on_go(files, mic, model, language, task, vad, vad_threshold, min_silence_ms, word_timestamps, beam_size,
-              batched, initial_prompt, hotwords, diarize, num_speakers, post_edit, editor_model, glossary,
-              request: gr.Request):
-        paths = [f if isinstance(f, str) else f.name for f in files or []] + ([mic] if mic else [])
-        if not paths:
-            raise gr.Error("Upload a file or record something first.")
-        jobs = []
-        for path in paths:
-            try:
-                jobs.append(studio.submit("transcribe", dict(
-                    audio=path, model=model, language=(language or "").strip(), task=task, vad=vad,
-                    vad_threshold=vad_threshold, min_silence_ms=int(min_silence_ms), word_timestamps=word_timestamps,
-                    beam_size=int(beam_size), batched=batched, initial_prompt=initial_prompt or "",
-                    hotwords=hotwords or "", diarize=diarize, num_speakers=int(num_speakers or 0) if diarize else 0,
-                    post_edit=post_edit, editor_model=editor_model, glossary=glossary or ""),
-                    owner=user_of(request, auth)))
-            except ValueError as e:
-                raise gr.Error(f"{path.rsplit('/', 1)[-1]}: {e}")
-        ids = [j.id for j in jobs]
-        texts: dict[str, list[str]] = {j: [] for j in ids}
-        offsets = {j: 0 for j in ids}
-        while True:
-            for jid in ids:
-                evs, offsets[jid] = studio.events(jid, offsets[jid])
-                for e in evs:
-                    if e["type"] == "segment":
-                        texts[jid].append(f"[{_ts(e['start'])} → {_ts(e['end'])}] {e['text'].strip()}")
-                    elif e["type"] == "info":
-                        texts[jid].append(f"— {e['language']} ({100 * e['language_probability']:.0f}%), "
-                                          f"{e['duration']:.1f} s, {e['model']} {e['compute_type']} on {e['device']}")
-                    elif e["type"] == "speakers":  # the transcript again, now with a speaker on every line
-                        texts[jid] = texts[jid][:1] + [f"[{_ts(s['start'])} → {_ts(s['end'])}] {s['speaker']}: "
-                                                       f"{s['text'].strip()}" for s in e["segments"]]
-                    elif e["type"] == "post_edit":
-                        texts[jid].append(f"— post-editor: {e['changes']} change(s) proposed (review below)")
-            current = [studio.job(j) for j in ids]
-            body = "\n\n".join("\n".join(texts[j]) for j in ids)
-            done = all(j.status.final for j in current)
-            files_out = [str(studio.run_dir(j.id) / f) for j in current if j.result for f in j.result["outputs"]]
-            files_out += [str(p) for j in current if j.status.value == "CANCELLED"
-                          for p in sorted(studio.run_dir(j.id).glob("transcript.*"))]
-            picker = gr.update()
-            if done:
-                choices = transcripts(studio, user_of(request, auth))
-                picker = gr.update(choices=choices, value=ids[0] if any(c[1] == ids[0] for c in choices) else None)
-            yield "<br>".join(progress_html(j) for j in current), body, files_out or None, ids, picker
-            if done:
-                return
-            time.sleep(0.3)
-
-    go.click(on_go, [files, mic, model, language, task, vad, vad_threshold, min_silence_ms, word_timestamps,
-                     beam_size, batched, initial_prompt, hotwords, diarize, num_speakers, post_edit, editor_model,
-                     glossary], [status, transcript, outputs, job_ids, job], api_name="transcribe",
-             show_progress="hidden")
+    ui = dict(files=files, mic=mic, model=model, language=language, task=task, vad=vad,
+              vad_threshold=vad_threshold, min_silence_ms=min_silence_ms, word_timestamps=word_timestamps,
+              beam_size=beam_size, batched=batched, initial_prompt=initial_prompt, hotwords=hotwords,
+              diarize=diarize, num_speakers=num_speakers, post_edit=post_edit, editor_model=editor_model,
+              glossary=glossary, go=go, cancel=cancel, status=status, transcript=transcript, outputs=outputs,
+              job=job, speakers=speakers, diff=diff, changes=changes, rename=rename, save_edits=save_edits,
+              review_note=review_note, job_ids=job_ids)
+    go.click(bind(start, studio, auth), None, [ui[n] for n in OUTPUTS], inputs_kwargs={n: ui[n] for n in INPUTS},
+             api_name="transcribe", show_progress="hidden")
 
     def on_cancel(ids):
         for j in ids or []:
@@ -221,10 +248,4 @@ def build(studio, auth: bool = False) -> dict:
 
     save_edits.click(on_save, [job, changes], [speakers, diff, changes, outputs, review_note],
                      api_name="transcript_save_edits")
-    return dict(files=files, mic=mic, model=model, language=language, task=task, vad=vad,
-                vad_threshold=vad_threshold, min_silence_ms=min_silence_ms, word_timestamps=word_timestamps,
-                beam_size=beam_size, batched=batched, initial_prompt=initial_prompt, hotwords=hotwords,
-                diarize=diarize, num_speakers=num_speakers, post_edit=post_edit, editor_model=editor_model,
-                glossary=glossary, go=go, cancel=cancel, status=status, transcript=transcript, outputs=outputs,
-                job=job, speakers=speakers, diff=diff, changes=changes, rename=rename, save_edits=save_edits,
-                review_note=review_note, job_ids=job_ids)
+    return ui

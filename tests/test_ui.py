@@ -1,7 +1,9 @@
 """The served UI, driven through gradio_client as a script would, and what Gradio may serve."""
 import re
+import time
 import urllib.error
 import urllib.request
+import wave
 
 import pytest
 from conftest import TINY, free_port
@@ -51,6 +53,43 @@ def test_tinylm_train_and_generate_through_gradio_client(served, studio, corpus)
     assert any(f.endswith(".safetensors") for f in files) and any(f.endswith("run.json") for f in files)
 
 
+def test_a_fresh_page_reattaches_to_a_transcribe_job_started_elsewhere(served, studio, tmp_path):
+    """Reloading re-attaches every tab that started a job, not only Tiny LM: a new page session streams the
+    transcribe job another one started into its Transcribe tab (its load event, /transcribe_attach)."""
+    from gradio_client import Client, handle_file
+
+    audio = tmp_path / "quiet.wav"
+    with wave.open(str(audio), "wb") as w:  # one second of silence: enough for a real job, quick to decode
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes(b"\0\0" * 16000)
+    before = {j.id for j in studio.jobs(kind="transcribe")}
+    studio.pause()  # the job waits in the queue, so it is still unfinished when the second page opens
+    try:
+        first = Client(served, verbose=False).submit(
+            files=[handle_file(str(audio))], mic=None, model="tiny.en-packaged", language="en", initial_prompt="",
+            hotwords="", glossary="", api_name="/transcribe")
+        t0 = time.time()
+        while not (new := [j for j in studio.jobs(kind="transcribe") if j.id not in before]):
+            assert time.time() - t0 < 60, "the Transcribe button submitted no job"
+            time.sleep(0.1)
+        job = new[0]
+        reloaded = Client(served, verbose=False).submit(api_name="/transcribe_attach")
+        t0 = time.time()
+        while not any(job.id in str(out) for out in reloaded.outputs()):
+            assert time.time() - t0 < 60, "the fresh page did not re-attach to the queued job"
+            time.sleep(0.1)
+        assert f"<code>{job.id}</code> — <b>QUEUED</b>" in reloaded.outputs()[0][0]
+    finally:
+        studio.resume_queue()
+    status, transcript, files, picked = reloaded.result(timeout=300)  # streamed to the end, as the first page saw it
+    assert f"<code>{job.id}</code> — <b>DONE</b>" in status, status
+    assert sorted(f.rsplit(".", 1)[-1] for f in files) == ["json", "srt", "txt", "vtt"]
+    assert picked["value"] == job.id  # and the review panel opens it
+    assert f"<code>{job.id}</code> — <b>DONE</b>" in first.result(timeout=60)[0]
+
+
 def test_bad_input_in_the_ui_is_a_clear_error_and_the_app_keeps_serving(served, tmp_path):
     from gradio_client import Client, handle_file
 
@@ -73,8 +112,8 @@ def test_files_are_served_only_from_the_studio_folders(served, studio):
         assert e.value.code in (403, 404)
 
 
-def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio):
-    from gradio_client import Client
+def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio, corpus):
+    from gradio_client import Client, handle_file
 
     demo = app.build_ui(studio, auth=True)
     port = free_port()
@@ -92,6 +131,27 @@ def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio):
         assert mine.id not in [r[0] for r in bob.predict(api_name="/jobs_list")[0]["data"]]
         with pytest.raises(Exception, match="another user"):
             bob.predict(jid=mine.id, api_name="/job_show")
+        # a tab's button starts the job as its user, and only that user's reloaded page re-attaches to it
+        before, new = {j.id for j in studio.jobs(kind="tinylm")}, []
+        studio.pause()
+        try:
+            ann.submit(data_source="Upload text file(s)", files=[handle_file(str(corpus))], folder="",
+                       api_name="/tinylm_train")
+            t0 = time.time()
+            while not (new := [j for j in studio.jobs(kind="tinylm") if j.id not in before]):
+                assert time.time() - t0 < 60, "Train submitted no job"
+                time.sleep(0.1)
+            assert new[0].owner == "ann"
+            assert new[0].id not in str(bob.predict(api_name="/tinylm_attach"))
+            reloaded = ann.submit(api_name="/tinylm_attach")
+            t0 = time.time()
+            while not any(new[0].id in str(out) for out in reloaded.outputs()):
+                assert time.time() - t0 < 60, "ann's fresh page did not re-attach to her job"
+                time.sleep(0.1)
+        finally:
+            for j in new:
+                studio.cancel(j.id)
+            studio.resume_queue()
     finally:
         demo.close()
 

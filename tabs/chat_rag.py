@@ -1,0 +1,16 @@
+"""The Chat (RAG) tab: the chat in a sub-tab of its own, beside the Collections and Evaluate sub-tabs of tabs/rag.py."""
+from . import chat, rag
+
+KINDS = {**chat.KINDS, **rag.KINDS}
+
+
+def build(studio, auth: bool = False) -> dict:
+    import gradio as gr
+
+    with gr.Tabs():
+        with gr.Tab("Chat"):
+            ui = chat.build(studio, auth)
+        parts = rag.build(studio, auth)
+    if shared := ui.keys() & parts.keys():  # one dict names the whole tab: a name may not mean two components
+        raise ValueError(f"tabs/chat.py and tabs/rag.py both name {sorted(shared)}")
+    return {**ui, **parts}
