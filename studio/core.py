@@ -22,7 +22,7 @@ from typing import Any, Iterator
 from . import events, registry
 from . import params as params_mod
 from .config import Config, DataDirError, GiB
-from .device import Device, DeviceReading, detect
+from .device import Device, DeviceReading, detect, resident_bytes
 from .gate import Estimate, Refused, gate, short_key
 from .jobs import Job, JobStatus
 from .store import Store
@@ -428,16 +428,8 @@ class Studio:
 
     def _resident_beside_device_worker(self) -> int:
         """RAM held by this process and the io worker: on the CPU no job can have it, however long it waits."""
-        import psutil
-
-        pids = [os.getpid()] + ([self.lanes["io"].info.pid] if self.owner and self.lanes["io"].info.pid else [])
-        total = 0
-        for pid in pids:
-            try:
-                total += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        io = self.lanes["io"].info.pid if self.owner else None
+        return resident_bytes([os.getpid()] + ([io] if io else []))
 
     def studio_pids(self) -> list[int]:
         return [os.getpid()] + [lane.info.pid for lane in self.lanes.values() if lane.info.pid]

@@ -87,6 +87,19 @@ class NvmlDevice:
         )
 
 
+def resident_bytes(pids: Iterable[int]) -> int:
+    """RAM these processes hold (their resident sets); a process that is gone counts nothing."""
+    import psutil
+
+    total = 0
+    for pid in pids:
+        try:
+            total += psutil.Process(pid).memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 class CpuDevice:
     """No NVIDIA GPU: jobs run on the CPU and are gated against RAM."""
 
@@ -98,12 +111,7 @@ class CpuDevice:
         import psutil
 
         vm = psutil.virtual_memory()
-        studio = 0
-        for pid in pids:
-            try:
-                studio += psutil.Process(pid).memory_info().rss
-            except psutil.Error:
-                pass
+        studio = resident_bytes(pids)
         return DeviceReading(
             kind="cpu",
             name=self.name,

@@ -70,6 +70,16 @@ def fresh_config(tmp_path):
     return Config.load(tmp_path / "data")
 
 
+def wait_for(pred, timeout: float = 60.0, what: str = "condition") -> None:
+    """Block until `pred()` is true; fail naming what did not happen."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if pred():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def wait_for_event(studio, job_id: str, type: str, timeout: float = 120.0) -> None:
     """Block until the job has written an event of this type (a token, a segment, …)."""
     t0 = time.time()
@@ -77,6 +87,20 @@ def wait_for_event(studio, job_id: str, type: str, timeout: float = 120.0) -> No
         if time.time() - t0 > timeout:
             raise AssertionError(f"job {job_id} wrote no {type!r} event in {timeout:.0f} s")
         time.sleep(0.02)
+
+
+def left_running(data_dir: Path) -> tuple[Config, str]:
+    """A data folder as a killed studio leaves it: a job still RUNNING and no clean stop recorded; (config, job id)."""
+    from studio import JobStatus
+    from studio.store import Store
+
+    cfg = Config.load(data_dir)
+    cfg.ensure_dirs()
+    store = Store(cfg.db_path)
+    job = store.add("selftest", {"mib": 1}, JobStatus.QUEUED)
+    store.transition(job.id, (JobStatus.QUEUED,), JobStatus.RUNNING)
+    store.set_meta("clean_shutdown", "0")
+    return cfg, job.id
 
 
 def free_port() -> int:

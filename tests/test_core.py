@@ -5,19 +5,10 @@ import signal
 import time
 
 import pytest
-from conftest import TINY, FakeNvml
+from conftest import TINY, FakeNvml, wait_for
 
 from studio import Config, GiB, JobStatus, Studio, events, registry
 from studio.store import Store
-
-
-def wait_for(pred, timeout=60.0, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_store_transitions_once(tmp_path):

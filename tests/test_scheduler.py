@@ -8,21 +8,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY, FakeNvml
+from conftest import TINY, FakeNvml, left_running, wait_for
 
 from studio import Config, GiB, JobStatus, Studio, registry
 from studio.store import Store
 
 GEMMA = {"model": "gemma-3-270m-packaged", "threads": 2, "n_ctx": 1024, "seed": 3, "max_tokens": 4}
-
-
-def wait_for(pred, timeout=60.0, what="condition"):
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        if pred():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def register_test_kinds():
@@ -147,15 +138,11 @@ def test_ids_are_unguessable_and_unique(tmp_path):
 
 
 def test_starts_when_an_interrupted_jobs_run_folder_is_gone(tmp_path):
-    cfg = Config.load(tmp_path / "d")
-    cfg.ensure_dirs()
-    store = Store(cfg.db_path)
-    job = store.add("selftest", {"mib": 1}, JobStatus.QUEUED)
-    store.transition(job.id, (JobStatus.QUEUED,), JobStatus.RUNNING)  # its run folder was never made, or removed
+    cfg, job_id = left_running(tmp_path / "d")  # its run folder was never made, or removed
     s = Studio(cfg).start()
     try:
-        assert s.job(job.id).status is JobStatus.INTERRUPTED
-        assert [e["status"] for e in s.events(job.id)[0] if e["type"] == "end"] == ["INTERRUPTED"]
+        assert s.job(job_id).status is JobStatus.INTERRUPTED
+        assert [e["status"] for e in s.events(job_id)[0] if e["type"] == "end"] == ["INTERRUPTED"]
     finally:
         s.shutdown()
 
@@ -299,11 +286,7 @@ def test_retry_keeps_auto_where_fit_chose_a_value(tmp_path):
 def test_jobs_list_without_a_server_says_the_studio_is_not_running(tmp_path):
     import subprocess
 
-    cfg = Config.load(tmp_path / "d")
-    cfg.ensure_dirs()
-    store = Store(cfg.db_path)
-    job = store.add("selftest", {"mib": 1}, JobStatus.QUEUED)
-    store.transition(job.id, (JobStatus.QUEUED,), JobStatus.RUNNING)
+    cfg, _ = left_running(tmp_path / "d")
     root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, str(root / "app.py"), "jobs", "list", "--data-dir", str(cfg.data_dir)],
                          capture_output=True, text=True, timeout=120)
