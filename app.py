@@ -445,6 +445,11 @@ def cmd_serve(args) -> int:
     cfg = _config(args)
     cfg.ensure_dirs()
     studio = Studio(cfg)
+    if auth:  # the admin may do everything; every other login works only with what it uploaded and owns
+        studio.admin = args.admin or auth[0][0]
+        if studio.admin not in {u for u, _ in auth}:
+            print(f"error: --admin {studio.admin} is not a user of the auth list")
+            return 2
 
     def on_term(signum, frame):  # `kill` (SIGTERM) is a clean stop: shut the worker down and keep the queue
         raise KeyboardInterrupt
@@ -462,11 +467,21 @@ def cmd_serve(args) -> int:
 
 
 def launch(demo, studio, **kwargs):
-    """Serve the Blocks; Gradio may serve files only from the studio's runs and uploads folders."""
+    """Serve the Blocks. A file leaves the studio only when a handler returns it, after its owner check: Gradio copies
+    it into its cache under a name no one can guess. The file route serves that cache and nothing else (tabs.guard
+    refuses a run folder's path even though handlers may return files from there), and a request may hand a
+    component only a file that was uploaded."""
+    from starlette.middleware import Middleware
+
+    from tabs.guard import UploadsOnly
+
     cfg = studio.config
     return demo.queue(default_concurrency_limit=16).launch(
-        allowed_paths=[str(cfg.runs_dir), str(cfg.uploads_dir)], css_paths=[ROOT / "assets" / "studio.css"],
-        footer_links=["api"], **kwargs)
+        allowed_paths=[str(cfg.runs_dir)],  # so a handler may return a run's file (Gradio copies it to its cache)
+        blocked_paths=[str(cfg.users_dir), str(cfg.datasets_dir), str(cfg.db_path), str(cfg.data_dir / "rag"),
+                       str(cfg.data_dir / "chat.db")],
+        css_paths=[ROOT / "assets" / "studio.css"], footer_links=["api"],
+        app_kwargs={"middleware": [Middleware(UploadsOnly, upload_dir=cfg.uploads_dir)]}, **kwargs)
 
 
 # The tabs, in order: (id, label, module). Adding a tab is one row here. The id names the tab in a deep link
@@ -548,7 +563,9 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--listen", action="store_true", help="bind 0.0.0.0 (needs --auth)")
     s.add_argument("--share", action="store_true", help="a public Gradio link (needs --auth)")
     s.add_argument("--auth", help="user:password")
-    s.add_argument("--auth-file", help="a file of user:password lines")
+    s.add_argument("--auth-file", help="a file of user:password lines (the first user is the admin)")
+    s.add_argument("--admin", help="the user who may name server paths, trust files and change settings "
+                   "(default: the first user)")
     s.add_argument("--budget-gb", type=float, default=None, help="memory budget for jobs (default: total - reserve)")
 
     r = sub.add_parser("run", parents=[common], help="run one job and follow it")
@@ -584,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         args = ap.parse_args(argv)
     _quiet_env()
+    os.umask(0o077)  # the job store, chats, collections, transcripts and run cards: the studio's user's alone
     handler = {"serve": cmd_serve, "run": cmd_run, "jobs": cmd_jobs, "queue": cmd_queue, "doctor": cmd_doctor,
                "test": cmd_test, "transcript": cmd_transcript}[args.cmd]
     if args.cmd == "test":

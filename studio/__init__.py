@@ -6,5 +6,5 @@ from .device import DeviceReading
 from .gate import Estimate, Refused
 from .jobs import Job, JobStatus
 
-__all__ = ["Config", "DataDirError", "GiB", "Job", "JobCancelled", "JobContext", "JobStatus", "Studio", "DeviceReading", "Estimate",
-           "Refused"]
+__all__ = ["Config", "DataDirError", "GiB", "Job", "JobCancelled", "JobContext", "JobStatus", "Studio",
+           "DeviceReading", "Estimate", "Refused"]

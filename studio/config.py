@@ -54,6 +54,11 @@ class Config:
         return self.data_dir / "uploads"
 
     @property
+    def users_dir(self) -> Path:
+        """Each remote user's own uploads, one folder a user (not served by Gradio: files leave through handlers)."""
+        return self.data_dir / "users"
+
+    @property
     def datasets_dir(self) -> Path:
         return self.data_dir / "datasets"
 
@@ -90,7 +95,8 @@ class Config:
 
     def ensure_dirs(self) -> None:
         try:
-            for d in (self.data_dir, self.runs_dir, self.uploads_dir, self.datasets_dir):
-                d.mkdir(parents=True, exist_ok=True)
+            for d in (self.data_dir, self.runs_dir, self.uploads_dir, self.datasets_dir, self.users_dir):
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
+                d.chmod(0o700)  # a folder made by an older version, or under another umask: the studio's alone
         except OSError as e:
             raise DataDirError(DataDirError.explain(self.data_dir, e)) from None

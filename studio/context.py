@@ -24,6 +24,7 @@ class JobContext:
         cancel_flag: Any,  # anything with is_set(): a multiprocessing.Event in the worker
         cache: "ModelCache | None" = None,
         notify: Callable[[dict], None] | None = None,  # forwards progress to the scheduler
+        owner: str | None = None,  # the user who submitted the job (None: the person at the machine)
     ):
         self.job_id = job_id
         self.kind = kind
@@ -33,6 +34,7 @@ class JobContext:
         self._cancel = cancel_flag
         self.cache = cache
         self._notify = notify or (lambda msg: None)
+        self.owner = owner
         self._last_progress = 0.0
 
     # ---- cancel points ------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import events, registry
+from . import access, events, registry
 from . import params as params_mod
 from .config import Config, DataDirError, GiB
 from .device import Device, DeviceReading, detect, resident_bytes
@@ -128,6 +128,7 @@ class Studio:
             raise DataDirError(DataDirError.explain(config.data_dir, e)) from None
         self.device = device or detect()
         self.owner = False
+        self.admin: str | None = None  # with auth: the user who may do everything (see studio.access)
         self.lanes = {"device": Lane("device"), "io": Lane("io")}
         self._inbox: queue.Queue = queue.Queue()
         self._generation = 0
@@ -139,6 +140,10 @@ class Studio:
         self._stopping = threading.Event()
         self._lock_fd: int | None = None
         self._thread: threading.Thread | None = None
+
+    def user(self, name: str | None) -> access.User:
+        """The role of a request's user: no name (no auth) or the admin may do everything."""
+        return access.User(name, admin=name is None or name == self.admin)
 
     @property
     def worker_info(self) -> WorkerInfo:
@@ -272,10 +277,12 @@ class Studio:
         resume_of: str | None = None,
     ) -> Job:
         """Validate, estimate and gate a job. Bad params raise ValueError (nothing queued); over budget -> REFUSED.
-        The job keeps the params as asked (Retry and Resume use them) and the ones `fit` resolved (the run uses them)."""
+        The job keeps the params as asked (Retry and Resume use them) and the ones `fit` resolved (the run uses
+        them). A remote user's params are checked against what they own first (studio.access)."""
         module = registry.module_for(kind)
         p = params_mod.build(module.Params, dict(params or {}))
         requested = params_mod.to_dict(p)
+        access.check(self, kind, module, requested, self.user(owner))  # before validate reads any file it names
         if hasattr(module, "validate"):  # raises on bad input; may return the params with names resolved to paths
             checked = module.validate(p, self.config)
             if isinstance(checked, module.Params):
@@ -691,6 +698,7 @@ class Studio:
             "params": job.resolved or job.params,
             "run_dir": str(self.run_dir(job.id)),
             "data_dir": str(self.config.data_dir),
+            "owner": job.owner,
             "evict": evict,
             "models": sorted(Estimate.from_dict(job.estimate).models),
         })

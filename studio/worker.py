@@ -203,6 +203,7 @@ def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, ba
         cancel_flag=cancel_flag,
         cache=cache,
         notify=outq.put,
+        owner=msg.get("owner"),
     )
     sampler = PeakSampler(measure)
     # What the job holds: the context and the cached models it reuses, plus whatever the process grows by while it

@@ -14,14 +14,35 @@ import gradio as gr
 from studio import Job, JobStatus
 
 
-def stash_uploads(studio, files, prefix: str) -> str:
-    """Uploaded files as one path: the file itself, or a new folder of them in the studio's uploads."""
+def own_uploads(studio, files, owner: str | None) -> list[str]:
+    """Uploaded files as paths. With auth they are copied into the uploader's own folder first: the only files a
+    remote user may name (studio.access), and outside the folder Gradio serves."""
+    import secrets
     import shutil
     from pathlib import Path
 
+    from studio.access import user_dir
+
     paths = [Path(f if isinstance(f, str) else f.name) for f in files or []]
+    if owner is None or not paths:
+        return [str(p) for p in paths]
+    dest = user_dir(studio.config.users_dir, owner) / f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+    dest.mkdir(mode=0o700, parents=True)
+    for p in paths:
+        shutil.copy(p, dest / p.name)
+    return [str(dest / p.name) for p in paths]
+
+
+def stash_uploads(studio, files, prefix: str, owner: str | None = None) -> str:
+    """Uploaded files as one path: the file itself, or a new folder of them (in the uploader's own folder)."""
+    import shutil
+    from pathlib import Path
+
+    paths = [Path(p) for p in own_uploads(studio, files, owner)]
     if len(paths) == 1:
         return str(paths[0])
+    if owner is not None:
+        return str(paths[0].parent)  # own_uploads put them in a folder of their own
     dest = studio.config.uploads_dir / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
     dest.mkdir(parents=True, exist_ok=True)
     for p in paths:
@@ -122,6 +143,12 @@ def gib(b: float | None) -> str:
 def user_of(request: Any, auth: bool) -> str | None:
     """The logged-in user when the studio runs with auth (jobs are then scoped to their owner)."""
     return getattr(request, "username", None) if auth and request is not None else None
+
+
+def require_admin(studio, request: Any, auth: bool, what: str) -> None:
+    """Settings, the queue and the model cache are shared by everyone: only the admin changes them."""
+    if not studio.user(user_of(request, auth)).admin:
+        raise gr.Error(f"{what} is for the studio's admin; ask them.")
 
 
 def duration(seconds: float | None) -> str:

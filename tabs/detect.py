@@ -9,7 +9,7 @@ import gradio as gr
 from studio import Job
 from workers.detect.yolo import presets
 
-from .common import Follow, bind, eta, loss_frame, progress_html, stash_uploads, user_of, watch
+from .common import Follow, bind, eta, loss_frame, own_uploads, progress_html, stash_uploads, user_of, watch
 
 BASE_MODELS = ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo11s.yaml"]
 # the Train button's inputs: each comes from build()'s t_<name> component, and they are the /detect_train
@@ -34,10 +34,6 @@ def model_choices(studio, owner=None, yaml: bool = False) -> list:
     return trained_models(studio, owner) + list(presets()) + (BASE_MODELS if yaml else [])
 
 
-def _paths(files) -> list[str]:
-    return [f if isinstance(f, str) else f.name for f in files or []]
-
-
 def _submit(studio, kind: str, params: dict, owner: str | None) -> Job:
     try:
         return studio.submit(kind, params, owner=owner)
@@ -45,8 +41,8 @@ def _submit(studio, kind: str, params: dict, owner: str | None) -> Job:
         raise gr.Error(str(e))
 
 
-def _dataset_path(studio, files, path) -> str:
-    chosen = stash_uploads(studio, [files] if files else [], "dataset") if files else (path or "").strip()
+def _dataset_path(studio, files, path, owner: str | None) -> str:
+    chosen = stash_uploads(studio, [files], "dataset", owner) if files else (path or "").strip()
     if not chosen:
         raise gr.Error("Upload a dataset zip or give a folder / data.yaml path.")
     return chosen
@@ -79,7 +75,7 @@ KINDS = {"detect_train": Follow(follow_train, TRAIN_OUTPUTS)}  # predict and exp
 def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
     """The Train button, given its inputs by name (TRAIN_INPUTS): a detect_train job, streamed."""
     job = _submit(studio, "detect_train", dict(
-        data=_dataset_path(studio, v["files"], v["path"]), model=v["model"], epochs=int(v["epochs"]),
+        data=_dataset_path(studio, v["files"], v["path"], owner), model=v["model"], epochs=int(v["epochs"]),
         imgsz=int(v["imgsz"]), batch=int(v["batch"]), mosaic=v["mosaic"], fliplr=v["fliplr"], flipud=v["flipud"],
         hsv_h=v["hsv_h"], hsv_s=v["hsv_s"], hsv_v=v["hsv_v"], amp=v["amp"], patience=int(v["patience"]),
         seed=int(v["seed"]), trust=v["trust"]), owner)
@@ -200,7 +196,7 @@ def build(studio, auth: bool = False) -> dict:
 
     # ---- predict ---------------------------------------------------------------------------------------------
     def on_predict(files, model, trust, conf, iou, imgsz, classes, request: gr.Request):
-        paths = _paths(files)
+        paths = own_uploads(studio, files, owner(request))
         if not paths:
             raise gr.Error("Upload images or a video first.")
         if not model:
@@ -257,7 +253,7 @@ def build(studio, auth: bool = False) -> dict:
     # ---- train -----------------------------------------------------------------------------------------------
     def on_check(files, path, request: gr.Request):
         """A `detect_check` job in the io lane: it runs beside a training job and cleans up its import."""
-        job = submit("detect_check", dict(data=_dataset_path(studio, files, path)), request)
+        job = submit("detect_check", dict(data=_dataset_path(studio, files, path, owner(request))), request)
         job = studio.wait(job.id, timeout=1800)
         if job.status.value != "DONE":
             raise gr.Error(job.error or f"the dataset check ended {job.status.value}")

@@ -4,7 +4,7 @@ import html
 import json
 import time
 
-from .common import duration, gib, loss_frame, owned_job, progress_html, user_of
+from .common import duration, gib, loss_frame, owned_job, progress_html, require_admin, user_of
 
 HEADERS = ["id", "kind", "status", "created", "ran for", "estimate", "peak", "peak/est", "note"]
 
@@ -140,11 +140,13 @@ def build(studio, auth: bool = False) -> dict:
     retry.click(relaunch("retry"), job_id, [job_id, summary, log, plot, artifacts, jobs], api_name="job_retry")
     resume.click(relaunch("resume"), job_id, [job_id, summary, log, plot, artifacts, jobs], api_name="job_resume")
 
-    def on_pause():
+    def on_pause(request: gr.Request):
+        require_admin(studio, request, auth, "Pausing the queue")
         studio.pause()
         return queue_md(studio)
 
-    def on_resume_queue():
+    def on_resume_queue(request: gr.Request):
+        require_admin(studio, request, auth, "Resuming the queue")
         studio.resume_queue()
         return queue_md(studio)
 

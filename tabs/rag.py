@@ -91,7 +91,7 @@ def build(studio, auth: bool = False) -> dict:
                                      label="Collections")
 
     def on_ingest(name, files, folder, embedder, chunk_chars, overlap_chars, request: gr.Request):
-        path = (folder or "").strip() or (stash_uploads(studio, files, "rag") if files else "")
+        path = (folder or "").strip() or (stash_uploads(studio, files, "rag", user_of(request, auth)) if files else "")
         if not path:
             raise gr.Error("Upload files or a .zip, or give a folder.")
         try:

@@ -1,12 +1,10 @@
 """Settings: the memory budget, the reserve left for other programs, idle unload, and where data lives."""
-from __future__ import annotations
+import gradio as gr
 
-from .common import gib
+from .common import gib, require_admin
 
 
-def build(studio, auth: bool = False) -> dict:  # the same signature as every tab: settings are not per user
-    import gradio as gr
-
+def build(studio, auth: bool = False) -> dict:  # settings are shared: with auth only the admin changes them
     c = studio.config
     total = studio.device.read().total
     gr.Markdown("Jobs whose estimate exceeds the budget are refused at submit, with what would fit. "
@@ -22,7 +20,8 @@ def build(studio, auth: bool = False) -> dict:  # the same signature as every ta
         unload = gr.Button("Unload cached models now")
     status = gr.Markdown(f"Current budget: {gib(c.budget_bytes(total))} of {gib(total)}.")
 
-    def on_save(budget_gb, reserve_gb, idle_s):
+    def on_save(budget_gb, reserve_gb, idle_s, request: gr.Request):
+        require_admin(studio, request, auth, "Changing settings")
         if budget_gb is None or budget_gb < 0 or reserve_gb is None or reserve_gb < 0:
             raise gr.Error("Budget and reserve must be 0 or more.")
         if idle_s is None or idle_s < 10:
@@ -35,7 +34,8 @@ def build(studio, auth: bool = False) -> dict:  # the same signature as every ta
 
     save.click(on_save, inputs=[budget, reserve, idle], outputs=status, api_name="save_settings")
 
-    def on_unload():
+    def on_unload(request: gr.Request):
+        require_admin(studio, request, auth, "Unloading the models everyone shares")
         held = studio.meter()["cache_bytes"]
         studio.unload_models()
         return f"Unloading {gib(held)} of cached models; the meter shows the memory come back."

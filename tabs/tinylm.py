@@ -67,7 +67,7 @@ def follow_generate(studio, job: Job, owner: str | None) -> Iterator[tuple]:
 KINDS = {"tinylm": Follow(follow, TRAIN_OUTPUTS), "tinylm_generate": Follow(follow_generate, GENERATE_OUTPUTS)}
 
 
-def _data_path(studio, source: str, uploaded, folder: str) -> str:
+def _data_path(studio, source: str, uploaded, folder: str, owner: str | None) -> str:
     if source == DATA_CHOICES[0]:
         return "tinyshakespeare"
     if source == DATA_CHOICES[2]:
@@ -76,12 +76,12 @@ def _data_path(studio, source: str, uploaded, folder: str) -> str:
         return folder.strip()
     if not uploaded:
         raise gr.Error("Upload at least one text file, or pick another data source.")
-    return stash_uploads(studio, uploaded, "tinylm")
+    return stash_uploads(studio, uploaded, "tinylm", owner)
 
 
 def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
     """The Train button, given its inputs by name (TRAIN_INPUTS): a tinylm job, streamed."""
-    params = dict(data=_data_path(studio, v["data_source"], v["files"], v["folder"]), preset=v["preset"],
+    params = dict(data=_data_path(studio, v["data_source"], v["files"], v["folder"], owner), preset=v["preset"],
                   pos=v["pos"], tokenizer=v["tokenizer"], target_val_loss=v["target_val_loss"] or 0.0)
     params |= {name: v[name] for name in SIZE_FIELDS if v[name]}
     try:

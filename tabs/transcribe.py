@@ -9,7 +9,7 @@ from studio import Job
 from studio.presets import presets
 from workers.speech import transcript as tr
 
-from .common import Follow, bind, owned_job, progress_html, user_of, watch_all
+from .common import Follow, bind, own_uploads, owned_job, progress_html, user_of, watch_all
 
 # the Transcribe button's inputs: names in build()'s dict, and the /transcribe endpoint's parameters in this order
 INPUTS = ("files", "mic", "model", "language", "task", "vad", "vad_threshold", "min_silence_ms", "word_timestamps",
@@ -107,7 +107,7 @@ KINDS = {"transcribe": Follow(follow, OUTPUTS)}
 def start(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
     """The Transcribe button, given its inputs by name (INPUTS): a job per uploaded file (and the recording),
     streamed together."""
-    paths = [f if isinstance(f, str) else f.name for f in v["files"] or []] + ([v["mic"]] if v["mic"] else [])
+    paths = own_uploads(studio, list(v["files"] or []) + ([v["mic"]] if v["mic"] else []), owner)
     if not paths:
         raise gr.Error("Upload a file or record something first.")
     jobs = []

@@ -4,6 +4,7 @@ import time
 import urllib.error
 import urllib.request
 import wave
+from pathlib import Path
 
 import pytest
 from conftest import TINY, free_port
@@ -102,14 +103,28 @@ def test_bad_input_in_the_ui_is_a_clear_error_and_the_app_keeps_serving(served, 
     assert "RAM" in client.predict(api_name="/meter")
 
 
-def test_files_are_served_only_from_the_studio_folders(served, studio):
+def test_files_leave_only_through_handlers_and_enter_only_as_uploads(served, studio):
+    from gradio_client import Client
+
     job = studio.wait(studio.submit("selftest", {}).id, 60)
-    ok = urllib.request.urlopen(f"{served}gradio_api/file={studio.run_dir(job.id) / 'run.json'}")
-    assert ok.status == 200 and b'"selftest"' in ok.read()
-    for path in ("/etc/passwd", str(app.ROOT / "app.py"), str(studio.config.db_path)):
+    # a run's files are handed out by the handler that checked the job (a copy under a random name) ...
+    *_, files = Client(served, verbose=False).predict(jid=job.id, api_name="/job_show")
+    card = next(f for f in files if f.endswith("run.json"))
+    assert '"selftest"' in Path(card).read_text()
+    # ... never by their path, nor any other server file
+    for path in (studio.run_dir(job.id) / "run.json", "/etc/passwd", app.ROOT / "app.py", studio.config.db_path):
         with pytest.raises(urllib.error.HTTPError) as e:
             urllib.request.urlopen(f"{served}gradio_api/file={path}")
         assert e.value.code in (403, 404)
+    # a server path passed off as an upload (a FileData naming /etc/hostname) is refused before Gradio copies it
+    before = {p for p in studio.config.uploads_dir.rglob("*")}
+    req = urllib.request.Request(f"{served}gradio_api/run/job_show", method="POST",
+                                 data=b'{"data": [{"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}]}',
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    assert e.value.code == 400 and b"was not uploaded" in e.value.read()
+    assert not [p for p in studio.config.uploads_dir.rglob("hostname") if p not in before]
 
 
 def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio, corpus):

@@ -22,6 +22,7 @@ RAG_INSTRUCTIONS = ("Answer the question using the numbered sources below. Cite 
 
 
 PACKAGES = ("llama-cpp-python", "transformers", "chromadb", "sentence-transformers")  # versions for the run card
+PATHS = ("model", "reranker", "embedder")  # params that name a server path (studio.access)
 
 @dataclass(frozen=True)
 class Params:
@@ -337,8 +338,8 @@ def _run(p: Params, ctx) -> dict:
     convs = Conversations(ctx.data_dir / "chat.db")
     cid = p.conversation
     if cid == "new":
-        cid = convs.create(p.prompt.strip()[:60] or "New chat", settings={"model": p.model,
-                                                                          "collection": p.collection})
+        cid = convs.create(p.prompt.strip()[:60] or "New chat", owner=ctx.owner,
+                           settings={"model": p.model, "collection": p.collection})
     history = [{"role": m["role"], "content": m["content"]} for m in convs.get(cid)["messages"]] if cid else []
 
     llm, cached = load_llm(ctx, p)

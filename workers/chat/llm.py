@@ -151,8 +151,8 @@ def resolve(model: str, data_dir: Path | None = None) -> ModelRef:
                              "convert it with llama.cpp's convert script or pick a .gguf file")
         return ModelRef(model, path, None, gguf_shape(path))
     p = table[model]
-    shape = {k: p[k] for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "head_dim", "vocab")} | {"size": int(p["size_gb"] * 1e9),
-                                                                                "ctx_train": p["ctx"]}
+    shape = {k: p[k] for k in ("n_layer", "n_head", "n_embd", "n_kv_head", "head_dim", "vocab")}
+    shape |= {"size": int(p["size_gb"] * 1e9), "ctx_train": p["ctx"]}
     local = find_local(model, p, data_dir) if data_dir is not None else None
     return ModelRef(model, local, p, shape)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from studio.gate import Estimate
 
 PACKAGES = ("pyyaml",)
+PATHS = ("data",)  # params that name a server path (studio.access)
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 
 
 PACKAGES = ("ultralytics", "torchvision")  # versions for the run card
+PATHS = ("model", "source")  # params that name a server path or a job (studio.access)
 
 @dataclass(frozen=True)
 class Params:

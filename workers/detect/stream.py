@@ -17,6 +17,7 @@ from workers.detect import yolo
 
 
 PACKAGES = ("ultralytics", "opencv-python")  # versions for the run card
+PATHS = ("model",)  # params that name a server path or a job (studio.access)
 
 @dataclass(frozen=True)
 class Params:

@@ -19,6 +19,7 @@ from workers.detect import yolo
 
 
 PACKAGES = ("ultralytics", "torchvision")  # versions for the run card
+PATHS = ("data", "model", "resume_from")  # params that name a server path or a job (studio.access)
 
 @dataclass(frozen=True)
 class Params:

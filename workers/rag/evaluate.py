@@ -20,6 +20,7 @@ JUDGE_PROMPT = ("Rate how well the answer matches the expected answer, from 1 (w
 
 # versions for the run card
 PACKAGES = ("chromadb", "sentence-transformers", "llama-cpp-python", "rouge-score", "sacrebleu")
+PATHS = ("evalset", "model", "reranker")  # params that name a server path (studio.access)
 
 @dataclass(frozen=True)
 class Params:

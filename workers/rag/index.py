@@ -47,7 +47,8 @@ def list_collections(data_dir: Path) -> list[dict]:
     out = []
     for p in sorted(d.glob("*.json")) if d.exists() else []:
         m = json.loads(p.read_text())
-        out.append({"name": p.stem, "embedder": m["embedder"], "root": m["root"], "files": len(m["files"]),
+        out.append({"name": p.stem, "owner": m.get("owner"), "embedder": m["embedder"], "root": m["root"],
+                    "files": len(m["files"]),
                     "chunks": sum(f["chunks"] for f in m["files"].values())})
     return out
 

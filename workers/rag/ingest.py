@@ -12,6 +12,7 @@ from studio.gate import Estimate
 
 
 PACKAGES = ("chromadb", "sentence-transformers", "pypdf")  # versions for the run card
+PATHS = ("path", "embedder")  # params that name a server path (studio.access)
 
 @dataclass(frozen=True)
 class Params:
@@ -61,7 +62,7 @@ def run(p: Params, ctx) -> dict:
         root = safe_extract(src, rag_dir(ctx.data_dir) / "sources" / p.collection / src.stem)
     else:
         root = src
-    manifest = load_manifest(ctx.data_dir, p.collection) or {"embedder": p.embedder, "files": {}}
+    manifest = load_manifest(ctx.data_dir, p.collection) or {"embedder": p.embedder, "files": {}, "owner": ctx.owner}
     manifest["root"] = str(root)
     manifest["chunking"] = {"chunk_chars": p.chunk_chars, "overlap_chars": p.overlap_chars}
     files = list_files(root)

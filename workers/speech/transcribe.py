@@ -20,6 +20,7 @@ from workers.speech.post_edit import N_CTX as EDITOR_CTX
 
 
 PACKAGES = ("faster-whisper", "ctranslate2", "resemblyzer", "llama-cpp-python")  # versions for the run card
+PATHS = ("audio", "model", "editor_model")  # params that name a server path (studio.access)
 
 @dataclass(frozen=True)
 class Params:

@@ -11,6 +11,7 @@ from studio.gate import Estimate
 
 
 PACKAGES = ("tokenizers",)  # versions for the run card
+PATHS = ("checkpoint",)  # params that name a server path or a job (studio.access)
 
 @dataclass(frozen=True)
 class Params:

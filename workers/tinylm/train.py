@@ -31,6 +31,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "4090": 165e12, "4
 
 
 PACKAGES = ("tokenizers",)  # versions for the run card
+PATHS = ("data", "resume_from")  # params that name a server path or a job (studio.access)
 
 @dataclass(frozen=True)
 class Params:
