@@ -167,7 +167,20 @@ def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio, corpus):
             for j in new:
                 studio.cancel(j.id)
             studio.resume_queue()
+        # what everyone shares is the admin's: bob may not change settings, pause the queue or unload models
+        studio.admin = "ann"
+        budget = studio.config.budget_gb
+        for call in (dict(api_name="/save_settings", budget_gb=0.01, reserve_gb=1, idle_s=600),
+                     dict(api_name="/queue_pause"), dict(api_name="/unload_models")):
+            with pytest.raises(Exception, match="for the studio's admin"):
+                bob.predict(**call)
+        assert studio.config.budget_gb == budget and not studio.store.paused
+        ann.predict(api_name="/queue_pause")
+        assert studio.store.paused
+        ann.predict(api_name="/queue_resume")
+        assert not studio.store.paused
     finally:
+        studio.admin = None
         demo.close()
 
 
