@@ -487,7 +487,7 @@ def launch(demo, studio, **kwargs):
 # The tabs, in order: (id, label, module). Adding a tab is one row here. The id names the tab in a deep link
 # (?tab=<id>) and in studio_ui; the module has build(studio, auth=False) -> dict of named components, and a tab that
 # starts jobs declares KINDS = {kind: Follow(...)}, so a reloaded page re-attaches to its newest unfinished job
-# (endpoint /<id>_attach).
+# (endpoint /<id>_attach); a tab with per-user lists defines fill(studio, owner), run on page load (/<id>_fill).
 TABS = (
     ("chat", "Chat (RAG)", "tabs.chat_rag"),
     ("transcribe", "Transcribe", "tabs.transcribe"),
@@ -517,6 +517,7 @@ def build_ui(studio, auth: bool = False):
                 module = importlib.import_module(name)
                 with gr.Tab(label, id=tab_id):
                     ui[tab_id] = module.build(studio, auth)
+                common.fill_on_load(demo, studio, tab_id, ui[tab_id], getattr(module, "fill", None), auth)
                 common.reattach(demo, studio, tab_id, ui[tab_id], getattr(module, "KINDS", {}), auth)
         header.deep_link(demo, tabs, TAB_IDS)
     demo.studio_ui = ui  # named components, for tests and scripts

@@ -9,9 +9,8 @@ import gradio as gr
 from studio import Job
 from studio.conversations import Conversations
 from studio.presets import presets
-from workers.rag.index import list_collections
 
-from .common import Follow, bind, progress_html, user_of, watch
+from .common import Follow, bind, progress_html, user_of, visible_collections, watch
 
 # the Send button's inputs: the /chat endpoint's parameter names, in this order, each with the component (its name
 # in build()'s dict) it comes from
@@ -25,9 +24,16 @@ def model_choices() -> list[str]:
     return list(presets()["llm"])
 
 
-def collection_choices(studio) -> list[tuple[str, str]]:
+def collection_choices(studio, owner: str | None = None) -> list[tuple[str, str]]:
     return [("(none: plain chat)", "")] + [(f"{c['name']} · {c['files']} files, {c['chunks']} chunks", c["name"])
-                                           for c in list_collections(studio.config.data_dir)]
+                                           for c in visible_collections(studio, owner)]
+
+
+def fill(studio, owner: str | None) -> dict:
+    """The user's conversations and collections, on page load."""
+    convs = conversations(studio)
+    return {"conversation": gr.update(choices=conversation_choices(convs, owner), value=None),
+            "collection": gr.update(choices=collection_choices(studio, owner))}
 
 
 def conversation_choices(convs: Conversations, owner=None) -> list[tuple[str, str]]:
@@ -147,7 +153,7 @@ def build(studio, auth: bool = False) -> dict:
     convs = conversations(studio)
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
-            conversation = gr.Dropdown(conversation_choices(convs), label="Conversation", value=None)
+            conversation = gr.Dropdown([], label="Conversation", value=None)
             with gr.Row():
                 new = gr.Button("New", size="sm")
                 delete = gr.Button("Delete", size="sm", variant="stop")
@@ -167,7 +173,7 @@ def build(studio, auth: bool = False) -> dict:
             model = gr.Dropdown(model_choices(), value=model_choices()[0],
                                 label="Model (a preset, a .gguf file or a transformers folder)",
                                 allow_custom_value=True)
-            collection = gr.Dropdown(collection_choices(studio), value="", label="Answer over collection",
+            collection = gr.Dropdown(collection_choices(studio, ""), value="", label="Answer over collection",
                                      allow_custom_value=True)  # choices refresh on focus; scripts may name one
             with gr.Accordion("Settings", open=False):
                 system = gr.Textbox("You are a helpful assistant running locally. Answer concisely.",
@@ -249,8 +255,8 @@ def build(studio, auth: bool = False) -> dict:
 
     export.click(on_export, conversation, export_file, api_name="chat_export")
 
-    def on_refresh():
-        return gr.update(choices=collection_choices(studio))
+    def on_refresh(request: gr.Request):
+        return gr.update(choices=collection_choices(studio, owner(request)))
 
     collection.focus(on_refresh, None, collection, api_name="chat_collections", show_progress="hidden")
     return ui

@@ -14,3 +14,8 @@ def build(studio, auth: bool = False) -> dict:
     if shared := ui.keys() & parts.keys():  # one dict names the whole tab: a name may not mean two components
         raise ValueError(f"tabs/chat.py and tabs/rag.py both name {sorted(shared)}")
     return {**ui, **parts}
+
+
+def fill(studio, owner: str | None) -> dict:
+    """Both halves' per-user lists, on page load."""
+    return {**chat.fill(studio, owner), **rag.fill(studio, owner)}

@@ -102,6 +102,31 @@ def live_job(studio, kinds: tuple[str, ...], owner: str | None) -> Job | None:
     return max(live, key=lambda j: j.created, default=None)
 
 
+def visible_collections(studio, owner: str | None) -> list[dict]:
+    """The RAG collections a user may use: all without auth; with auth her own (and, for the admin, those made
+    before collections had owners)."""
+    from workers.rag.index import list_collections
+
+    admin = studio.user(owner).admin
+    return [c for c in list_collections(studio.config.data_dir)
+            if owner is None or c.get("owner") == owner or (admin and c.get("owner") is None)]
+
+
+def fill_on_load(demo, studio, tab_id: str, ui: dict, fill: Callable | None, auth: bool) -> None:
+    """A tab's per-user lists (its jobs, conversations, collections, trained models) are filled when the page loads,
+    for the user who loaded it: nothing per-user is built into the page config that every visitor receives. `fill`
+    is the tab's `fill(studio, owner) -> {component name: value or gr.update}`."""
+    if fill is None:
+        return
+    names = list(fill(studio, None))  # the same names for every user; only the values differ
+
+    def on_load(request: gr.Request):
+        values = fill(studio, user_of(request, auth))
+        return values[names[0]] if len(names) == 1 else tuple(values[n] for n in names)
+
+    demo.load(on_load, None, [ui[n] for n in names], api_name=f"{tab_id}_fill", show_progress="hidden")
+
+
 def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth: bool) -> None:
     """On page load, stream the newest unfinished job of the tab's kinds into the tab, with the same code its Run
     button uses, so a reload (or a second browser) picks up where the first page was."""

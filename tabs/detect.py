@@ -30,6 +30,13 @@ def trained_models(studio, owner=None) -> list[tuple[str, str]]:
     return out
 
 
+def fill(studio, owner: str | None) -> dict:
+    """The user's trained models, on page load, first in both model lists."""
+    trained = model_choices(studio, owner)
+    return {"p_model": gr.update(choices=trained, value=trained[0] if trained else None),
+            "t_model": gr.update(choices=BASE_MODELS + list(presets()) + [v for _, v in trained_models(studio, owner)])}
+
+
 def model_choices(studio, owner=None, yaml: bool = False) -> list:
     return trained_models(studio, owner) + list(presets()) + (BASE_MODELS if yaml else [])
 
@@ -92,7 +99,7 @@ def build(studio, auth: bool = False) -> dict:
             with gr.Row():
                 with gr.Column(scale=2):
                     p_files = gr.File(label="Images or one video", file_count="multiple")
-                    choices = model_choices(studio)
+                    choices = model_choices(studio, "")  # presets; the user's trained models come on page load
                     p_model = gr.Dropdown(choices, label="Model", allow_custom_value=True,
                                           value=choices[0] if choices else None)
                     p_trust = gr.Checkbox(False, label="I trust this file (a .pt the studio did not write)")
@@ -126,7 +133,7 @@ def build(studio, auth: bool = False) -> dict:
                     t_path = gr.Textbox(label="…or a folder / data.yaml on this machine")
                     t_check = gr.Button("Check dataset")
                     t_report = gr.Markdown()
-                    t_model = gr.Dropdown(BASE_MODELS + list(presets()) + [v for _, v in trained_models(studio)],
+                    t_model = gr.Dropdown(BASE_MODELS + list(presets()),
                                           value="yolov8n.yaml", allow_custom_value=True,
                                           label="Base model (a .yaml trains from scratch)")
                     with gr.Row():

@@ -27,6 +27,11 @@ def table(studio, owner: str | None = None) -> list[list]:
     return rows
 
 
+def fill(studio, owner: str | None) -> dict:
+    """The user's jobs, on page load."""
+    return {"jobs": table(studio, owner)}
+
+
 def queue_md(studio) -> str:
     if studio.store.paused:
         return f"**Queue paused.** {studio.store.get_meta('pause_reason') or ''}"
@@ -79,7 +84,7 @@ def build(studio, auth: bool = False) -> dict:
         pause = gr.Button("Pause queue", scale=1)
         resume_q = gr.Button("Resume queue", scale=1)
         queue_status = gr.Markdown(queue_md(studio))
-    jobs = gr.Dataframe(table(studio), headers=HEADERS, interactive=False, max_height=360, wrap=True,
+    jobs = gr.Dataframe([], headers=HEADERS, interactive=False, max_height=360, wrap=True,
                         label="History (newest first) — click a row to see it")
     timer = gr.Timer(3.0)
     with gr.Row():

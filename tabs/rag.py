@@ -6,16 +6,21 @@ import gradio as gr
 
 from studio import Job
 from studio.presets import presets
-from workers.rag.index import list_collections
 
-from .common import Follow, progress_html, stash_uploads, user_of, watch
+from .common import Follow, progress_html, stash_uploads, user_of, visible_collections, watch
 
 EVAL_COLUMNS = ["job", "collection", "embedder", "chunking", "k", "reranker", "model", "hit@k", "recall@k", "MRR",
                 "ROUGE-L", "BLEU", "judge", "questions"]
 
 
-def collections_table(studio) -> list[list]:
-    return [[c["name"], c["files"], c["chunks"], c["embedder"], c["root"]] for c in list_collections(studio.config.data_dir)]
+def collections_table(studio, owner: str | None = None) -> list[list]:
+    return [[c["name"], c["files"], c["chunks"], c["embedder"], c["root"]] for c in visible_collections(studio, owner)]
+
+
+def fill(studio, owner: str | None) -> dict:
+    """The user's collections and evaluations, on page load."""
+    return {"table": collections_table(studio, owner), "ev_table": eval_table(studio, owner),
+            "ev_collection": gr.update(choices=[c["name"] for c in visible_collections(studio, owner)])}
 
 
 def eval_table(studio, owner=None) -> list[list]:
@@ -50,7 +55,7 @@ def follow_ingest(studio, job: Job, owner: str | None) -> Iterator[tuple]:
                 f"removed · {r['chunks']} chunks · {r['docs_per_s'] or 0:.1f} files/s")
         for s in r["skipped"]:
             msg += f"<br>skipped <code>{s['file']}</code>: {s['reason']}"
-    yield msg, collections_table(studio)
+    yield msg, collections_table(studio, owner)
 
 
 def follow_eval(studio, job: Job, owner: str | None) -> Iterator[tuple]:
@@ -86,7 +91,7 @@ def build(studio, auth: bool = False) -> dict:
                 ingest = gr.Button("Ingest", variant="primary")
             with gr.Column():
                 ingest_status = gr.HTML()
-                table = gr.Dataframe(collections_table(studio), headers=["name", "files", "chunks", "embedder",
+                table = gr.Dataframe([], headers=["name", "files", "chunks", "embedder",
                                                                          "root"], interactive=False,
                                      label="Collections")
 
@@ -111,7 +116,7 @@ def build(studio, auth: bool = False) -> dict:
                     "BLEU (and optionally an LLM judge).")
         with gr.Row():
             with gr.Column():
-                ev_collection = gr.Dropdown([c["name"] for c in list_collections(studio.config.data_dir)],
+                ev_collection = gr.Dropdown([],
                                             label="Collection", allow_custom_value=True)
                 evalset = gr.File(label="Eval set (.jsonl)", file_count="single")
                 with gr.Row():
@@ -124,7 +129,7 @@ def build(studio, auth: bool = False) -> dict:
                 run_eval = gr.Button("Evaluate", variant="primary")
             with gr.Column():
                 ev_status = gr.HTML()
-                ev_table = gr.Dataframe(eval_table(studio), headers=EVAL_COLUMNS, interactive=False,
+                ev_table = gr.Dataframe([], headers=EVAL_COLUMNS, interactive=False,
                                         label="Runs side by side")
 
     def on_eval(collection, evalset, k, reranker, model, judge, request: gr.Request):
@@ -142,8 +147,8 @@ def build(studio, auth: bool = False) -> dict:
     run_eval.click(on_eval, [ev_collection, evalset, ev_k, ev_reranker, ev_model, ev_judge], [ev_status, ev_table],
                    api_name="rag_eval", show_progress="hidden")
 
-    def on_focus():
-        return gr.update(choices=[c["name"] for c in list_collections(studio.config.data_dir)])
+    def on_focus(request: gr.Request):
+        return gr.update(choices=[c["name"] for c in visible_collections(studio, owner(request))])
 
     ev_collection.focus(on_focus, None, ev_collection, api_name="rag_eval_collections", show_progress="hidden")
     return dict(name=name, files=files, folder=folder, embedder=embedder, chunk_chars=chunk_chars,

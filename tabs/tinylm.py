@@ -105,6 +105,11 @@ def start_generate(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tup
     yield from follow_generate(studio, job, owner)
 
 
+def fill(studio, owner: str | None) -> dict:
+    """The user's trained models, on page load."""
+    return {"checkpoint": gr.update(choices=checkpoint_choices(studio, owner))}
+
+
 def checkpoint_choices(studio, owner: str | None = None) -> list[tuple[str, str]]:
     out = []
     for j in studio.jobs(limit=100, owner=owner, kind="tinylm"):
@@ -155,7 +160,7 @@ def build(studio, auth: bool = False) -> dict:
     with gr.Row():
         with gr.Column(scale=2):
             with gr.Row():
-                checkpoint = gr.Dropdown(checkpoint_choices(studio), label="Trained model (a job, or a run folder path)",
+                checkpoint = gr.Dropdown([], label="Trained model (a job, or a run folder path)",
                                          scale=4, allow_custom_value=True)
                 refresh = gr.Button("↻", scale=1, min_width=40)
             prompt = gr.Textbox("ROMEO:", label="Prompt", lines=2)

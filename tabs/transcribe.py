@@ -32,6 +32,11 @@ def transcripts(studio, owner=None) -> list[tuple[str, str]]:
     return out
 
 
+def fill(studio, owner: str | None) -> dict:
+    """The user's transcripts, on page load."""
+    return {"job": gr.update(choices=transcripts(studio, owner))}
+
+
 def review(studio, job_id: str | None):
     """(speaker table rows, diff HTML, change choices, accepted ids, output files) of one transcript."""
     if not job_id:
@@ -170,7 +175,7 @@ def build(studio, auth: bool = False) -> dict:
             outputs = gr.File(label="Outputs", file_count="multiple", interactive=False)
     with gr.Accordion("Review: speakers and the editor's changes", open=True):
         with gr.Row():
-            job = gr.Dropdown(transcripts(studio), label="Transcript", allow_custom_value=True)
+            job = gr.Dropdown([], label="Transcript", allow_custom_value=True)
             refresh = gr.Button("↻", scale=0, min_width=40)
         with gr.Row():
             with gr.Column(scale=1):

@@ -146,6 +146,16 @@ def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio, corpus):
         assert mine.id not in [r[0] for r in bob.predict(api_name="/jobs_list")[0]["data"]]
         with pytest.raises(Exception, match="another user"):
             bob.predict(jid=mine.id, api_name="/job_show")
+        # the page config every visitor gets names no one's jobs or conversations; each user's lists fill on load
+        from studio.conversations import Conversations
+
+        cid = Conversations(studio.config.data_dir / "chat.db").create("ann's chat", owner="ann")
+        import json
+
+        fresh = Client(url, auth=("bob", "pw2"), verbose=False)
+        assert mine.id not in json.dumps(fresh.config) and cid not in json.dumps(fresh.config)
+        assert mine.id in str(ann.predict(api_name="/jobs_fill")) and cid in str(ann.predict(api_name="/chat_fill"))
+        assert mine.id not in str(bob.predict(api_name="/jobs_fill")) and cid not in str(bob.predict(api_name="/chat_fill"))
         # a tab's button starts the job as its user, and only that user's reloaded page re-attaches to it
         before, new = {j.id for j in studio.jobs(kind="tinylm")}, []
         studio.pause()
