@@ -213,10 +213,20 @@ def build(studio, auth: bool = False) -> dict:
 
     stop.click(on_stop, job_id, stats, api_name="chat_stop")
 
-    def on_open(cid):
+    def mine(cid: str, request) -> str:
+        """The conversation id, when it is the request's user's (with auth); otherwise a plain error."""
+        try:
+            who = convs.get(cid)["owner"]
+        except KeyError:
+            raise gr.Error(f"No conversation {cid}.") from None
+        if owner(request) is not None and who != owner(request):
+            raise gr.Error(f"Conversation {cid} belongs to another user.")
+        return cid
+
+    def on_open(cid, request: gr.Request):
         if not cid:
             return [], "", ""
-        conv = convs.get(cid)
+        conv = convs.get(mine(cid, request))
         last = next((m for m in reversed(conv["messages"]) if m["role"] == "assistant"), None)
         return to_chatbot(conv), conv["title"], sources_md(last["meta"].get("sources") or []) if last else ""
 
@@ -231,7 +241,7 @@ def build(studio, auth: bool = False) -> dict:
         if not cid:
             raise gr.Error("Open a conversation first.")
         try:
-            convs.rename(cid, new_title)
+            convs.rename(mine(cid, request), new_title)
         except ValueError as e:
             raise gr.Error(str(e))
         return gr.update(choices=conversation_choices(convs, owner(request)), value=cid)
@@ -240,17 +250,21 @@ def build(studio, auth: bool = False) -> dict:
 
     def on_delete(cid, request: gr.Request):
         if cid:
-            convs.delete(cid)
+            convs.delete(mine(cid, request))
         return gr.update(choices=conversation_choices(convs, owner(request)), value=None), [], "", ""
 
     delete.click(on_delete, conversation, [conversation, chatbot, title, sources], api_name="chat_delete")
 
-    def on_export(cid):
+    def on_export(cid, request: gr.Request):
         if not cid:
             raise gr.Error("Open a conversation first.")
-        out = studio.config.uploads_dir / "exports" / f"chat-{cid}.md"  # a studio folder, so Gradio may serve it
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(convs.to_markdown(cid))
+        import secrets
+
+        text = convs.to_markdown(mine(cid, request))
+        # under a random folder of Gradio's cache: only the page that asked gets the link
+        out = studio.config.uploads_dir / secrets.token_hex(16) / f"chat-{cid}.md"
+        out.parent.mkdir(parents=True)
+        out.write_text(text)
         return gr.update(value=str(out), visible=True)
 
     export.click(on_export, conversation, export_file, api_name="chat_export")

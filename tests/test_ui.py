@@ -157,6 +157,10 @@ def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio, corpus):
         assert mine.id in str(ann.predict(api_name="/jobs_fill")) and cid in str(ann.predict(api_name="/chat_fill"))
         assert mine.id not in str(bob.predict(api_name="/jobs_fill"))
         assert cid not in str(bob.predict(api_name="/chat_fill"))
+        for api in ("/chat_open", "/chat_export", "/chat_delete"):  # not in bob's list, nor his if it were
+            with pytest.raises(Exception, match="belongs to another user|not in the list of choices"):
+                bob.predict(cid, api_name=api)
+        assert Conversations(studio.config.data_dir / "chat.db").get(cid)["title"] == "ann's chat"
         # a tab's button starts the job as its user, and only that user's reloaded page re-attaches to it
         before, new = {j.id for j in studio.jobs(kind="tinylm")}, []
         studio.pause()
