@@ -297,7 +297,11 @@ def test_native_tool_calls_with_a_tool_chat_format(studio):
 
 
 def test_too_long_for_the_context_is_a_clear_error(studio):
-    job = chat(studio, prompt="word " * 1500, max_tokens=1000, n_ctx=1024)
+    # clearly too long: refused at submit, nothing queued
+    with pytest.raises(ValueError, match="n_ctx"):
+        studio.submit("chat", {**LLM, "prompt": "word " * 1500, "max_tokens": 1000, "n_ctx": 1024})
+    # too long once the model's tokenizer counts it: the job fails plainly, before anything is stored
+    job = chat(studio, prompt="word " * 1100, max_tokens=1000, n_ctx=1024)
     assert job.status is JobStatus.FAILED and "do not fit the context window (n_ctx=1024)" in job.error
 
 

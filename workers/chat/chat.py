@@ -22,7 +22,9 @@ RAG_INSTRUCTIONS = ("Answer the question using the numbered sources below. Cite 
 
 
 PACKAGES = ("llama-cpp-python", "transformers", "chromadb", "sentence-transformers")  # versions for the run card
+SEED_MAX = 2**32 - 2  # llama.cpp takes a 32-bit unsigned seed and reads 2**32 - 1 as "random"
 PATHS = ("model", "reranker", "embedder")  # params that name a server path (studio.access)
+
 
 @dataclass(frozen=True)
 class Params:
@@ -54,7 +56,8 @@ class Params:
             raise ValueError("the prompt is empty")
         for name, lo, hi in [("max_tokens", 1, 32768), ("temperature", 0.0, 5.0), ("top_p", 0.01, 1.0),
                              ("n_ctx", 256, 131072), ("n_gpu_layers", -1, 1000), ("top_k", 1, 50),
-                             ("threads", 0, 1024), ("max_tool_rounds", 1, 10)]:
+                             ("threads", 0, 1024), ("max_tool_rounds", 1, 10),
+                             ("seed", 0, SEED_MAX)]:
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
@@ -145,11 +148,28 @@ def _ref(p: Params, data_dir=None):
     return resolve(p.model, data_dir)
 
 
+MAX_BYTES_PER_TOKEN = 6  # text averages fewer per token (English 4.5, code 3 with gemma's tokenizer) once runs of
+# one character are collapsed: a run of spaces or "=====" is one token of up to 31 bytes
+
+
+def prompt_clearly_too_long(prompt: str, n_ctx: int) -> bool:
+    """True when the prompt alone clearly cannot fit `n_ctx` tokens, by a bound cheap enough for submit time: its
+    UTF-8 bytes, with runs of one repeated character counted once, over more bytes than a token holds on average.
+    The run counts the real tokens before anything is stored."""
+    collapsed = re.sub(r"(.)\1+", r"\1", prompt, flags=re.DOTALL)
+    return len(collapsed.encode("utf-8")) > MAX_BYTES_PER_TOKEN * n_ctx
+
+
 def validate(p: Params, config) -> Params:
-    """The model must resolve and the collection exist; the collection's embedder is filled in."""
+    """The model must resolve, the prompt fit the context and the collection exist; the collection's embedder is
+    filled in."""
     from workers.rag.index import load_manifest
 
     _ref(p, config.data_dir)
+    if prompt_clearly_too_long(p.prompt, p.n_ctx):  # refused here, it is never stored in a conversation
+        raise ValueError(f"the prompt ({len(p.prompt.encode('utf-8')) / 1024:.0f} KiB) does not fit the context "
+                         f"window (n_ctx={p.n_ctx} tokens): shorten it, raise n_ctx, or ingest the text into a "
+                         "collection and ask about it")
     if not p.collection:
         return p
     manifest = load_manifest(config.data_dir, p.collection)
@@ -325,9 +345,18 @@ def run(p: Params, ctx) -> dict:
         return _run(p, ctx)
     except ValueError as e:
         if "exceed context window" in str(e):  # llama.cpp's words for a prompt + answer longer than n_ctx
-            raise ValueError(f"the conversation and the answer do not fit the context window (n_ctx={p.n_ctx}): "
-                             "start a new conversation, lower max_tokens or top_k, or raise n_ctx") from None
+            raise ValueError(f"the conversation and the answer do not fit the context window (n_ctx={p.n_ctx}); the "
+                             "prompt was not stored: start a new conversation, lower max_tokens or top_k, or raise "
+                             "n_ctx") from None
         raise
+
+
+def input_tokens(llm, messages: list[dict]) -> int:
+    """Tokens of the messages' text with the model's own tokenizer (the chat template adds a few more)."""
+    text = "\n".join(str(m.get("content") or "") for m in messages)
+    if llm.backend == "gguf":
+        return len(llm.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    return llm.count_tokens(text)
 
 
 def _run(p: Params, ctx) -> dict:
@@ -336,11 +365,18 @@ def _run(p: Params, ctx) -> dict:
 
     t_start = time.perf_counter()
     convs = Conversations(ctx.data_dir / "chat.db")
-    cid = p.conversation
-    if cid == "new":
-        cid = convs.create(p.prompt.strip()[:60] or "New chat", owner=ctx.owner,
-                           settings={"model": p.model, "collection": p.collection})
+    cid = "" if p.conversation == "new" else p.conversation  # "new": created with its first message
     history = [{"role": m["role"], "content": m["content"]} for m in convs.get(cid)["messages"]] if cid else []
+
+    def keep(role: str, content: str, meta: dict | None = None) -> None:
+        """Store a message only once the model has taken the prompt: one it refused would break the conversation."""
+        nonlocal cid
+        if not p.conversation:
+            return
+        if not cid:
+            cid = convs.create(p.prompt.strip()[:60] or "New chat", owner=ctx.owner,
+                               settings={"model": p.model, "collection": p.collection})
+        convs.add(cid, role, content, meta)
 
     llm, cached = load_llm(ctx, p)
     t_loaded = time.perf_counter()
@@ -355,6 +391,11 @@ def _run(p: Params, ctx) -> dict:
         blocks = "\n\n".join(f"[{i}] {h.where}\n{h.text}" for i, h in enumerate(hits, start=1))
         user = f"{RAG_INSTRUCTIONS}\n\nSources:\n{blocks}\n\nQuestion: {p.prompt}"
     messages = [{"role": "system", "content": p.system}] + history + [{"role": "user", "content": user}]
+    n_in = input_tokens(llm, messages)
+    if n_in >= p.n_ctx:  # llama.cpp would refuse it too, but only once asked; nothing has been stored yet
+        raise ValueError(f"this turn's messages ({n_in} tokens) do not fit the context window (n_ctx={p.n_ctx}); "
+                         "the prompt was not stored: shorten it, " + ("start a new conversation, " if history else "")
+                         + "or raise n_ctx")
     calls: list[dict] = []
     if p.tools:
         messages = _tool_rounds(ctx, p, llm, messages, calls)
@@ -365,8 +406,6 @@ def _run(p: Params, ctx) -> dict:
         grammar = JSON_GBNF
     elif p.grammar:
         grammar = p.grammar
-    if cid:
-        convs.add(cid, "user", p.prompt)
     answer, n_tokens, t_first = [], 0, None
     t_gen = time.perf_counter()
     try:
@@ -374,20 +413,22 @@ def _run(p: Params, ctx) -> dict:
                                 grammar=grammar, seed=p.seed or None):
             if t_first is None:
                 t_first = time.perf_counter()
+                keep("user", p.prompt)  # the model took the prompt
             answer.append(piece)
             n_tokens += 1
             ctx.emit("token", text=piece)  # a cancel point: Stop ends generation here
     except JobCancelled:
-        if cid:
-            convs.add(cid, "assistant", "".join(answer), {"sources": sources, "stopped": True, "tools": calls})
+        if t_first is not None:  # Stop after the first token (the cancel point): keep the partial answer
+            keep("assistant", "".join(answer), {"sources": sources, "stopped": True, "tools": calls})
         raise
     t_end = time.perf_counter()
     text = "".join(answer)
     if hasattr(llm, "count_tokens"):  # transformers streams words; llama.cpp streams tokens
         n_tokens = llm.count_tokens(text)
     cited = sorted({int(n) for n in re.findall(r"\[(\d+)\]", text) if 0 < int(n) <= len(sources)})
-    if cid:
-        convs.add(cid, "assistant", text, {"sources": sources, "tools": calls, "model": p.model})
+    if t_first is None:  # an empty answer: the model took the prompt all the same
+        keep("user", p.prompt)
+    keep("assistant", text, {"sources": sources, "tools": calls, "model": p.model})
     gen_s = max(t_end - (t_first or t_end), 1e-9)
     return {
         "answer": text,

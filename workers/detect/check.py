@@ -27,11 +27,16 @@ class Params:
             raise ValueError("no dataset given: upload a zip, or give a folder or data.yaml path")
         if not 0.0 < self.val_split < 0.9:
             raise ValueError(f"val_split must be between 0 and 0.9; got {self.val_split}")
+        if not 0 <= self.seed <= 2**31 - 1:  # as detect_train takes it, so the check shows the split training uses
+            raise ValueError(f"seed must be between 0 and {2**31 - 1}; got {self.seed}")
 
 
 def validate(p: Params, config) -> None:
+    from workers.detect.data import check_zip
+
     if not Path(p.data).expanduser().exists():
         raise ValueError(f"dataset not found: {p.data}")
+    check_zip(Path(p.data), config.runs_dir)  # it is extracted into the job's run folder
 
 
 def estimate(p: Params, device) -> Estimate:

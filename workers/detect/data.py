@@ -122,6 +122,24 @@ def detect_format(root: Path) -> tuple[str, Path | None]:
                      "(Ultralytics / Roboflow \"YOLOv8\"), Label Studio \"YOLO\", or COCO JSON")
 
 
+def check_zip(source: Path, dest: Path) -> None:
+    """A dataset zip's declared sizes against the limits and the free disk where it will land (`dest`, or a folder on
+    the same disk), at submit: a zip bomb is refused before a job is queued. Not a zip: nothing to check."""
+    import zipfile
+
+    from workers.rag.chunk import check_archive
+
+    source = Path(source).expanduser()
+    if not (source.is_file() and source.suffix.lower() == ".zip"):
+        return
+    try:
+        with zipfile.ZipFile(source) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile:
+        raise ValueError(f"{source.name} is not a valid zip archive") from None
+    check_archive(source.name, infos, dest, MAX_ZIP_BYTES, MAX_ZIP_FILES)
+
+
 def prepare(source: Path, out: Path, val_split: float = 0.2, seed: int = 0) -> tuple[Path, dict]:
     """Import and check a dataset into `out` (a new folder); return (data.yaml, report)."""
     from workers.rag.chunk import safe_extract

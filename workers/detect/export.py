@@ -16,6 +16,7 @@ from workers.detect import yolo
 PACKAGES = ("ultralytics", "onnx", "onnxruntime")  # versions for the run card
 PATHS = ("model",)  # params that name a server path or a job (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     model: str  # a preset, a yaml, weights a detect_train job wrote, or a trusted .pt

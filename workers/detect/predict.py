@@ -17,6 +17,7 @@ VIDEO_EXT = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg"}
 PACKAGES = ("ultralytics", "torchvision")  # versions for the run card
 PATHS = ("model", "source")  # params that name a server path or a job (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     model: str  # a preset (yolov8n, yolo11s, …), weights a detect_train job wrote, an .onnx, or a trusted .pt

@@ -19,6 +19,7 @@ from workers.detect import yolo
 PACKAGES = ("ultralytics", "opencv-python")  # versions for the run card
 PATHS = ("model",)  # params that name a server path or a job (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     model: str  # as for detect_predict
@@ -36,6 +37,10 @@ class Params:
             raise ValueError("session must be 1-64 letters, digits or dashes")
         if not 0.5 <= self.idle_s <= 600 or not 0 < self.max_minutes <= 24 * 60:
             raise ValueError("idle_s must be 0.5..600 and max_minutes 0..1440")
+        for name, lo, hi in [("conf", 0.0, 1.0), ("iou", 0.0, 1.0), ("imgsz", 32, 4096)]:  # as detect_predict
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
 
 
 def folder(data_dir: Path, session: str) -> Path:

@@ -21,6 +21,7 @@ from workers.detect import yolo
 PACKAGES = ("ultralytics", "torchvision")  # versions for the run card
 PATHS = ("data", "model", "resume_from")  # params that name a server path or a job (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     data: str  # a dataset zip, folder or data.yaml (YOLO, Roboflow YOLOv8, Label Studio YOLO, COCO JSON)
@@ -47,7 +48,8 @@ class Params:
         if not self.data.strip():
             raise ValueError("no dataset given")
         for name, lo, hi in [("epochs", 1, 10_000), ("imgsz", 32, 4096), ("patience", 0, 10_000),
-                             ("workers", 0, 64), ("val_split", 0.01, 0.9), ("lr0", 1e-6, 1.0)]:
+                             ("workers", 0, 64), ("val_split", 0.01, 0.9), ("lr0", 1e-6, 1.0),
+                             ("seed", 0, 2**31 - 1)]:  # Ultralytics seeds numpy (32 bits) with seed + 1
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
@@ -65,8 +67,11 @@ def _checkpoint(runs_dir: Path, job_id: str) -> Path:
 
 
 def validate(p: Params, config) -> None:
+    from workers.detect.data import check_zip
+
     if not Path(p.data).expanduser().exists():
         raise ValueError(f"dataset not found: {p.data}")
+    check_zip(Path(p.data), config.runs_dir)  # it is extracted into the job's run folder
     yolo.resolve(p.model, config.data_dir, p.trust)
     if p.resume_from and not _checkpoint(config.runs_dir, p.resume_from).exists():
         raise ValueError(f"job {p.resume_from} has no checkpoint to resume from")

@@ -1,7 +1,9 @@
 """What the Detect kinds share: Ultralytics' environment, which weights may be loaded, and the memory model.
 
 Ultralytics loads `.pt` files with pickle (arbitrary code). The studio loads only:
-- a model built from a yaml (`yolov8n.yaml`: random weights, nothing to unpickle) or an exported `.onnx`;
+- a model built from a yaml (`yolov8n.yaml`: random weights, nothing to unpickle) or an exported `.onnx`; a yaml of
+  the user's is data too: Ultralytics `eval()`s its `activation:` and looks its module names up by name, so it is
+  parsed with yaml.safe_load and checked against what Ultralytics' own yamls use (`check_model_yaml`) unless trusted;
 - weights a studio job wrote: their sha256 is in that run's `weights.json`;
 - a preset (`yolov8n`, …) fetched through Ultralytics' own download; its sha256 is recorded on the first
   download and must match on every later load;
@@ -11,7 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -84,14 +88,17 @@ def resolve(model: str, data_dir: Path, trust: bool = False) -> str:
         raise ValueError("no model given")
     if name.endswith((".yaml", ".yml")):
         if Path(name).expanduser().exists():
-            return str(Path(name).expanduser())
+            path = Path(name).expanduser()
+            if not trust:
+                check_model_yaml(path)
+            return str(path)
         import importlib.util
 
         spec = importlib.util.find_spec("ultralytics")
         cfgs = Path(spec.origin).parent / "cfg" / "models" if spec else None
         if cfgs and not any(cfgs.rglob(_base_yaml(name))):
             raise ValueError(f"{name} is not a model yaml Ultralytics knows (e.g. yolov8n.yaml, yolo11s.yaml)")
-        return name
+        return Path(name).name  # a bare name Ultralytics finds among its own yamls, not a path filled in after now
     stem = name[:-3] if name.endswith(".pt") else name
     if stem in presets() and not Path(name).expanduser().exists():
         return stem
@@ -123,6 +130,9 @@ def load(model: str, data_dir: Path, trust: bool, progress=None):
     name = resolve(model, data_dir, trust)
     from ultralytics import YOLO
 
+    if name.endswith((".yaml", ".yml")) and Path(name).is_file() and not trust:
+        name = str(_checked_copy(Path(name), weights))
+
     if name in presets():
         path = weights / presets()[name]["file"]
         if not path.exists():
@@ -140,6 +150,161 @@ def load(model: str, data_dir: Path, trust: bool, progress=None):
         pins.write_text(json.dumps(known, indent=1))
         name = str(path)
     return YOLO(name, task="detect")
+
+
+# ---- model yaml files are data ---------------------------------------------------------------------------------
+# the only `activation:` values accepted, matched as text (spaces ignored), never evaluated
+ACTIVATIONS = frozenset(f"{prefix}{act}" for prefix in ("nn.", "torch.nn.") for act in (
+    "SiLU()", "ReLU()", "ReLU6()", "LeakyReLU()", "LeakyReLU(0.1)", "Hardswish()", "GELU()", "Mish()", "ELU()",
+    "Identity()"))
+ARG_STRINGS = frozenset({"None", "nearest", "bilinear", "nc"})  # besides those Ultralytics' own yamls use
+MAX_INT = 8192  # channels, kernel sizes, layer indices: Ultralytics' largest is 2048
+MAX_LAYERS, MAX_REPEATS = 500, 100  # its largest model has 43 layers, a module repeated 18 times
+
+
+@lru_cache(maxsize=1)
+def _shipped() -> tuple[frozenset, frozenset, frozenset]:
+    """(module names, string arguments, text models) of every model yaml Ultralytics ships:
+    what a user's yaml may use. Read from the installed package, so a new Ultralytics brings its new modules."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("ultralytics")
+    modules, strings, text_models = set(), set(ARG_STRINGS), set()
+    for f in (Path(spec.origin).parent / "cfg" / "models").rglob("*.yaml") if spec else ():
+        d = yaml.safe_load(f.read_text()) or {}
+        if isinstance(d.get("text_model"), str):
+            text_models.add(d["text_model"])
+        for row in (d.get("backbone") or []) + (d.get("head") or []):
+            modules.add(row[2])
+            strings |= {a for a in _flat(row[3]) if isinstance(a, str)}
+    return frozenset(modules), frozenset(strings), frozenset(text_models)
+
+
+def _flat(v):
+    if isinstance(v, list):
+        for x in v:
+            yield from _flat(x)
+    else:
+        yield v
+
+
+def _number(v, positive: bool = False) -> bool:
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return ok and (v > 0 if positive else True)
+
+
+def _int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def check_model_yaml(path: Path) -> dict:
+    """A user's model yaml, read as data and checked field by field against what Ultralytics' own yamls use:
+    Ultralytics `eval()`s `activation:`, looks module names up among its globals and string arguments up among its
+    locals, so anything beyond plain names and literals could run code. Raises ValueError naming the field."""
+    import yaml
+
+    where = Path(path).name
+    trust = ("; start from one of Ultralytics' model yamls, or tick \"I trust this file\" (trust=true) only if you "
+             "know where it came from")
+    try:
+        d = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where} is not a valid YAML file ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"{where} is not a model yaml: it holds no `backbone:` and `head:`")
+    modules, strings, text_models = _shipped()
+
+    def bad(field: str, why: str):
+        return ValueError(f"{where}: {field} {why}{trust}")
+
+    for key, v in d.items():
+        if key in ("backbone", "head"):
+            continue
+        if key == "activation":
+            if v is not None and (not isinstance(v, str) or v.replace(" ", "") not in ACTIVATIONS):
+                raise bad("activation", "must be a plain name such as nn.SiLU(), nn.ReLU() or nn.LeakyReLU(0.1) "
+                                        f"(matched as text, never run); got {str(v)[:80]!r}")
+        elif key in ("nc", "ch", "channels", "reg_max"):
+            top = 100_000 if key == "nc" else 64  # input channels and DFL bins: 3 and 16 in Ultralytics' own
+            if not _int(v, 1, top):
+                raise bad(key, f"must be a whole number from 1 to {top}; got {str(v)[:40]!r}")
+        elif key in ("depth_multiple", "width_multiple"):
+            if not (_number(v, positive=True) and v <= 16):
+                raise bad(key, f"must be a number above 0 and at most 16; got {str(v)[:40]!r}")
+        elif key == "kpt_shape":
+            if not (isinstance(v, list) and 1 <= len(v) <= 4 and all(_int(x, 1, 10_000) for x in v)):
+                raise bad(key, f"must be a list of whole numbers, e.g. [17, 3]; got {str(v)[:40]!r}")
+        elif key == "scales":
+            if not (isinstance(v, dict) and v and all(
+                    isinstance(k, str) and len(k) == 1 and isinstance(s, list) and len(s) == 3
+                    and all(_number(x, positive=True) for x in s) and s[0] <= 16 and s[1] <= 16 and s[2] <= MAX_INT
+                    for k, s in v.items())):
+                raise bad("scales", "must map scale letters to [depth, width, max_channels] numbers, "
+                                    "e.g. n: [0.33, 0.25, 1024]")
+        elif key in ("end2end", "inplace"):
+            if not isinstance(v, bool):
+                raise bad(key, f"must be true or false; got {str(v)[:40]!r}")
+        elif key == "scale":  # Ultralytics sets it from the file name
+            if not (isinstance(v, str) and len(v) <= 1):
+                raise bad(key, f"must be a scale letter (n, s, m, l, x); got {str(v)[:40]!r}")
+        elif key == "names":  # not read by Ultralytics when it builds a model, but plain data some yamls carry
+            items = list(v.values()) if isinstance(v, dict) else v
+            if not (isinstance(items, list) and all(isinstance(x, (str, int)) for x in items)):
+                raise bad(key, "must be a list of class names")
+        elif key == "text_model":  # YOLO-World / YOLOE load this text encoder by name
+            if v not in text_models:
+                raise bad(key, f"must be one of {', '.join(sorted(text_models))}; got {str(v)[:40]!r}")
+        else:
+            raise bad(f"`{str(key)[:40]}`", "is not a field of a model yaml (known: nc, scales, backbone, head, "
+                                            "activation, depth_multiple, width_multiple, kpt_shape, ch)")
+    for section in ("backbone", "head"):
+        rows = d.get(section)
+        if not isinstance(rows, list) or not rows:
+            raise bad(section, "must be a list of layers [from, repeats, module, args]")
+    if len(d["backbone"]) + len(d["head"]) > MAX_LAYERS:
+        raise bad("backbone/head", f"hold more than {MAX_LAYERS} layers")
+    for section in ("backbone", "head"):
+        for i, row in enumerate(d[section]):
+            field = f"{section}[{i}]"
+            if not (isinstance(row, list) and len(row) == 4):
+                raise bad(field, f"must be [from, repeats, module, args]; got {str(row)[:80]!r}")
+            frm, n, module, args = row
+            if not (_int(frm, -MAX_LAYERS, MAX_LAYERS) or (isinstance(frm, list) and frm
+                                                            and all(_int(x, -MAX_LAYERS, MAX_LAYERS) for x in frm))):
+                raise bad(f"{field} from", f"must be a layer index or a list of them; got {str(frm)[:40]!r}")
+            if not _int(n, 1, MAX_REPEATS):
+                raise bad(f"{field} repeats", f"must be a whole number from 1 to {MAX_REPEATS}; got {str(n)[:40]!r}")
+            if not isinstance(module, str) or module not in modules:
+                raise bad(f"{field} module", f"{str(module)[:60]!r} is not a module Ultralytics' own model yamls use "
+                                             f"(e.g. Conv, C2f, SPPF, nn.Upsample, Concat, Detect)")
+            if not isinstance(args, list):
+                raise bad(f"{field} args", f"must be a list; got {str(args)[:40]!r}")
+            for a in _flat(args):
+                if a is None or isinstance(a, bool):
+                    continue
+                if isinstance(a, str):
+                    if a not in strings:
+                        raise bad(f"{field} args", f"may name only {', '.join(sorted(strings))}; got {a[:60]!r}")
+                elif not (_int(a, -MAX_INT, MAX_INT) or (isinstance(a, float) and _number(a) and abs(a) <= MAX_INT)):
+                    raise bad(f"{field} args", f"must be numbers up to {MAX_INT}, a few names, true/false or null; "
+                                               f"got {str(a)[:40]!r}")
+    return d
+
+
+def _checked_copy(path: Path, weights: Path) -> Path:
+    """The user's yaml checked once more and written back out from the checked data into the studio's folder, under
+    its own name (Ultralytics reads the scale from it): Ultralytics then reads exactly what was checked, not a file
+    that changed since, nor a sibling it would look for beside it (`yolov8n6.yaml` -> `yolov8n-p6.yaml`)."""
+    import yaml
+
+    d = check_model_yaml(path)
+    text = yaml.safe_dump(d, sort_keys=False)
+    out = weights / "checked" / hashlib.sha256(text.encode()).hexdigest()[:16] / path.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return out
 
 
 def _download(path: Path, progress=None) -> None:

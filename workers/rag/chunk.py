@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import shutil
+import tempfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -174,24 +177,71 @@ def file_hash(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def list_files(root: Path) -> list[Path]:
-    """Supported files under `root` (a file or a folder), skipping hidden folders and oversized files."""
+def too_big(path: Path, size: int) -> str:
+    return (f"{path.name} is {size / 2**20:.0f} MiB; one file may be at most {MAX_FILE_BYTES // 2**20} MiB (it is read "
+            "whole): split it, or ingest the folder of its parts")
+
+
+def list_files(root: Path, skipped: list[dict] | None = None) -> list[Path]:
+    """Supported files under `root` (a file or a folder), skipping hidden folders and files over the per-file cap
+    (listed in `skipped` with the reason); a single file over the cap is refused."""
     if root.is_file():
+        if root.stat().st_size > MAX_FILE_BYTES:
+            raise ValueError(too_big(root, root.stat().st_size))
         return [root]
     files = []
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root).parts
-        if any(p.startswith(".") or p in ("node_modules", "__pycache__", ".venv", "venv") for p in rel[:-1]):
+        if any(p.startswith(".") or p in IGNORED_DIRS for p in rel[:-1]):
             continue
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in SUPPORTED and \
-                f.stat().st_size <= MAX_FILE_BYTES:
+        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in SUPPORTED:
+            if f.stat().st_size > MAX_FILE_BYTES:
+                if skipped is not None:
+                    skipped.append({"file": str(f.relative_to(root)), "reason": too_big(f, f.stat().st_size)})
+                continue
             files.append(f)
     return files
 
 
+IGNORED_DIRS = ("node_modules", "__pycache__", ".venv", "venv")
+
+
+def largest_input(path: Path, scan: int = 5000) -> int:
+    """Bytes of the largest file an ingest of `path` reads whole (at most MAX_FILE_BYTES), found cheaply for the
+    estimate: a file's size, a zip's largest declared entry, the largest of a folder's first `scan` entries (a bigger
+    folder counts as holding a file at the cap)."""
+    import os
+
+    path = Path(path)
+    try:
+        if path.is_file() and path.suffix.lower() == ".zip":
+            with zipfile.ZipFile(path) as zf:  # reads the central directory only
+                sizes = [i.file_size for i in zf.infolist() if i.file_size <= MAX_FILE_BYTES]
+            return max(sizes, default=0)
+        if path.is_file():
+            return min(path.stat().st_size, MAX_FILE_BYTES)
+        largest, seen = 0, 0
+        for folder, dirs, names in os.walk(path):
+            dirs[:] = [d for d in dirs if not d.startswith(".") and d not in IGNORED_DIRS]
+            for name in names:
+                seen += 1
+                if seen > scan:
+                    return MAX_FILE_BYTES
+                if Path(name).suffix.lower() in SUPPORTED and not name.startswith("."):
+                    size = os.stat(os.path.join(folder, name)).st_size
+                    if size <= MAX_FILE_BYTES:
+                        largest = max(largest, size)
+        return largest
+    except (OSError, zipfile.BadZipFile):  # unreadable: validate and run say why
+        return 0
+
+
 def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES
                  ) -> Path:
-    """Extract a zip without letting any entry escape `dest` (no `..`, no absolute paths, no links), with limits."""
+    """Extract a zip without letting any entry escape `dest` (no `..`, no absolute paths, no links), with limits from
+    the machine: everything is checked before a byte is written (entry count, total size, free disk, each entry's
+    compression ratio), and a failure part-way (a lying header, a full disk) leaves nothing behind. The entries land
+    in a new folder beside `dest` that replaces it only once all of them are out."""
     dest = dest.resolve()
     try:
         zf = zipfile.ZipFile(archive)
@@ -199,10 +249,7 @@ def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES, 
         raise ValueError(f"{archive.name} is not a valid zip archive") from None
     with zf:
         infos = zf.infolist()
-        if len(infos) > max_files:
-            raise ValueError(f"{archive.name} has {len(infos)} entries; the limit is {max_files}")
-        if sum(i.file_size for i in infos) > max_bytes:
-            raise ValueError(f"{archive.name} unpacks to more than {max_bytes // 2**20} MiB")
+        check_archive(archive.name, infos, dest, max_bytes, max_files)
         for info in infos:
             target = (dest / info.filename).resolve()
             if not target.is_relative_to(dest) or info.filename.startswith("/"):
@@ -210,6 +257,51 @@ def safe_extract(archive: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES, 
                                  "folder); nothing was extracted")
             if (info.external_attr >> 16) & 0o170000 == 0o120000:
                 raise ValueError(f"{archive.name} holds a symbolic link {info.filename!r}; nothing was extracted")
-        dest.mkdir(parents=True, exist_ok=True)
-        zf.extractall(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
+        try:
+            zf.extractall(work)  # each entry stops at its declared size (zipfile) and is CRC-checked
+            if dest.exists():
+                shutil.rmtree(dest)  # the previous extraction of this archive: the new one replaces it whole
+            work.rename(dest)
+        except (OSError, zipfile.BadZipFile, EOFError, zlib.error,
+                NotImplementedError, RuntimeError) as e:  # these two: an unknown compression method, a password
+            raise ValueError(f"{archive.name} could not be extracted ({e}); nothing was kept") from None
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     return dest
+
+
+MAX_RATIO = 200  # uncompressed / compressed size of one entry; text and images stay far below it, zip bombs above
+RATIO_FROM = 2**20  # entries smaller than this may compress better (a file of spaces) without being a bomb
+
+
+def free_margin(free: int) -> int:
+    """Disk space an extraction must leave free: 1 GiB, or a tenth of what is free when that is more."""
+    return max(2**30, free // 10)
+
+
+def check_archive(name: str, infos: list[zipfile.ZipInfo], dest: Path, max_bytes: int, max_files: int) -> None:
+    """The limits a zip must meet before anything is extracted, from its declared sizes; raises ValueError."""
+    if len(infos) > max_files:
+        raise ValueError(f"{name} has {len(infos)} entries; the limit is {max_files}")
+    total = sum(i.file_size for i in infos)
+    if total > max_bytes:
+        raise ValueError(f"{name} unpacks to {total / 2**20:.0f} MiB, more than the limit of {max_bytes // 2**20} MiB")
+    free = shutil.disk_usage(_existing(dest)).free
+    if total > free - free_margin(free):
+        raise ValueError(f"{name} unpacks to {total / 2**30:.2f} GiB but the disk holding {dest.parent} has "
+                         f"{free / 2**30:.2f} GiB free (and keeps {free_margin(free) / 2**30:.2f} GiB spare); "
+                         "free some space or use a smaller archive. Nothing was extracted")
+    for i in infos:
+        if i.file_size > RATIO_FROM and i.file_size > MAX_RATIO * max(i.compress_size, 1):
+            raise ValueError(f"{name}: {i.filename!r} expands {i.file_size / max(i.compress_size, 1):.0f} times "
+                             f"({i.compress_size} bytes to {i.file_size / 2**20:.0f} MiB; the limit is {MAX_RATIO} "
+                             "times), like a zip bomb. Nothing was extracted")
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest parent that exists (where free space can be measured)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path

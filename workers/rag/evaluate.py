@@ -22,6 +22,7 @@ JUDGE_PROMPT = ("Rate how well the answer matches the expected answer, from 1 (w
 PACKAGES = ("chromadb", "sentence-transformers", "llama-cpp-python", "rouge-score", "sacrebleu")
 PATHS = ("evalset", "model", "reranker")  # params that name a server path (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     collection: str  # the collection to evaluate
@@ -37,8 +38,11 @@ class Params:
     embedder: str = ""  # the collection's embedder; empty: the one it was built with
 
     def __post_init__(self):
-        if not 1 <= self.k <= 50:
-            raise ValueError(f"k must be between 1 and 50; got {self.k}")
+        for name, lo, hi in [("k", 1, 50), ("max_tokens", 1, 32768), ("n_ctx", 256, 131072),
+                             ("n_gpu_layers", -1, 1000), ("threads", 0, 1024)]:  # as for chat: llama.cpp takes them
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
         if self.judge and not self.model:
             raise ValueError("judge needs a model")
 

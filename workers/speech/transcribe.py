@@ -22,6 +22,7 @@ from workers.speech.post_edit import N_CTX as EDITOR_CTX
 PACKAGES = ("faster-whisper", "ctranslate2", "resemblyzer", "llama-cpp-python")  # versions for the run card
 PATHS = ("audio", "model", "editor_model")  # params that name a server path (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     audio: str  # an audio or video file (wav, mp3, m4a, flac, ogg, mp4, mkv, …)
@@ -53,7 +54,8 @@ class Params:
         if not self.audio.strip():
             raise ValueError("no audio file given")
         for name, lo, hi in [("vad_threshold", 0.01, 0.99), ("min_silence_ms", 0, 10_000), ("beam_size", 1, 20),
-                             ("batch_size", 1, 64), ("threads", 0, 1024)]:
+                             ("batch_size", 1, 64), ("threads", 0, 1024), ("editor_gpu_layers", -1, 1000),
+                             ("seed", 0, 2**32 - 2)]:  # the post-editor's llama.cpp takes a 32-bit seed
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")

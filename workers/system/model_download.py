@@ -12,6 +12,7 @@ from studio.gate import Estimate
 PACKAGES = ("huggingface-hub",)  # versions for the run card
 ADMIN_ONLY = ("repo",)  # any hub repo into the shared cache: the admin's call; presets are for all
 
+
 @dataclass(frozen=True)
 class Params:
     preset: str = ""  # a preset name from assets/presets/ (LLM, embedder, reranker, whisper or YOLO)

@@ -13,6 +13,7 @@ from studio.gate import Estimate
 PACKAGES = ("tokenizers",)  # versions for the run card
 PATHS = ("checkpoint",)  # params that name a server path or a job (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     checkpoint: str  # a tinylm job id, or the path of its run folder / checkpoint folder
@@ -32,6 +33,8 @@ class Params:
             raise ValueError(f"temperature must be between 0 and 5; got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be 0 or more; got {self.top_k}")
+        if not 0 <= self.seed <= 2**32 - 1:  # as tinylm training takes it (torch)
+            raise ValueError(f"seed must be between 0 and {2**32 - 1}; got {self.seed}")
 
 
 def checkpoint_dir(checkpoint: str, data_dir: Path) -> Path:

@@ -33,6 +33,7 @@ PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "4090": 165e12, "4
 PACKAGES = ("tokenizers",)  # versions for the run card
 PATHS = ("data", "resume_from")  # params that name a server path or a job (studio.access)
 
+
 @dataclass(frozen=True)
 class Params:
     data: str = "tinyshakespeare"  # "tinyshakespeare" (downloaded on first use), a text file, or a folder of code
@@ -74,7 +75,7 @@ class Params:
                              ("beta2", 0.5, 0.9999), ("eval_every", 1, 1_000_000), ("eval_iters", 1, 10_000),
                              ("vocab_size", 260, 65536), ("target_val_loss", 0.0, 100.0),
                              ("checkpoint_every", 1, 1_000_000), ("weight_decay", 0.0, 1.0), ("grad_clip", 0.0, 100.0),
-                             ("threads", 0, 1024)]:
+                             ("threads", 0, 1024), ("seed", 0, 2**32 - 1)]:  # torch: seed + step stays in range
             check(name, lo, hi)
         if not self.data.strip():
             raise ValueError("data is empty: use tinyshakespeare, a text file or a folder")
