@@ -443,7 +443,8 @@ class Studio:
 
     def meter(self, owner: str | None = None) -> dict[str, Any]:
         """What the header shows: device memory, the studio's share, the running jobs, the queue, and any trouble
-        (a stopped worker, a data folder that cannot be written) in one line."""
+        (a stopped worker, a data folder that cannot be written) in one line. With auth, a remote `owner` is shown
+        only her own jobs."""
         reading: DeviceReading = self.device.read(self.studio_pids())
         out: dict[str, Any] = {"device": reading.to_dict(), "budget": self.config.budget_bytes(reading.total),
                                "owner": self.owner, "server": self.server_running()}
@@ -453,9 +454,11 @@ class Studio:
         try:
             running = self.store.with_status(JobStatus.RUNNING)
             queued = self.store.queued()
+            mine = self.user(owner).admin  # a remote user sees the device and the queue's length, not others' jobs
+            own = [j for j in queued if mine or j.owner == owner]
             out.update(running=[{"id": j.id, "kind": j.kind, "progress": j.progress, "message": j.message}
-                                for j in running if j.id not in self._pending],
-                       queued=len(queued), waiting=queued[0].wait_reason if queued else None,
+                                for j in running if j.id not in self._pending and (mine or j.owner == owner)],
+                       queued=len(queued), waiting=own[0].wait_reason if own else None,
                        paused=self.store.paused, pause_reason=self.store.get_meta("pause_reason", ""))
         except (sqlite3.Error, OSError) as e:
             out.update(running=[], queued=0, waiting=None, paused=False, pause_reason="")

@@ -1,7 +1,7 @@
 """The header: the live device meter (a 1 s gr.Timer) and the queue at a glance."""
 import html
 
-from .common import gib
+from .common import gib, user_of
 
 
 def meter_html(m: dict) -> str:
@@ -54,9 +54,13 @@ def build(studio, auth: bool = False) -> dict:
 
     with gr.Row():
         gr.Markdown("## Studio")
-    meter = gr.HTML(meter_html(studio.meter()), elem_id="studio-meter")
+    meter = gr.HTML(meter_html(studio.meter(owner="")), elem_id="studio-meter")  # no one's jobs in the page config
     timer = gr.Timer(1.0)
-    timer.tick(lambda: meter_html(studio.meter()), outputs=meter, api_name="meter", show_progress="hidden",
+
+    def tick(request: gr.Request):
+        return meter_html(studio.meter(owner=user_of(request, auth)))
+
+    timer.tick(tick, outputs=meter, api_name="meter", show_progress="hidden",
                queue=False)
     return dict(meter=meter, timer=timer)
 
