@@ -170,6 +170,12 @@ def user_of(request: Any, auth: bool) -> str | None:
     return getattr(request, "username", None) if auth and request is not None else None
 
 
+def admin_only(studio, owner: str | None, *names: str) -> dict:
+    """Updates that show these components to the admin only (a remote user could not use them: studio.access)."""
+    shown = studio.user(owner).admin
+    return {n: gr.update(visible=shown) for n in names}
+
+
 def require_admin(studio, request: Any, auth: bool, what: str) -> None:
     """Settings, the queue and the model cache are shared by everyone: only the admin changes them."""
     if not studio.user(user_of(request, auth)).admin:

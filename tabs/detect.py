@@ -9,7 +9,7 @@ import gradio as gr
 from studio import Job
 from workers.detect.yolo import presets
 
-from .common import Follow, bind, eta, loss_frame, own_uploads, progress_html, stash_uploads, user_of, watch
+from .common import Follow, admin_only, bind, eta, loss_frame, own_uploads, progress_html, stash_uploads, user_of, watch
 
 BASE_MODELS = ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo11s.yaml"]
 # the Train button's inputs: each comes from build()'s t_<name> component, and they are the /detect_train
@@ -34,7 +34,8 @@ def fill(studio, owner: str | None) -> dict:
     """The user's trained models, on page load, first in both model lists."""
     trained = model_choices(studio, owner)
     return {"p_model": gr.update(choices=trained, value=trained[0] if trained else None),
-            "t_model": gr.update(choices=BASE_MODELS + list(presets()) + [v for _, v in trained_models(studio, owner)])}
+            "t_model": gr.update(choices=BASE_MODELS + list(presets()) + [v for _, v in trained_models(studio, owner)]),
+            **admin_only(studio, owner, "p_trust", "t_trust", "e_trust", "t_path")}
 
 
 def model_choices(studio, owner=None, yaml: bool = False) -> list:
@@ -193,7 +194,7 @@ def build(studio, auth: bool = False) -> dict:
               t_hsv_s=t_hsv_s, t_hsv_v=t_hsv_v, t_amp=t_amp, t_patience=t_patience, t_seed=t_seed, t_trust=t_trust,
               t_go=t_go, t_cancel=t_cancel, t_resume=t_resume, t_status=t_status, t_loss=t_loss, t_map=t_map,
               t_sample=t_sample, t_plots=t_plots, t_files_out=t_files_out, t_job=t_job, e_model=e_model,
-              e_format=e_format, e_go=e_go, e_table=e_table, e_files=e_files)
+              e_format=e_format, e_trust=e_trust, e_go=e_go, e_table=e_table, e_files=e_files)
 
     def owner(request):
         return user_of(request, auth)

@@ -4,7 +4,7 @@ import html
 import json
 import time
 
-from .common import duration, gib, loss_frame, owned_job, progress_html, require_admin, user_of
+from .common import admin_only, duration, gib, loss_frame, owned_job, progress_html, require_admin, user_of
 
 HEADERS = ["id", "kind", "status", "created", "ran for", "estimate", "peak", "peak/est", "note"]
 
@@ -29,7 +29,7 @@ def table(studio, owner: str | None = None) -> list[list]:
 
 def fill(studio, owner: str | None) -> dict:
     """The user's jobs, on page load."""
-    return {"jobs": table(studio, owner)}
+    return {"jobs": table(studio, owner), **admin_only(studio, owner, "pause", "resume_queue")}
 
 
 def queue_md(studio) -> str:

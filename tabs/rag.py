@@ -7,7 +7,7 @@ import gradio as gr
 from studio import Job
 from studio.presets import presets
 
-from .common import Follow, progress_html, stash_uploads, user_of, visible_collections, watch
+from .common import Follow, admin_only, progress_html, stash_uploads, user_of, visible_collections, watch
 
 EVAL_COLUMNS = ["job", "collection", "embedder", "chunking", "k", "reranker", "model", "hit@k", "recall@k", "MRR",
                 "ROUGE-L", "BLEU", "judge", "questions"]
@@ -20,7 +20,8 @@ def collections_table(studio, owner: str | None = None) -> list[list]:
 def fill(studio, owner: str | None) -> dict:
     """The user's collections and evaluations, on page load."""
     return {"table": collections_table(studio, owner), "ev_table": eval_table(studio, owner),
-            "ev_collection": gr.update(choices=[c["name"] for c in visible_collections(studio, owner)])}
+            "ev_collection": gr.update(choices=[c["name"] for c in visible_collections(studio, owner)]),
+            **admin_only(studio, owner, "folder")}
 
 
 def eval_table(studio, owner=None) -> list[list]:

@@ -1,7 +1,14 @@
 """Settings: the memory budget, the reserve left for other programs, idle unload, and where data lives."""
 import gradio as gr
 
-from .common import gib, require_admin
+from .common import admin_only, gib, require_admin
+
+
+def fill(studio, owner: str | None) -> dict:
+    """Settings are shared: a remote user sees them, only the admin changes them."""
+    shown = studio.user(owner).admin
+    return {**admin_only(studio, owner, "save", "unload"),
+            **{n: gr.update(interactive=shown) for n in ("budget", "reserve", "idle")}}
 
 
 def build(studio, auth: bool = False) -> dict:  # settings are shared: with auth only the admin changes them

@@ -107,7 +107,9 @@ def start_generate(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tup
 
 def fill(studio, owner: str | None) -> dict:
     """The user's trained models, on page load."""
-    return {"checkpoint": gr.update(choices=checkpoint_choices(studio, owner))}
+    admin = studio.user(owner).admin  # a remote user trains on her uploads, not on a folder of the server's
+    return {"checkpoint": gr.update(choices=checkpoint_choices(studio, owner)),
+            "data_source": gr.update(choices=DATA_CHOICES if admin else DATA_CHOICES[:2])}
 
 
 def checkpoint_choices(studio, owner: str | None = None) -> list[tuple[str, str]]:

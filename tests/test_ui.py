@@ -184,6 +184,16 @@ def test_auth_is_enforced_and_jobs_are_scoped_to_their_owner(studio, corpus):
             studio.resume_queue()
         # what everyone shares is the admin's: bob may not change settings, pause the queue or unload models
         studio.admin = "ann"
+        from tabs import detect, jobs, rag, settings
+
+        def hidden(fill, user):  # each tab's page-load fill hides from a remote user what she could not use
+            return sorted(n for n, u in fill(studio, user).items() if isinstance(u, dict) and u.get("visible") is False)
+
+        assert hidden(settings.fill, "bob") == ["save", "unload"]
+        assert hidden(jobs.fill, "bob") == ["pause", "resume_queue"]
+        assert hidden(detect.fill, "bob") == ["e_trust", "p_trust", "t_path", "t_trust"]
+        assert hidden(rag.fill, "bob") == ["folder"]
+        assert not any(hidden(f, "ann") for f in (settings.fill, jobs.fill, detect.fill, rag.fill))
         budget = studio.config.budget_gb
         for call in (dict(api_name="/save_settings", budget_gb=0.01, reserve_gb=1, idle_s=600),
                      dict(api_name="/queue_pause"), dict(api_name="/unload_models")):
