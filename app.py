@@ -481,6 +481,7 @@ def launch(demo, studio, **kwargs):
         blocked_paths=[str(cfg.users_dir), str(cfg.datasets_dir), str(cfg.db_path), str(cfg.data_dir / "rag"),
                        str(cfg.data_dir / "chat.db")],
         css_paths=[ROOT / "assets" / "studio.css"], footer_links=["api"],
+        max_file_size=int(cfg.max_upload_gb * 2**30),  # Gradio refuses a bigger upload before writing it
         app_kwargs={"middleware": [Middleware(UploadsOnly, upload_dir=cfg.uploads_dir)]}, **kwargs)
 
 

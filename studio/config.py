@@ -44,6 +44,7 @@ class Config:
     reserve_gb: float = 1.0  # left for the desktop and other programs (the CUDA context is in each estimate)
     idle_unload_s: float = 600.0  # cached models unused this long are unloaded
     cancel_grace_s: float = 10.0  # a job that ignores cancel this long is killed with its worker
+    max_upload_gb: float = 20.0  # the largest file one upload may be (a dataset zip, a long recording)
 
     @property
     def runs_dir(self) -> Path:

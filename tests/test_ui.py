@@ -256,3 +256,26 @@ def test_chat_tab_ingests_answers_with_sources_and_exports(served, studio, tmp_p
     assert open(exported).read().startswith("# What port does the backup server use?")
     info = client.predict(path=str(tmp_path / "ui-notes" / "garden.md"), api_name="/model_check")
     assert "not a GGUF model file" in info
+
+
+def test_an_upload_over_the_cap_is_refused_before_it_is_written(studio, tmp_path):
+    from dataclasses import replace
+
+    from gradio_client import Client, handle_file
+
+    old = studio.config
+    studio.config = replace(old, max_upload_gb=4096 / 2**30)  # 4 KiB, for the test
+    demo = app.build_ui(studio)
+    port = free_port()
+    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    big = tmp_path / "big.txt"
+    big.write_text("x" * 20_000)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        with pytest.raises(Exception, match="(?i)file size|too large|exceed"):
+            client.predict(data_source="Upload text file(s)", files=[handle_file(str(big))], folder="",
+                           api_name="/tinylm_train")
+        assert not list(studio.config.uploads_dir.rglob("big.txt"))
+    finally:
+        demo.close()
+        studio.config = old
