@@ -39,43 +39,58 @@ _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?
 def read_gguf_metadata(path: Path) -> dict[str, Any]:
     """The key/value header of a GGUF file (format v2/v3), stopping before the tensors: milliseconds even for
     a large model. Arrays are summarised by their length, except short numeric ones."""
+    name = Path(path).name
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{Path(path).name} is not a GGUF file")
-        version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
-        if version < 2:
-            raise ValueError(f"{Path(path).name} is GGUF version {version}; convert it with a current llama.cpp")
+            raise ValueError(f"{name} is not a GGUF file")
+        size = os.fstat(f.fileno()).st_size
+        try:
+            version, _n_tensors, n_kv = struct.unpack("<IQQ", f.read(20))
+            if version < 2:
+                raise ValueError(f"{name} is GGUF version {version}; convert it with a current llama.cpp")
+            return _read_kv(f, n_kv, size, name)
+        except (struct.error, KeyError, OverflowError, OSError) as e:  # it ends early, or holds an unknown type
+            raise ValueError(f"{name} is not a complete GGUF file: its header is cut short or corrupt "
+                             f"({type(e).__name__}: {e}); download or convert it again") from None
 
-        def scalar(t):
-            fmt = _SCALAR[t]
-            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
-        def string():
-            (n,) = struct.unpack("<Q", f.read(8))
-            return f.read(n).decode("utf-8", errors="replace")
+def _read_kv(f, n_kv: int, size: int, name: str) -> dict[str, Any]:
+    """The key/value pairs of a GGUF header, read from just after its counts; a string is never read past the
+    file's `size` (a corrupt length would ask for exabytes)."""
 
-        def value(t):
-            if t == 8:
-                return string()
-            if t == 9:
-                item_type, count = struct.unpack("<IQ", f.read(12))
-                if item_type == 8:
-                    for _ in range(count):
-                        (n,) = struct.unpack("<Q", f.read(8))
-                        f.seek(n, 1)
-                    return {"array_len": count}
-                size = struct.calcsize(_SCALAR[item_type])
-                if count <= 64:
-                    return [scalar(item_type) for _ in range(count)]
-                f.seek(size * count, 1)
+    def scalar(t):
+        fmt = _SCALAR[t]
+        return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+    def string():
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > size - f.tell():
+            raise ValueError(f"{name} is not a complete GGUF file: a string in its header claims {n} bytes, more "
+                             "than the file holds; download or convert it again")
+        return f.read(n).decode("utf-8", errors="replace")
+
+    def value(t):
+        if t == 8:
+            return string()
+        if t == 9:
+            item_type, count = struct.unpack("<IQ", f.read(12))
+            if item_type == 8:
+                for _ in range(count):
+                    (n,) = struct.unpack("<Q", f.read(8))
+                    f.seek(n, 1)
                 return {"array_len": count}
-            return scalar(t)
+            width = struct.calcsize(_SCALAR[item_type])
+            if count <= 64:
+                return [scalar(item_type) for _ in range(count)]
+            f.seek(width * count, 1)
+            return {"array_len": count}
+        return scalar(t)
 
-        meta = {}
-        for _ in range(n_kv):
-            key = string()
-            (t,) = struct.unpack("<I", f.read(4))
-            meta[key] = value(t)
+    meta = {}
+    for _ in range(n_kv):
+        key = string()
+        (t,) = struct.unpack("<I", f.read(4))
+        meta[key] = value(t)
     return meta
 
 
@@ -112,7 +127,14 @@ def gguf_shape(path: Path) -> dict:
 
 def hf_shape(folder: Path) -> dict:
     """The same shape facts for a transformers model folder, from its config.json and weight files."""
-    cfg = json.loads((Path(folder) / "config.json").read_text())
+    where = Path(folder) / "config.json"
+    try:
+        cfg = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{Path(folder).name}/config.json is not valid JSON ({e}): give a transformers model folder "
+                         "as save_pretrained writes it, or a .gguf file") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{Path(folder).name}/config.json holds no model config (a JSON object)")
     cfg = cfg.get("text_config", cfg)
     heads = cfg.get("num_attention_heads", 1)
     size = sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) or \

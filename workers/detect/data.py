@@ -37,7 +37,9 @@ def _read_yaml(path: Path) -> dict:
     import yaml
 
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name} is not UTF-8 text (undecodable byte at offset {e.start})") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path.name} is not valid YAML: {e}") from None
     if not isinstance(data, dict) or "names" not in data:
@@ -69,7 +71,19 @@ def _split_dir(root: Path, yaml_dir: Path, value) -> list[Path]:
 
 
 def _coco_to_yolo(coco_json: Path, root: Path, out: Path) -> tuple[list[str], list[Path]]:
-    """Write YOLO labels beside copies of the COCO images (out/images, out/labels); return names and images."""
+    """Write YOLO labels beside copies of the COCO images (out/images, out/labels); return names and images. A
+    malformed file (an entry without its keys, a wrong type) is a ValueError naming it."""
+    try:
+        return _coco_convert(coco_json, root, out)
+    except KeyError as e:
+        raise ValueError(f"{coco_json.name} is not COCO annotations the studio can read: an entry lacks "
+                         f"{e.args[0]!r}") from None
+    except (TypeError, ValueError, AttributeError, IndexError, ZeroDivisionError) as e:
+        raise ValueError(f"{coco_json.name} is not COCO annotations the studio can read: a malformed entry "
+                         f"({type(e).__name__}: {e})") from None
+
+
+def _coco_convert(coco_json: Path, root: Path, out: Path) -> tuple[list[str], list[Path]]:
     import shutil
 
     data = json.loads(coco_json.read_text())
@@ -156,7 +170,10 @@ def prepare(source: Path, out: Path, val_split: float = 0.2, seed: int = 0) -> t
         root = source
     else:
         raise ValueError(f"{source.name}: give a zip, a folder or a data.yaml")
-    fmt, marker = detect_format(root)
+    try:
+        fmt, marker = detect_format(root)
+    except ValueError as e:
+        raise ValueError(f"{source.name}: {e}") from None
     splits: dict[str, list[Path]] = {}
     if fmt in ("yolo", "roboflow"):
         spec = _read_yaml(marker)

@@ -50,7 +50,10 @@ def tensorrt_missing(device: str) -> str | None:
 
 
 def validate(p: Params, config) -> None:
-    yolo.resolve(p.model, config.data_dir, p.trust)
+    name = yolo.resolve(p.model, config.data_dir, p.trust)
+    if name.endswith(".onnx"):  # Ultralytics exports only from PyTorch weights
+        raise ValueError(f"{Path(name).name} is already an exported (ONNX) model: export a .pt, a model yaml or a "
+                         "preset")
 
 
 def estimate(p: Params, device) -> Estimate:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,7 @@ def _images(model, paths: list[Path], kw: dict, names: dict, ctx) -> dict:
         ctx.progress(i, len(paths), f"image {i + 1} of {len(paths)}")
         img = cv2.imread(str(path))
         if img is None:
+            shutil.rmtree(out_dir, ignore_errors=True)  # the job fails: no half-annotated set is left
             raise ValueError(f"could not read {path.name} as an image")
         r = model.predict(img, **kw)[0]
         dst = out_dir / f"{i:04d}_{path.stem}.jpg"

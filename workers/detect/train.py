@@ -163,7 +163,11 @@ def run(p: Params, ctx) -> dict:
 
     yolo.setup(ctx.data_dir)
     ctx.progress(0, None, "checking the dataset")
-    data_yaml, report = detect_data.prepare(Path(p.data), ctx.run_dir / "dataset", p.val_split, p.seed)
+    try:
+        data_yaml, report = detect_data.prepare(Path(p.data), ctx.run_dir / "dataset", p.val_split, p.seed)
+    except BaseException:
+        shutil.rmtree(ctx.run_dir / "dataset", ignore_errors=True)  # a half-imported dataset is no output
+        raise
     ctx.emit("dataset", report=report, summary=detect_data.summary(report))
     ctx.card(dataset=report, dataset_source=p.data)
 

@@ -149,7 +149,20 @@ def load(model: str, data_dir: Path, trust: bool, progress=None):
                              f"{known[path.name][:12]}…); delete it to download it again")
         pins.write_text(json.dumps(known, indent=1))
         name = str(path)
+    if name.endswith(".onnx"):
+        check_onnx(Path(name))
     return YOLO(name, task="detect")
+
+
+def check_onnx(path: Path) -> None:
+    """An .onnx file is loaded lazily by Ultralytics (ONNX Runtime's error then names no file): check it first."""
+    try:
+        import onnx
+
+        onnx.checker.check_model(str(path))
+    except Exception as e:  # noqa: BLE001 (onnx raises ValidationError, DecodeError, OSError, …)
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path.name} is not a usable ONNX model ({why}); export it again") from None
 
 
 # ---- model yaml files are data ---------------------------------------------------------------------------------

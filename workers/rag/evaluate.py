@@ -47,21 +47,41 @@ class Params:
             raise ValueError("judge needs a model")
 
 
+MAX_EVALSET_BYTES = 20 * 2**20  # questions and short answers: far more than any eval set, read whole at submit
+
+
 def load_evalset(path: Path) -> list[dict]:
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(f"eval set not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_EVALSET_BYTES:
+        raise ValueError(f"{path.name} is {size / 2**20:.0f} MiB; an eval set may be at most "
+                         f"{MAX_EVALSET_BYTES // 2**20} MiB")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path.name} is not UTF-8 text (undecodable byte at offset {e.start}): save it as UTF-8 "
+                         "JSONL") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8", errors="strict").splitlines(), start=1):
+    for n, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path.name} line {n} is not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path.name} line {n} is a JSON {type(row).__name__}, not an object with question, "
+                             "answer and source")
         missing = [k for k in ("question", "source") if not row.get(k)]
         if missing:
             raise ValueError(f"{path.name} line {n} lacks {', '.join(missing)}")
-        row["sources"] = row["source"] if isinstance(row["source"], list) else [row["source"]]
+        sources = row["source"] if isinstance(row["source"], list) else [row["source"]]
+        if not isinstance(row["question"], str) or not isinstance(row.get("answer") or "", str):
+            raise ValueError(f"{path.name} line {n}: question and answer must be strings")
+        if not all(isinstance(s, str) and s for s in sources):
+            raise ValueError(f"{path.name} line {n}: source must be a file path (or a list of them)")
+        row["sources"] = sources
         rows.append(row)
     if not rows:
         raise ValueError(f"{path.name} has no questions")

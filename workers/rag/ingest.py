@@ -77,6 +77,35 @@ def estimate(p: Params, device) -> Estimate:
 
 
 def run(p: Params, ctx) -> dict:
+    from workers.rag.index import load_manifest
+
+    new = load_manifest(ctx.data_dir, p.collection) is None
+    try:
+        return _ingest(p, ctx)
+    except Exception:
+        if new:  # a collection this job began: a failed ingest leaves none of it (extracted zip, chunks, manifest)
+            _drop(ctx.data_dir, p.collection)
+        raise
+
+
+def _drop(data_dir: Path, collection: str) -> None:
+    import shutil
+
+    from workers.rag.index import chroma, manifest_path, rag_dir
+
+    shutil.rmtree(rag_dir(data_dir) / "sources" / collection, ignore_errors=True)
+    try:
+        (rag_dir(data_dir) / "sources").rmdir()  # only when no other collection has sources there
+    except OSError:
+        pass
+    manifest_path(data_dir, collection).unlink(missing_ok=True)
+    try:
+        chroma(data_dir).delete_collection(collection)
+    except Exception:  # noqa: BLE001 (never created; chromadb's error type differs between versions)
+        pass
+
+
+def _ingest(p: Params, ctx) -> dict:
     from workers.rag.index import Embedder, get_collection, load_embedder, load_manifest, rag_dir, save_manifest
     from workers.rag.chunk import chunk_file, file_hash, list_files, safe_extract
 
@@ -123,6 +152,10 @@ def run(p: Params, ctx) -> dict:
         except ValueError as e:  # binary, not UTF-8, a corrupt PDF: reported, the rest goes on
             skipped.append({"file": rel, "reason": str(e)})
             ctx.log(f"skipped {rel}: {e}")
+            continue
+        if not chunks:  # an empty file (or only whitespace): nothing to search
+            skipped.append({"file": rel, "reason": f"{f.name} holds no text"})
+            ctx.log(f"skipped {rel}: it holds no text")
             continue
         if old:
             coll.delete(where={"source": rel})

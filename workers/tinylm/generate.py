@@ -1,6 +1,7 @@
 """Job kind `tinylm_generate`: sample text from a trained Tiny LM, with or without the KV cache."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,44 @@ def checkpoint_dir(checkpoint: str, data_dir: Path) -> Path:
     raise ValueError(f"no Tiny LM checkpoint found for {checkpoint!r}: give a tinylm job id or its run folder")
 
 
+CONFIG_KEYS = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")  # GPTConfig's fields without a default
+
+
+def check_checkpoint(ckpt: Path) -> dict:
+    """state.json and the files it names, checked cheaply (no torch): a spoiled checkpoint is refused by name at
+    submit instead of failing the job with a KeyError or a safetensors header error."""
+    where = ckpt / "state.json"
+    try:
+        state = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{where} is not a readable Tiny LM state ({e}); pick another checkpoint or train "
+                         "again") from None
+    cfg = state.get("config") if isinstance(state, dict) else None
+    if not (isinstance(cfg, dict) and all(isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool)
+                                          and cfg[k] > 0 for k in CONFIG_KEYS)
+            and isinstance(state.get("n_params"), int) and isinstance(state.get("model_file"), str)
+            and Path(state["model_file"]).name == state["model_file"]):
+        raise ValueError(f"{where} lacks the model's config ({', '.join(CONFIG_KEYS)}), n_params or model_file: "
+                         "it was not written by a Tiny LM training job; pick another checkpoint")
+    for needed in (ckpt / state["model_file"], ckpt / "tokenizer.json"):
+        if not needed.is_file():
+            raise ValueError(f"the checkpoint in {ckpt} is incomplete: {needed.name} is missing")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / state["model_file"]), framework="numpy") as f:  # reads the header only
+            f.keys()
+    except Exception as e:  # noqa: BLE001 (safetensors raises its own SafetensorError, or OSError)
+        raise ValueError(f"{state['model_file']} in {ckpt} is not a readable safetensors file ({e}); the checkpoint "
+                         "is truncated or damaged: pick another one or train again") from None
+    return state
+
+
 def validate(p: Params, config) -> Params:
-    """The checkpoint as its folder, so the estimate reads the real model's size."""
-    return replace(p, checkpoint=str(checkpoint_dir(p.checkpoint, config.data_dir).resolve()))
+    """The checkpoint as its folder, so the estimate reads the real model's size; its files checked."""
+    ckpt = checkpoint_dir(p.checkpoint, config.data_dir).resolve()
+    check_checkpoint(ckpt)
+    return replace(p, checkpoint=str(ckpt))
 
 
 def model_key(ckpt: Path, state: dict) -> str:
@@ -85,7 +121,10 @@ def run(p: Params, ctx) -> dict:
         return (model, load_tokenizer(ckpt / "tokenizer.json")), 4 * model.num_params()
 
     (model, tok), hit = ctx.cached(model_key(ckpt.resolve(), state), load)
-    ids = tok.encode(p.prompt) if p.prompt else []
+    try:
+        ids = tok.encode(p.prompt) if p.prompt else []
+    except ValueError as e:  # the char tokenizer knows only the training text's characters
+        raise ValueError(f"prompt: {e}; use characters from the training text") from None
     if not ids:
         ids = [0]
     gen = torch.Generator().manual_seed(p.seed or int(time.time_ns() % 2**31))
