@@ -139,13 +139,18 @@ def zip_declaring(path: Path, total: int, per: int = 0xFFFFFFF0) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         for i in range(n):
             z.writestr(f"part{i}.md", "x")
+    declare_sizes(path, per)
+    return path
+
+
+def declare_sizes(path: Path, size: int) -> None:
+    """Set every entry's uncompressed size in the zip's central directory to `size` (below the ZIP64 marker)."""
     data = bytearray(path.read_bytes())
     at = data.find(b"PK\x01\x02")
     while at != -1:
-        struct.pack_into("<I", data, at + 24, per)  # the central directory header's uncompressed size
+        struct.pack_into("<I", data, at + 24, size)  # the central directory header's uncompressed size
         at = data.find(b"PK\x01\x02", at + 4)
     path.write_bytes(bytes(data))
-    return path
 
 
 # ---- JSONL --------------------------------------------------------------------------------------------------------

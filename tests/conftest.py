@@ -103,6 +103,17 @@ def left_running(data_dir: Path) -> tuple[Config, str]:
     return cfg, job.id
 
 
+def serve(studio, **launch):
+    """Serve the studio's UI on a free local port: (url, the Blocks to close)."""
+    import app
+
+    demo = app.build_ui(studio, auth=bool(launch.get("auth")))
+    port = free_port()
+    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               **launch)
+    return f"http://127.0.0.1:{port}/", demo
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TINY, free_port
+from conftest import ROOT, TINY, serve
 
 import bad_inputs as bad
 from studio import JobStatus
@@ -414,13 +414,8 @@ def served(studio):
     """The app as `python app.py` serves it, but with show_error off: a handler's gr.Error still reaches the client
     with its message, while any other exception arrives as Gradio's generic one, which the report counts as a
     crash."""
-    import app
-
-    demo = app.build_ui(studio)
-    port = free_port()
-    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               show_error=False)
-    yield f"http://127.0.0.1:{port}/"
+    url, demo = serve(studio, show_error=False)
+    yield url
     demo.close()
 
 

@@ -5,11 +5,11 @@ checked at submit."""
 import dataclasses
 import re
 import shutil
-import struct
 import zipfile
 from pathlib import Path
 
 import pytest
+from bad_inputs import declare_sizes
 
 from studio import JobStatus, registry
 from studio.conversations import Conversations
@@ -140,16 +140,6 @@ def test_a_zip_bomb_is_refused_before_anything_is_written(studio, tmp_path):
                          ("detect_check", {"data": str(bomb)})):
         with pytest.raises(ValueError, match="like a zip bomb"):
             studio.submit(kind, params)
-
-
-def declare_sizes(path: Path, size: int) -> None:
-    """Set every entry's uncompressed size in the zip's central directory to `size` (below the ZIP64 marker)."""
-    data = bytearray(path.read_bytes())
-    at = data.find(b"PK\x01\x02")
-    while at != -1:
-        struct.pack_into("<I", data, at + 24, size)  # the central directory header's uncompressed size
-        at = data.find(b"PK\x01\x02", at + 4)
-    path.write_bytes(bytes(data))
 
 
 def test_a_zip_that_declares_more_than_the_free_disk_is_refused(tmp_path):

@@ -2,13 +2,12 @@
 endpoint is covered the day it is added) with ann's ids, collection, conversation and run-file paths, server paths
 and a FileData that names a server file. Nothing of ann's may come back, and nothing of hers may change."""
 import json
-import time
 
 import pytest
 from conftest import free_port
 
 import app
-from studio import Config, JobStatus, Studio
+from studio import Config, Studio
 from studio.conversations import Conversations
 
 FILE_COMPONENTS = {"File", "Audio", "Image", "Video", "UploadButton", "Gallery", "Model3D", "Microphone"}

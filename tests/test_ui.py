@@ -7,7 +7,7 @@ import wave
 from pathlib import Path
 
 import pytest
-from conftest import TINY, free_port
+from conftest import TINY, free_port, serve
 
 import app
 from studio import JobStatus
@@ -15,11 +15,8 @@ from studio import JobStatus
 
 @pytest.fixture(scope="module")
 def served(studio):
-    demo = app.build_ui(studio)
-    port = free_port()
-    app.launch(demo, studio, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
-               show_error=True)
-    yield f"http://127.0.0.1:{port}/"
+    url, demo = serve(studio, show_error=True)
+    yield url
     demo.close()
 
 
