@@ -452,6 +452,7 @@ def cmd_serve(args) -> int:
             return 2
 
     def on_term(signum, frame):  # `kill` (SIGTERM) is a clean stop: shut the worker down and keep the queue
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a supervisor repeating it) must not cut that short
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_term)

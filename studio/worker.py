@@ -120,6 +120,12 @@ class Reporter:
 def main(inq, conn, cancel_flag, settings: dict[str, Any]) -> None:
     """Entry point of the worker process."""
     outq = Reporter(conn)
+    # Ctrl-C in a terminal (SIGINT) and a service manager's stop (SIGTERM) reach the whole process group: the studio
+    # stops its workers itself, after giving the running job the cancel grace to checkpoint.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     threading.Thread(target=_watch_parent, args=(settings["parent_pid"],), daemon=True).start()
     # The parent starts this process as a daemon (it dies with the studio); inside, jobs may start their own
