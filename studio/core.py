@@ -608,7 +608,10 @@ class Studio:
         if lane.running:
             job_id = lane.running
             lane.running = None
-            if lane.cancel_sent_at is not None:
+            if self._shutting_down:
+                self._finish(job_id, JobStatus.INTERRUPTED, error="The studio was shut down while this job ran. "
+                             + (self._checkpoint_hint(job_id) or "Retry runs it again."))
+            elif lane.cancel_sent_at is not None:
                 self._finish(job_id, JobStatus.CANCELLED, error="Cancelled: the job did not stop in time, so its "
                              "worker was stopped." + self._checkpoint_hint(job_id, lead=" "))
             else:

@@ -337,3 +337,42 @@ def test_a_cpu_job_that_could_never_have_the_ram_is_refused_not_left_waiting(tmp
     need = (total - held + budget) // 2  # under the configured budget, over what could ever be free
     job = s.submit("test_steps", {"mib": (need - runtime_context_bytes(s.device.read())) >> 20})
     assert job.status is JobStatus.REFUSED and "the studio's UI and io processes hold" in job.error
+
+
+def test_ctrl_c_to_the_whole_group_lets_the_running_job_checkpoint(tmp_path, corpus):
+    """A terminal's Ctrl-C reaches the studio and its workers at once: the workers ignore it and the studio stops
+    them after the job has checkpointed."""
+    import os
+    import signal
+    import subprocess
+    import urllib.request
+
+    from conftest import free_port
+
+    port, data = free_port(), tmp_path / "d"
+    root = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen([sys.executable, str(root / "app.py"), "--port", str(port), "--data-dir", str(data)],
+                              start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _up(f"http://127.0.0.1:{port}/"), 120, "the server")
+        client = Studio(Config.load(data))  # another process: a client of the server's queue
+        job = client.submit("tinylm", {"data": str(corpus), **TINY, "max_steps": 100000,
+                                       "checkpoint_every": 100000})
+        wait_for(lambda: (client.job(job.id).progress or 0) > 0, 120, "training progress")
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(60)
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+    j = Studio(Config.load(data)).job(job.id)
+    assert j.status is JobStatus.INTERRUPTED and "Resume continues" in j.error, j.error
+    assert (data / "runs" / job.id / "checkpoint" / "state.json").exists()
+
+
+def _up(url: str) -> bool:
+    import urllib.request
+
+    try:
+        return urllib.request.urlopen(url, timeout=2).status == 200
+    except OSError:
+        return False
