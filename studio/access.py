@@ -92,9 +92,14 @@ def _check_value(studio, kind: str, param: str, value: str, who: str, roots: lis
     if not looks_like_path(value):
         return  # a name the kind resolves itself: a preset, a model yaml, a built-in corpus
     path = Path(value).expanduser()
-    own_runs = [studio.run_dir(j.id) for j in studio.jobs(limit=100_000, owner=who)]
-    if _inside(path, roots + own_runs):
+    if _inside(path, roots):
         return
+    runs = Path(os.path.realpath(studio.config.runs_dir))
+    real = Path(os.path.realpath(path))
+    if runs in real.parents:  # runs/<job id>/…: hers when the job is
+        job = _job(studio, real.relative_to(runs).parts[0])
+        if job is not None and job.owner == who:
+            return
     raise Forbidden(f"{param}: {value} is not in your uploads or your jobs' folders. Upload the file (or pick one "
                     "of your jobs) instead of naming a path on the server.")
 
@@ -109,13 +114,12 @@ def _job(studio, value: str):
 
 
 def _check_collection(studio, name: str, who: str) -> None:
-    import json
+    from workers.rag.index import load_manifest
 
-    manifest = studio.config.data_dir / "rag" / "collections" / f"{name}.json"
-    if not manifest.exists():
+    manifest = load_manifest(studio.config.data_dir, name)
+    if manifest is None:
         return  # a new one: it will be theirs
-    owner = json.loads(manifest.read_text()).get("owner")
-    if owner != who:
+    if manifest.get("owner") != who:
         raise Forbidden(f"collection {name!r} belongs to another user; pick one of yours, or ingest into a new name.")
 
 

@@ -193,10 +193,10 @@ def main(inq, conn, cancel_flag, settings: dict[str, Any]) -> None:
         if msg.get("evict"):
             cache.evict_keys(msg["evict"])  # chosen by the scheduler: never a model this job names
             report_cache()
-        _run_job(msg, outq, cancel_flag, cache, device, measure, baseline)
+        _run_job(msg, outq, cancel_flag, cache, device, measure, baseline, report_cache)
 
 
-def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, baseline: int) -> None:
+def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, baseline: int, report_cache) -> None:
     job_id = msg["job_id"]
     run_dir = Path(msg["run_dir"])
     outq.put({"type": "started", "job_id": job_id, "t": time.time()})
@@ -246,8 +246,7 @@ def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, ba
         outcome = {"type": "failed", "job_id": job_id, "error": _explain(e), "traceback": traceback.format_exc(),
                    "peak": job_peak()}
     cancel_flag.clear()
-    # the cache as this job leaves it goes first: the scheduler plans the next job on it
-    outq.put({"type": "cache", "sizes": cache.sizes()})
+    report_cache()  # the cache as this job leaves it goes first: the scheduler plans the next job on it
     outq.put(outcome)  # recorded now; the clean-up below is not the job's time
     # What survived earlier jobs (imports, cached models) is frozen, so this collects only what the job left:
     # milliseconds instead of the ~100 ms a full pass over torch's objects takes.

@@ -137,21 +137,10 @@ def detect_format(root: Path) -> tuple[str, Path | None]:
 
 
 def check_zip(source: Path, dest: Path) -> None:
-    """A dataset zip's declared sizes against the limits and the free disk where it will land (`dest`, or a folder on
-    the same disk), at submit: a zip bomb is refused before a job is queued. Not a zip: nothing to check."""
-    import zipfile
+    """A dataset zip against the dataset limits and the free disk where it will land, at submit."""
+    from workers.rag.chunk import check_zip as check
 
-    from workers.rag.chunk import check_archive
-
-    source = Path(source).expanduser()
-    if not (source.is_file() and source.suffix.lower() == ".zip"):
-        return
-    try:
-        with zipfile.ZipFile(source) as zf:
-            infos = zf.infolist()
-    except zipfile.BadZipFile:
-        raise ValueError(f"{source.name} is not a valid zip archive") from None
-    check_archive(source.name, infos, dest, MAX_ZIP_BYTES, MAX_ZIP_FILES)
+    check(source, dest, MAX_ZIP_BYTES, MAX_ZIP_FILES)
 
 
 def prepare(source: Path, out: Path, val_split: float = 0.2, seed: int = 0) -> tuple[Path, dict]:

@@ -281,6 +281,21 @@ def free_margin(free: int) -> int:
     return max(2**30, free // 10)
 
 
+def check_zip(source: Path, dest: Path, max_bytes: int = MAX_ARCHIVE_BYTES, max_files: int = MAX_ARCHIVE_FILES
+              ) -> None:
+    """A zip's declared sizes against the limits and the free disk at `dest`, at submit: a zip bomb is refused before
+    a job is queued. Not a zip: nothing to check."""
+    source = Path(source).expanduser()
+    if not (source.is_file() and source.suffix.lower() == ".zip"):
+        return
+    try:
+        with zipfile.ZipFile(source) as zf:
+            infos = zf.infolist()
+    except zipfile.BadZipFile:
+        raise ValueError(f"{source.name} is not a valid zip archive") from None
+    check_archive(source.name, infos, dest, max_bytes, max_files)
+
+
 def check_archive(name: str, infos: list[zipfile.ZipInfo], dest: Path, max_bytes: int, max_files: int) -> None:
     """The limits a zip must meet before anything is extracted, from its declared sizes; raises ValueError."""
     if len(infos) > max_files:

@@ -34,22 +34,14 @@ class Params:
 
 
 def validate(p: Params, config) -> None:
-    from workers.rag.chunk import MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES, MAX_FILE_BYTES, check_archive, too_big
+    from workers.rag.chunk import MAX_FILE_BYTES, check_zip, too_big
     from workers.rag.index import load_manifest, rag_dir
 
     path = Path(p.path).expanduser()
     if not path.exists():
         raise ValueError(f"path not found: {path}")
-    if path.is_file() and path.suffix.lower() == ".zip":  # its declared sizes: a zip bomb is refused before it runs
-        import zipfile
-
-        try:
-            with zipfile.ZipFile(path) as zf:
-                infos = zf.infolist()
-        except zipfile.BadZipFile:
-            raise ValueError(f"{path.name} is not a valid zip archive") from None
-        check_archive(path.name, infos, rag_dir(config.data_dir) / "sources" / p.collection / path.stem,
-                      MAX_ARCHIVE_BYTES, MAX_ARCHIVE_FILES)
+    if path.suffix.lower() == ".zip":  # its declared sizes: a zip bomb is refused before it runs
+        check_zip(path, rag_dir(config.data_dir) / "sources" / p.collection / path.stem)
     elif path.is_file() and path.stat().st_size > MAX_FILE_BYTES:  # the same cap as a file in a folder
         raise ValueError(too_big(path, path.stat().st_size))
     m = load_manifest(config.data_dir, p.collection)
