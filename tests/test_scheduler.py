@@ -107,25 +107,24 @@ def test_unknown_kind_in_the_queue_fails_and_the_next_job_runs(studio):
 
 
 def test_no_cancel_is_lost_to_a_dispatch_in_flight(tmp_path):
-    """Hundreds of submit/cancel pairs: each job ends CANCELLED, or DONE having finished before the cancel."""
+    """Hundreds of submit/cancel pairs, each cancel racing the scheduler's dispatch: every job ends CANCELLED. A
+    job's first cancel point comes 0.5 s after it starts, so one the scheduler took just before the cancel still
+    sees it there; a cancel lost to the race would let the job run to DONE."""
+    register_test_kinds()
     s = Studio(Config.load(tmp_path / "d")).start()
     try:
         wait_for(lambda: s.worker_info.ready, 120, "the worker")
-        pairs = []
+        ids = []
         for _ in range(300):
-            job = s.submit("selftest", {"mib": 1})
-            t_cancel = time.time()
+            job = s.submit("test_steps", {"steps": 2, "seconds": 0.5})
             s.cancel(job.id)
-            pairs.append((job.id, t_cancel))
-        for job_id, t_cancel in pairs:
+            ids.append(job.id)
+        for job_id in ids:
             j = s.wait(job_id, 120)
-            assert j.status in (JobStatus.CANCELLED, JobStatus.DONE), (job_id, j.status, j.error)
-            if j.status is JobStatus.DONE:
-                assert j.finished <= t_cancel + 0.5, f"job {job_id} ran on after its cancel"
+            assert j.status is JobStatus.CANCELLED, (job_id, j.status, j.error)
             ends = [e for e in s.events(job_id)[0] if e["type"] == "end"]
             assert len(ends) == 1
-        assert sum(s.job(j).status is JobStatus.CANCELLED for j, _ in pairs) > 250
-        assert len({j for j, _ in pairs}) == 300  # ids never collide
+        assert len(set(ids)) == 300  # ids never collide
     finally:
         s.shutdown()
 
