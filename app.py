@@ -489,7 +489,9 @@ def launch(demo, studio, **kwargs):
 # The tabs, in order: (id, label, module). Adding a tab is one row here. The id names the tab in a deep link
 # (?tab=<id>) and in studio_ui; the module has build(studio, auth=False) -> dict of named components, and a tab that
 # starts jobs declares KINDS = {kind: Follow(...)}, so a reloaded page re-attaches to its newest unfinished job
-# (endpoint /<id>_attach); a tab with per-user lists defines fill(studio, owner), run on page load (/<id>_fill).
+# (endpoint /<id>_attach); a tab with per-user lists defines fill(studio, owner), run on page load (/<id>_fill); a tab
+# whose forms are remembered per user declares FORMS = {form key: input names} and binds its buttons with
+# bind(..., remember=key).
 TABS = (
     ("chat", "Chat (RAG)", "tabs.chat_rag"),
     ("transcribe", "Transcribe", "tabs.transcribe"),
@@ -520,7 +522,8 @@ def build_ui(studio, auth: bool = False):
                 with gr.Tab(label, id=tab_id):
                     ui[tab_id] = module.build(studio, auth)
                 common.fill_on_load(demo, studio, tab_id, ui[tab_id], getattr(module, "fill", None), auth)
-                common.reattach(demo, studio, tab_id, ui[tab_id], getattr(module, "KINDS", {}), auth)
+                common.reattach(demo, studio, tab_id, ui[tab_id], getattr(module, "KINDS", {}), auth,
+                                getattr(module, "FORMS", {}))
         header.deep_link(demo, tabs, TAB_IDS)
     demo.studio_ui = ui  # named components, for tests and scripts
     return demo

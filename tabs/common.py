@@ -93,6 +93,8 @@ class Follow:
 
     stream: Callable[[Any, Job, str | None], Iterator[tuple]]  # stream(studio, job, owner)
     outputs: tuple[str, ...]
+    form: tuple[str, ...] = ()  # the inputs a re-attached job's params fill (a param fills the input of its name)
+    to_form: Callable[[Job], dict] | None = None  # inputs whose value is derived from the params, not named by them
 
 
 def live_job(studio, kinds: tuple[str, ...], owner: str | None) -> Job | None:
@@ -127,36 +129,115 @@ def fill_on_load(demo, studio, tab_id: str, ui: dict, fill: Callable | None, aut
     demo.load(on_load, None, [ui[n] for n in names], api_name=f"{tab_id}_fill", show_progress="hidden")
 
 
-def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth: bool) -> None:
-    """On page load, stream the newest unfinished job of the tab's kinds into the tab, with the same code its Run
-    button uses, so a reload (or a second browser) picks up where the first page was."""
-    if not kinds:
+FILE_LIKE = ("File", "Image", "Audio", "Video", "State", "Gallery", "Dataframe", "Chatbot", "Button")
+
+
+def _settable(component, value) -> bool:
+    """Whether a remembered value may go back into this component: not a file (an upload is not kept), and one of
+    its choices when it has fixed ones (a model or job that is gone is not restored)."""
+    if type(component).__name__ in FILE_LIKE or value is None:
+        return False
+    choices = getattr(component, "choices", None)
+    if choices and not getattr(component, "allow_custom_value", False):
+        values = {c[1] if isinstance(c, (tuple, list)) else c for c in choices}
+        items = value if isinstance(value, list) else [value]
+        return all(v in values for v in items)
+    return True
+
+
+def _form_file(studio, owner: str | None):
+    from studio.access import user_dir
+
+    return (user_dir(studio.config.users_dir, owner) if owner else studio.config.data_dir) / "forms.json"
+
+
+def saved_forms(studio, owner: str | None) -> dict[str, dict]:
+    """The last-used settings of every form, per user: {form key: {input name: value}} (A1111's ui-config, kept for
+    each user as they use the studio rather than edited by hand)."""
+    import json
+
+    try:
+        return json.loads(_form_file(studio, owner).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def save_form(studio, owner: str | None, key: str, values: dict) -> None:
+    """Keep a form's values (those JSON can hold) as its last-used settings."""
+    import json
+    import os
+
+    keep = {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool)) or
+            (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v))}
+    path = _form_file(studio, owner)
+    forms = saved_forms(studio, owner) | {key: keep}
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(forms, indent=1))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # settings are a convenience: a full disk must not stop the job
+
+
+def job_form(job: Job, follow: Follow) -> dict:
+    """The form values a job was started with: its params under the inputs' names, and what the tab derives."""
+    params = job.params or {}
+    values = {n: params[n] for n in follow.form if n in params}
+    return values | (follow.to_form(job) if follow.to_form else {})
+
+
+def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth: bool,
+             forms: dict[str, tuple[str, ...]] | None = None) -> None:
+    """On page load, put the user's last-used settings back into the tab's forms (`forms`: {form key: input names},
+    saved by `bind(..., remember=key)`), then stream the newest unfinished job of the tab's kinds into the tab with
+    the same code its Run button uses, its own params in the form, so a reload (or a second browser) picks up where
+    the first page was."""
+    forms = forms or {}
+    if not kinds and not forms:
         return
-    names = list(dict.fromkeys(n for f in kinds.values() for n in f.outputs))  # each component once, in order
+    form_names = [n for names in forms.values() for n in names] + [n for f in kinds.values() for n in f.form]
+    names = list(dict.fromkeys([n for f in kinds.values() for n in f.outputs] + form_names))  # each once, in order
+    names = [n for n in names if type(ui[n]).__name__ not in FILE_LIKE or n in
+             {o for f in kinds.values() for o in f.outputs}]
+
+    def shown(values: dict) -> tuple:
+        return tuple(gr.update(value=values[n]) if n in values and n in form_names and _settable(ui[n], values[n])
+                     else gr.skip() for n in names)
 
     def on_load(request: gr.Request):
         owner = user_of(request, auth)
-        job = live_job(studio, tuple(kinds), owner)
+        saved = saved_forms(studio, owner)
+        last = {n: v for key, inputs in forms.items() for n, v in saved.get(key, {}).items() if n in inputs}
+        if last:
+            yield shown(last)
+        job = live_job(studio, tuple(kinds), owner) if kinds else None
         if job is None:
-            yield tuple(gr.skip() for _ in names)
+            if not last:
+                yield tuple(gr.skip() for _ in names)
             return
         follow = kinds[job.kind]
+        if follow.form or follow.to_form:
+            yield shown(job_form(job, follow))
         for row in follow.stream(studio, job, owner):
-            shown = dict(zip(follow.outputs, row, strict=True))
-            yield tuple(shown.get(n, gr.skip()) for n in names)  # another kind's components stay as they are
+            out = dict(zip(follow.outputs, row, strict=True))
+            yield tuple(out.get(n, gr.skip()) for n in names)  # another kind's components stay as they are
 
     demo.load(on_load, None, [ui[n] for n in names], api_name=f"{tab_id}_attach", show_progress="hidden")
 
 
-def bind(handler: Callable, studio, auth: bool) -> Callable:
+def bind(handler: Callable, studio, auth: bool, remember: str | None = None) -> Callable:
     """`handler(studio, owner, values)`, a generator that starts a job and streams it, as a Gradio listener for
     `inputs_kwargs={name: component}`: `values` maps each input's name to its value, and those names are the
-    endpoint's parameter names for gradio_client, in that order."""
+    endpoint's parameter names for gradio_client, in that order. With `remember`, the values are kept as that form's
+    last-used settings for the user, put back when the page loads (the tab's FORMS names the form's inputs)."""
     if not inspect.isgeneratorfunction(handler):
         raise TypeError(f"{handler.__name__} must be a generator: it streams the job it starts")
-
     def listener(request: gr.Request, **values):
-        yield from handler(studio, user_of(request, auth), values)
+        owner = user_of(request, auth)
+        if remember:
+            save_form(studio, owner, remember, values)
+        yield from handler(studio, owner, values)
 
     return listener
 

@@ -1,6 +1,7 @@
 """Tiny LM tab: train a small transformer from scratch with a live loss plot and samples; generate from it."""
 import html
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,7 +65,20 @@ def follow_generate(studio, job: Job, owner: str | None) -> Iterator[tuple]:
                       f"{'from the cache' if r['model_cached'] else 'loaded'} · job `{job.id}`")
 
 
-KINDS = {"tinylm": Follow(follow, TRAIN_OUTPUTS), "tinylm_generate": Follow(follow_generate, GENERATE_OUTPUTS)}
+def train_form(job: Job) -> dict:
+    """The Train form as the job was started: its data source (the params name a path), and 0 for sizes it left to
+    the preset."""
+    data = str(job.params.get("data", ""))
+    source = (DATA_CHOICES[0] if data == "tinyshakespeare" else
+              DATA_CHOICES[1] if {"uploads", "users"} & set(Path(data).parts) else DATA_CHOICES[2])  # studio's folders
+    return {"data_source": source, "folder": data if source == DATA_CHOICES[2] else "",
+            **{n: job.params.get(n) or 0 for n in SIZE_FIELDS}, "target_val_loss": job.params.get("target_val_loss", 0)}
+
+
+KINDS = {"tinylm": Follow(follow, TRAIN_OUTPUTS, form=("preset", "pos", "tokenizer"), to_form=train_form),
+         "tinylm_generate": Follow(follow_generate, GENERATE_OUTPUTS, form=GENERATE_INPUTS)}
+# the forms whose last-used settings come back on page load (tabs.common.bind(..., remember=key))
+FORMS = {"tinylm_train": tuple(n for n in TRAIN_INPUTS if n != "files"), "tinylm_generate": GENERATE_INPUTS}
 
 
 def _data_path(studio, source: str, uploaded, folder: str, owner: str | None) -> str:
@@ -187,7 +201,7 @@ def build(studio, auth: bool = False) -> dict:
         return gr.update(visible=choice == DATA_CHOICES[1]), gr.update(visible=choice == DATA_CHOICES[2])
 
     data_source.change(on_source, data_source, [files, folder], api_name="tinylm_data_source", show_progress="hidden")
-    train.click(bind(start_train, studio, auth), None, [ui[n] for n in TRAIN_OUTPUTS],
+    train.click(bind(start_train, studio, auth, remember="tinylm_train"), None, [ui[n] for n in TRAIN_OUTPUTS],
                 inputs_kwargs={n: ui[n] for n in TRAIN_INPUTS}, api_name="tinylm_train", show_progress="hidden")
 
     def on_cancel(current):
@@ -203,6 +217,6 @@ def build(studio, auth: bool = False) -> dict:
         return gr.update(choices=checkpoint_choices(studio, user_of(request, auth)))
 
     refresh.click(on_refresh, None, checkpoint, api_name="tinylm_checkpoints")
-    gen.click(bind(start_generate, studio, auth), None, [ui[n] for n in GENERATE_OUTPUTS],
+    gen.click(bind(start_generate, studio, auth, remember="tinylm_generate"), None, [ui[n] for n in GENERATE_OUTPUTS],
               inputs_kwargs={n: ui[n] for n in GENERATE_INPUTS}, api_name="tinylm_generate", show_progress="hidden")
     return ui
