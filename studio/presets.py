@@ -72,13 +72,3 @@ def default(table: str, data_dir: Path) -> str | None:
                 return n
     return None
 
-
-def hub_cached(repo: str) -> bool:
-    """Whether a hub repo's snapshot is in the local Hugging Face cache: a lookup on disk, never the network."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(repo, local_files_only=True)
-        return True
-    except Exception:  # not cached (LocalEntryNotFoundError), or no hub library
-        return False
