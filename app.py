@@ -313,6 +313,30 @@ def cmd_transcript(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    """`models list`: every preset and whether it is on disk; `models check PATH`: what a model on disk is."""
+    if args.action == "check":
+        from workers.system.inspect_model import describe
+
+        if not args.path:
+            print("error: models check needs a PATH")
+            return 2
+        try:
+            info = describe(args.path)
+        except (ValueError, OSError) as e:
+            print(f"error: {e}")
+            return 1
+        print(f"{info.kind}: {' · '.join(info.facts)}\n{info.use}")
+        return 0
+    from studio.presets import availability, presets
+
+    cfg = _config(args)
+    for table in ("llm", "embedder", "reranker", "whisper", "yolo"):
+        for name, p in presets()[table].items():
+            print(f"{table:9} {name:32} {availability(table, name, cfg.data_dir):11} {p['size_gb']:>6} GB")
+    return 0
+
+
 def cmd_queue(args) -> int:
     studio = _open_studio(args, need_worker=False)
     if args.action == "pause":
@@ -460,30 +484,40 @@ def cmd_serve(args) -> int:
         print(f"Another studio already serves {cfg.data_dir}. Stop it first, or use --data-dir for a second one.")
         return 1
     try:
+        if args.openai_api:
+            print(f"[studio] OpenAI-compatible API: http://{'<this machine>' if args.listen else '127.0.0.1'}:"
+                  f"{args.port}/v1 (api_key: {'your user:password' if auth else 'anything'})", flush=True)
         launch(build_ui(studio, auth=bool(auth)), studio, server_name="0.0.0.0" if args.listen else "127.0.0.1",
-               server_port=args.port, auth=auth, share=args.share)
+               server_port=args.port, auth=auth, share=args.share, openai_api=args.openai_api)
     finally:
         studio.shutdown()
     return 0
 
 
-def launch(demo, studio, **kwargs):
+def launch(demo, studio, openai_api: bool = False, **kwargs):
     """Serve the Blocks. A file leaves the studio only when a handler returns it, after its owner check: Gradio copies
     it into its cache under a name no one can guess. The file route serves that cache and nothing else (tabs.guard
     refuses a run folder's path even though handlers may return files from there), and a request may hand a
-    component only a file that was uploaded."""
+    component only a file that was uploaded. With `openai_api`, the same server answers /v1/models and
+    /v1/chat/completions (studio.openai_api) behind the same logins."""
     from starlette.middleware import Middleware
 
     from tabs.guard import UploadsOnly
 
     cfg = studio.config
+    app_kwargs = {"middleware": [Middleware(UploadsOnly, upload_dir=cfg.uploads_dir)]}
+    if openai_api:  # FastAPI's own routes list: they come before Gradio's, which the app adds after
+        from studio.openai_api import routes
+
+        auth = kwargs.get("auth")
+        app_kwargs["routes"] = routes(studio, [auth] if isinstance(auth, tuple) else auth)
     return demo.queue(default_concurrency_limit=16).launch(
         allowed_paths=[str(cfg.runs_dir)],  # so a handler may return a run's file (Gradio copies it to its cache)
         blocked_paths=[str(cfg.users_dir), str(cfg.datasets_dir), str(cfg.db_path), str(cfg.data_dir / "rag"),
                        str(cfg.data_dir / "chat.db")],
         css_paths=[ROOT / "assets" / "studio.css"], footer_links=["api"],
         max_file_size=int(cfg.max_upload_gb * 2**30),  # Gradio refuses a bigger upload before writing it
-        app_kwargs={"middleware": [Middleware(UploadsOnly, upload_dir=cfg.uploads_dir)]}, **kwargs)
+        app_kwargs=app_kwargs, **kwargs)
 
 
 # The tabs, in order: (id, label, module). Adding a tab is one row here. The id names the tab in a deep link
@@ -510,12 +544,13 @@ def build_ui(studio, auth: bool = False):
 
     import gradio as gr
 
-    from tabs import common, header
+    from tabs import common, firstrun, header
 
     # Gradio reads this as each component is built: uploads land in the studio's own folder
     os.environ["GRADIO_TEMP_DIR"] = str(studio.config.uploads_dir)
     with gr.Blocks(title="Studio") as demo:
-        ui = {"header": header.build(studio, auth)}
+        ui = {"header": header.build(studio, auth), "first_run": firstrun.build(studio, auth)}
+        firstrun.wire(demo, studio, ui["first_run"], auth)
         with gr.Tabs() as tabs:
             for tab_id, label, name in TABS:
                 module = importlib.import_module(name)
@@ -573,6 +608,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--admin", help="the user who may name server paths, trust files and change settings "
                    "(default: the first user)")
     s.add_argument("--budget-gb", type=float, default=None, help="memory budget for jobs (default: total - reserve)")
+    s.add_argument("--openai-api", action="store_true", help="also serve an OpenAI-compatible API at /v1 (chat "
+                   "completions and models) through the queue; with --auth its API key is user:password")
 
     r = sub.add_parser("run", parents=[common], help="run one job and follow it")
     r.add_argument("kind")
@@ -597,6 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     q = sub.add_parser("queue", parents=[common], help="pause or resume the queue")
     q.add_argument("action", choices=["pause", "resume"])
 
+    m = sub.add_parser("models", parents=[common], help="list the presets (on disk or not), or check a model path")
+    m.add_argument("action", choices=["list", "check"])
+    m.add_argument("path", nargs="?", help="`check`: a model file or folder on this machine")
+
     sub.add_parser("doctor", parents=[common], help="check the device, packages and worker")
     sub.add_parser("test", help="run the test suite (arguments after it go to pytest)")
 
@@ -609,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_env()
     os.umask(0o077)  # the job store, chats, collections, transcripts and run cards: the studio's user's alone
     handler = {"serve": cmd_serve, "run": cmd_run, "jobs": cmd_jobs, "queue": cmd_queue, "doctor": cmd_doctor,
-               "test": cmd_test, "transcript": cmd_transcript}[args.cmd]
+               "test": cmd_test, "transcript": cmd_transcript, "models": cmd_models}[args.cmd]
     if args.cmd == "test":
         return handler(args)
     import sqlite3

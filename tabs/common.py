@@ -167,8 +167,14 @@ def save_form(studio, owner: str | None, key: str, values: dict) -> None:
     import json
     import os
 
-    keep = {k: v for k, v in values.items() if isinstance(v, (str, int, float, bool)) or
-            (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v))}
+    cfg = studio.config
+    uploads = (str(cfg.uploads_dir), str(cfg.users_dir))
+
+    def upload(v) -> bool:  # an uploaded file's path: uploads are not settings, and they are not kept
+        return any(isinstance(x, str) and x.startswith(uploads) for x in (v if isinstance(v, list) else [v]))
+
+    keep = {k: v for k, v in values.items() if not upload(v) and (isinstance(v, (str, int, float, bool)) or
+            (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v)))}
     path = _form_file(studio, owner)
     forms = saved_forms(studio, owner) | {key: keep}
     try:

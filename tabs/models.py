@@ -5,39 +5,25 @@ from pathlib import Path
 import gradio as gr
 
 from studio import Job
-from workers.chat.llm import find_local, presets
+from studio.presets import DOWNLOAD, DOWNLOADED, PACKAGED, availability, presets
 
-from .common import Follow, progress_html, user_of, watch
+from .common import Follow, progress_html, require_admin, user_of, watch
 
-HEADERS = ["kind", "name", "source", "file", "size GB", "licence", "VRAM est. GB", "on disk"]
+# "on disk" third: at 1400 px the last columns scroll out of view
+HEADERS = ["kind", "name", "on disk", "size GB", "VRAM est. GB", "source", "file", "licence"]
+STATES = {DOWNLOADED: "yes", PACKAGED: "packaged", DOWNLOAD: "no (download)"}
+TABLES = ("llm", "embedder", "reranker", "whisper", "yolo")
 
 
 def table(studio) -> list[list]:
     rows = []
-    for kind in ("llm", "embedder", "reranker", "whisper"):
+    for kind in TABLES:
         for name, p in presets()[kind].items():
-            if kind == "llm":
-                here = find_local(name, p, studio.config.data_dir)
-                on_disk = "yes" if here else ("assembled on first use" if p.get("pypi") else "no")
-            else:
-                on_disk = "packaged" if p.get("pypi") else _snapshot_state(p["repo"])
-            rows.append([kind, name, p.get("repo") or f"PyPI {p.get('pypi')}", p.get("file", "(repo)"),
-                         p["size_gb"], p["licence"], p.get("vram_gb", "—"), on_disk])
-    for name, p in presets()["yolo"].items():
-        here = (studio.config.data_dir / "models" / "yolo" / p["file"]).exists()
-        rows.append(["yolo", name, "Ultralytics assets", p["file"], p["size_gb"], p["licence"], "< 1",
-                     "yes" if here else "no"])
+            source = p.get("repo") or (f"PyPI {p['pypi']}" if p.get("pypi") else "Ultralytics assets")
+            rows.append([kind, name, STATES[availability(kind, name, studio.config.data_dir)], p["size_gb"],
+                         p.get("vram_gb", "< 1" if kind == "yolo" else "—"), source, p.get("file", "(repo)"),
+                         p["licence"]])
     return rows
-
-
-def _snapshot_state(repo: str) -> str:
-    try:
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(repo, local_files_only=True)
-        return "yes"
-    except Exception:  # not cached (LocalEntryNotFoundError) or no hub library
-        return "no"
 
 
 def follow_download(studio, job: Job, owner: str | None) -> Iterator[tuple]:
@@ -58,9 +44,8 @@ def build(studio, auth: bool = False) -> dict:
                 "field at a local `.gguf` file or model folder.")
     models = gr.Dataframe(table(studio), headers=HEADERS, interactive=False, label="Presets")
     with gr.Row():
-        kinds = ("llm", "embedder", "reranker", "whisper", "yolo")
-        preset = gr.Dropdown([n for k in kinds for n, p in presets()[k].items()
-                              if not p.get("pypi")], label="Preset")
+        preset = gr.Dropdown([n for k in TABLES for n, p in presets()[k].items() if not p.get("pypi")],
+                             label="Preset")
         download = gr.Button("Download", variant="primary")
     with gr.Row():
         repo = gr.Textbox(label="…or any hub repo", placeholder="Qwen/Qwen2.5-0.5B-Instruct-GGUF")
@@ -68,7 +53,8 @@ def build(studio, auth: bool = False) -> dict:
         download_any = gr.Button("Download")
     status = gr.HTML()
     with gr.Row():
-        local = gr.Textbox(label="Check a local model file", placeholder="/models/my-model.gguf")
+        local = gr.Textbox(label="Check a model file or folder on this machine",
+                           placeholder="/models/my-model.gguf, a transformers or faster-whisper folder, a .pt …")
         check = gr.Button("Check")
     local_info = gr.Markdown()
 
@@ -93,17 +79,14 @@ def build(studio, auth: bool = False) -> dict:
     download_any.click(on_download_any, [repo, file], [status, models], api_name="model_download_repo",
                        show_progress="hidden")
 
-    def on_check(path):
-        from workers.chat.llm import resolve
+    def on_check(path, request: gr.Request):
+        from workers.system.inspect_model import describe
 
+        require_admin(studio, request, auth, "Checking a path on the server")  # it reads any file it is given
         try:
-            ref = resolve((path or "").strip(), studio.config.data_dir)
-        except ValueError as e:
+            return describe(path).markdown(Path(path.strip()).name)
+        except (ValueError, OSError) as e:
             return f"❌ {e}"
-        s = ref.shape
-        return (f"✅ `{Path(path).name}` · {s.get('arch', '')} · {s['n_layer']} layers · KV heads {s['n_kv_head']} × "
-                f"{s['head_dim']} · vocab {s['vocab']:,} · trained context {s['ctx_train']:,} · "
-                f"{s['size'] / 1e9:.2f} GB. Use this path as the model in the Chat tab.")
 
     check.click(on_check, local, local_info, api_name="model_check")
     return dict(models=models, preset=preset, download=download, repo=repo, file=file, download_any=download_any,

@@ -252,7 +252,7 @@ def test_chat_tab_ingests_answers_with_sources_and_exports(served, studio, tmp_p
     exported = exported["value"] if isinstance(exported, dict) else exported  # a gr.update through the API
     assert open(exported).read().startswith("# What port does the backup server use?")
     info = client.predict(path=str(tmp_path / "ui-notes" / "garden.md"), api_name="/model_check")
-    assert "not a GGUF model file" in info
+    assert "garden.md is not a model file the studio knows" in info
 
 
 def test_an_upload_over_the_cap_is_refused_before_it_is_written(studio, tmp_path):
