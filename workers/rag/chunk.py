@@ -21,6 +21,12 @@ OTHER_TEXT = {".json", ".yaml", ".yml", ".toml", ".ini", ".cfg", ".csv", ".tex",
 HTML = {".html", ".htm"}
 PDF = {".pdf"}
 SUPPORTED = MARKDOWN | CODE | OTHER_TEXT | HTML | PDF
+# what the other files are, for the reason a skipped one is given (with what to do about it)
+IMAGE = {".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".svg", ".ico", ".heic"}
+AUDIO_VIDEO = {".wav", ".mp3", ".m4a", ".flac", ".ogg", ".opus", ".aac", ".wma", ".mp4", ".mkv", ".mov", ".avi",
+               ".webm"}
+OFFICE = {".docx", ".doc", ".odt", ".rtf", ".pptx", ".ppt", ".odp", ".xlsx", ".xls", ".ods", ".epub", ".pages"}
+ARCHIVE = {".zip", ".tar", ".gz", ".tgz", ".bz2", ".xz", ".7z", ".rar"}
 MAX_FILE_BYTES = 20 * 2**20
 MAX_ARCHIVE_BYTES = 500 * 2**20  # uncompressed total of a zip
 MAX_ARCHIVE_FILES = 20_000
@@ -182,24 +188,48 @@ def too_big(path: Path, size: int) -> str:
             "whole): split it, or ingest the folder of its parts")
 
 
+def unsupported(name: str) -> str | None:
+    """Why a file of this name is not ingested (what it is, and what to do instead); None when it is read."""
+    suffix = Path(name).suffix.lower()
+    if suffix in SUPPORTED:
+        return None
+    if suffix in IMAGE:
+        return "an image; Collections read text only: put what it shows in a note"
+    if suffix in AUDIO_VIDEO:
+        return "audio or video; transcribe it in the Transcribe tab and ingest the transcript"
+    if suffix in OFFICE:
+        return f"a {suffix} document; save it as PDF, Markdown or text and ingest that"
+    if suffix in ARCHIVE:
+        return ("an archive inside the upload; ingest a .zip on its own" if suffix == ".zip"
+                else f"a {suffix} archive; only .zip is unpacked: unpack it, or zip it")
+    return (f"{suffix} files are not read; Collections take Markdown, text, code, PDF and HTML (rename a text file "
+            "to .txt to include it)")
+
+
 def list_files(root: Path, skipped: list[dict] | None = None) -> list[Path]:
-    """Supported files under `root` (a file or a folder), skipping hidden folders and files over the per-file cap
-    (listed in `skipped` with the reason); a single file over the cap is refused."""
+    """Supported files under `root` (a file or a folder), skipping hidden files and folders (.git, …); every other
+    file not read (an image, audio, a type not supported, one over the per-file cap) goes to `skipped` with the
+    reason. A single file over the cap or of a type not read is refused."""
     if root.is_file():
         if root.stat().st_size > MAX_FILE_BYTES:
             raise ValueError(too_big(root, root.stat().st_size))
+        if why := unsupported(root.name):
+            raise ValueError(f"{root.name} is {why}")
         return [root]
     files = []
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root).parts
         if any(p.startswith(".") or p in IGNORED_DIRS for p in rel[:-1]):
             continue
-        if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in SUPPORTED:
-            if f.stat().st_size > MAX_FILE_BYTES:
-                if skipped is not None:
-                    skipped.append({"file": str(f.relative_to(root)), "reason": too_big(f, f.stat().st_size)})
-                continue
+        if not f.is_file() or f.name.startswith("."):
+            continue
+        why = unsupported(f.name)
+        if why is None and f.stat().st_size > MAX_FILE_BYTES:
+            why = too_big(f, f.stat().st_size)
+        if why is None:
             files.append(f)
+        elif skipped is not None:
+            skipped.append({"file": str(f.relative_to(root)), "reason": why})
     return files
 
 

@@ -1,5 +1,9 @@
 """Job kind `rag_eval`: measure retrieval (hit@k, recall@k, MRR) and, with a model, answers (ROUGE-L, BLEU, judge).
 
+Retrieval is measured three ways in one run, side by side: dense (embeddings alone), hybrid (BM25 keywords fused
+with them) and hybrid+rerank (the fused candidates re-scored by the cross-encoder, when one is chosen). Answers, when
+a model is set, are generated from the last of these.
+
 The eval set is JSONL with `question`, `answer` (the expected answer) and `source` (the expected file, relative to
 the ingested folder; a list of files is accepted too). Results are kept per run so changes in chunking, embedder
 or reranker can be compared side by side.
@@ -19,7 +23,7 @@ JUDGE_PROMPT = ("Rate how well the answer matches the expected answer, from 1 (w
 
 
 # versions for the run card
-PACKAGES = ("chromadb", "sentence-transformers", "llama-cpp-python", "rouge-score", "sacrebleu")
+PACKAGES = ("chromadb", "sentence-transformers", "bm25s", "PyStemmer", "llama-cpp-python", "rouge-score", "sacrebleu")
 PATHS = ("evalset", "model", "reranker")  # params that name a server path (studio.access)
 
 
@@ -28,7 +32,7 @@ class Params:
     collection: str  # the collection to evaluate
     evalset: str  # a JSONL file: {"question", "answer", "source"} per line
     k: int = 4  # retrieval depth for hit@k and recall@k
-    reranker: str = ""  # a cross-encoder preset or local folder; empty: embedding order
+    reranker: str = ""  # a cross-encoder preset or local folder: adds hybrid+rerank; empty: dense and hybrid only
     model: str = ""  # an LLM preset or .gguf to answer each question (ROUGE-L, BLEU); empty: retrieval only
     judge: bool = False  # also ask the model to score each answer 1-5 (an LLM-judge rubric)
     max_tokens: int = 200  # longest answer per question, in tokens
@@ -140,10 +144,12 @@ def run(p: Params, ctx) -> dict:
     from rouge_score import rouge_scorer
     from sacrebleu.metrics import BLEU
 
-    from workers.rag.index import load_manifest, retrieve
+    from workers.rag.index import MODES, load_manifest, retrieve_modes
 
     rows = load_evalset(Path(p.evalset).expanduser())
     manifest = load_manifest(ctx.data_dir, p.collection)
+    modes = MODES if p.reranker else tuple(m for m in MODES if not m.endswith("rerank"))
+    answer_mode = modes[-1]  # the best the settings allow: what a chat with them would retrieve
     llm = None
     if p.model:
         from workers.chat.chat import load_llm
@@ -154,12 +160,18 @@ def run(p: Params, ctx) -> dict:
     per, t0 = [], time.perf_counter()
     for i, row in enumerate(rows):
         ctx.progress(i, len(rows), row["question"][:60])
-        hits = retrieve(ctx, p.collection, row["question"], k=p.k, reranker=p.reranker, embedder=p.embedder)
-        got = [_norm(h.source) for h in hits]
+        by_mode = retrieve_modes(ctx, p.collection, row["question"], k=p.k, reranker=p.reranker,
+                                 embedder=p.embedder, modes=modes)
         want = {_norm(s) for s in row["sources"]}
-        rank = next((r for r, s in enumerate(got, start=1) if s in want), None)
-        item = {"question": row["question"], "expected_sources": sorted(want), "retrieved": [h.where for h in hits],
-                "hit": rank is not None, "recall": len(want & set(got)) / len(want), "rr": 1 / rank if rank else 0.0}
+        item = {"question": row["question"], "expected_sources": sorted(want), "mode": answer_mode,
+                "retrieved": [h.where for h in by_mode[answer_mode]], "modes": {}}
+        for mode, hits in by_mode.items():
+            got = [_norm(h.source) for h in hits]
+            rank = next((r for r, s in enumerate(got, start=1) if s in want), None)
+            item["modes"][mode] = {"rank": rank, "hit": rank is not None, "recall": len(want & set(got)) / len(want),
+                                   "rr": 1 / rank if rank else 0.0, "retrieved": [h.where for h in hits]}
+        item.update({k: item["modes"][answer_mode][k] for k in ("hit", "recall", "rr")})
+        hits = by_mode[answer_mode]
         if llm is not None:
             from workers.chat.chat import RAG_INSTRUCTIONS
 
@@ -182,14 +194,19 @@ def run(p: Params, ctx) -> dict:
                 m = re.search(r"\d", verdict)
                 item["judge"] = int(m.group()) if m else None
         per.append(item)
-        ctx.metric(i + 1, hit=float(item["hit"]), rr=item["rr"])
+        ctx.metric(i + 1, **{f"rr_{m.replace('+', '_')}": item["modes"][m]["rr"] for m in modes},
+                   hit=float(item["hit"]), rr=item["rr"])
 
-    def mean(key):
-        vals = [x[key] for x in per if x.get(key) is not None]
-        return sum(vals) / len(vals) if vals else None
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return sum(values) / len(values) if values else None
 
-    summary = {f"hit@{p.k}": mean("hit"), f"recall@{p.k}": mean("recall"), "mrr": mean("rr"),
-               "rougeL": mean("rougeL"), "bleu": mean("bleu"), "judge": mean("judge"), "questions": len(per),
+    by = {m: {f"hit@{p.k}": mean(x["modes"][m]["hit"] for x in per),
+              f"recall@{p.k}": mean(x["modes"][m]["recall"] for x in per),
+              "mrr": mean(x["modes"][m]["rr"] for x in per)} for m in modes}
+    summary = {**by[answer_mode], "modes": by, "mode": answer_mode,
+               "rougeL": mean(x.get("rougeL") for x in per), "bleu": mean(x.get("bleu") for x in per),
+               "judge": mean(x.get("judge") for x in per), "questions": len(per),
                "seconds": time.perf_counter() - t0, "collection": p.collection, "reranker": p.reranker or None,
                "model": p.model or None, "k": p.k, "embedder": manifest["embedder"],
                "chunking": manifest.get("chunking")}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +169,8 @@ class Hit:
     unit: str
     heading: str
     text: str
-    score: float  # cosine similarity, or the reranker's score when reranked
-    retrieval_score: float
+    score: float  # the reranker's score when reranked; else the retrieval score
+    retrieval_score: float  # cosine similarity (dense), or the reciprocal-rank-fusion score (hybrid)
 
     @property
     def where(self) -> str:
@@ -180,9 +180,35 @@ class Hit:
         return {**asdict(self), "where": self.where}
 
 
-def retrieve(ctx, collection: str, query: str, k: int = 4, reranker: str = "", embedder: str = "",
-             fetch_k: int = 20) -> list[Hit]:
-    """Top-k chunks for `query`; with a reranker, the top `fetch_k` by embedding are re-scored by a cross-encoder."""
+RETRIEVAL = ("dense", "hybrid")  # embeddings alone; or BM25 keywords fused with them (a reranker may follow either)
+MODES = ("dense", "hybrid", "hybrid+rerank")  # what rag_eval compares side by side
+
+
+def check_retrieval(mode: str) -> None:
+    if mode not in RETRIEVAL:
+        raise ValueError(f"retrieval must be one of {', '.join(RETRIEVAL)} (a reranker, when set, re-scores either); "
+                         f"got {mode!r}")
+
+
+def keyword_tokens(data_dir: Path, collection: str, coll, manifest: dict) -> None:
+    """Build the keyword index of a collection ingested before it had one, from the chunks Chroma holds."""
+    from workers.rag import keyword
+
+    got = coll.get(include=["documents", "metadatas"])
+    files: dict[str, dict] = {}
+    for i, doc, m in zip(got["ids"], got["documents"], got["metadatas"]):
+        f = files.setdefault(m["source"], {"sha": manifest["files"].get(m["source"], {}).get("sha"), "ids": [],
+                                           "tokens": []})
+        f["ids"].append(i)
+        f["tokens"].append(keyword.document(m["source"], m.get("heading", ""), doc))
+    keyword.update(data_dir, collection, files, keep=set())
+
+
+def _candidates(ctx, collection: str, query: str, n: int, embedder: str, keywords: bool):
+    """The top `n` chunks by embedding and (with `keywords`) by BM25: ({id: (text, metadata)}, dense [(id, cosine)],
+    keyword [(id, bm25)], named [ids of keyword's chunks that hold a name the query gives exactly])."""
+    from workers.rag import keyword
+
     manifest = load_manifest(ctx.data_dir, collection)
     if manifest is None:
         raise ValueError(f"collection {collection!r} does not exist; ingest some files into it first")
@@ -190,14 +216,65 @@ def retrieve(ctx, collection: str, query: str, k: int = 4, reranker: str = "", e
         raise ValueError(f"collection {collection!r} is empty; ingest some files into it first")
     emb = Embedder(load_embedder(ctx, embedder or manifest["embedder"]))
     coll = get_collection(ctx.data_dir, collection)
-    n = max(k, fetch_k) if reranker else k
     res = coll.query(query_embeddings=emb.embed([query]), n_results=min(n, coll.count()),
                      include=["documents", "metadatas", "distances"])
-    hits = [Hit(m["source"], m["start"], m["end"], m.get("unit", "line"), m.get("heading", ""), doc, 1 - d, 1 - d)
-            for doc, m, d in zip(res["documents"][0], res["metadatas"][0], res["distances"][0])]
-    if reranker and hits:
+    chunks = {i: (doc, m) for i, doc, m in zip(res["ids"][0], res["documents"][0], res["metadatas"][0])}
+    dense = [(i, 1 - d) for i, d in zip(res["ids"][0], res["distances"][0])]
+    found: list[tuple[str, float]] = []
+    named: list[str] = []
+    if keywords:
+        if not keyword.exists(ctx.data_dir, collection):
+            keyword_tokens(ctx.data_dir, collection, coll, manifest)
+        found, named = keyword.search(ctx.data_dir, collection, query, n)
+        missing = [i for i, _ in found if i not in chunks]
+        if missing:
+            got = coll.get(ids=missing, include=["documents", "metadatas"])
+            chunks.update({i: (doc, m) for i, doc, m in zip(got["ids"], got["documents"], got["metadatas"])})
+        found = [(i, s) for i, s in found if i in chunks]  # an id Chroma lacks (never expected) is left out
+        named = [i for i in named if i in chunks]
+    return chunks, dense, found, named
+
+
+def _hit(chunk: tuple[str, dict], score: float) -> Hit:
+    doc, m = chunk
+    return Hit(m["source"], m["start"], m["end"], m.get("unit", "line"), m.get("heading", ""), doc, score, score)
+
+
+def _rerank(ctx, reranker: str, query: str, hits: list[Hit]) -> list[Hit]:
+    if hits:
         scores = load_reranker(ctx, reranker).predict([(query, h.text) for h in hits])
-        for h, s in zip(hits, scores):
-            h.score = float(s)
+        hits = [replace(h, score=float(s)) for h, s in zip(hits, scores)]
         hits.sort(key=lambda h: h.score, reverse=True)
-    return hits[:k]
+    return hits
+
+
+def retrieve_modes(ctx, collection: str, query: str, k: int = 4, reranker: str = "", embedder: str = "",
+                   fetch_k: int = 20, modes: tuple[str, ...] = MODES) -> dict[str, list[Hit]]:
+    """The top-k chunks for `query` by each of `modes` (of MODES), from one embedding of the query and one BM25
+    search: dense (embedding order), hybrid (BM25 and embedding ranks fused by RRF), hybrid+rerank (the fused top
+    `fetch_k` re-scored by the cross-encoder `reranker`), dense+rerank (the same over the embedding order)."""
+    from workers.rag.keyword import rrf
+
+    n = max(k, fetch_k)
+    keywords = any(m.startswith("hybrid") for m in modes)
+    chunks, dense, found, named = _candidates(ctx, collection, query, n, embedder, keywords)
+    first = {"dense": [_hit(chunks[i], s) for i, s in dense]}
+    if keywords:  # a name given exactly is the strongest evidence there is: its chunks form a third ranking
+        fused = rrf([i for i, _ in dense], [i for i, _ in found], named)
+        first["hybrid"] = [_hit(chunks[i], s) for i, s in fused[:n]]
+    out = {}
+    for mode in modes:
+        stage, _, rerank = mode.partition("+")
+        if rerank and not reranker:
+            raise ValueError(f"{mode} needs a reranker")
+        out[mode] = _rerank(ctx, reranker, query, first[stage][:n])[:k] if rerank else first[stage][:k]
+    return out
+
+
+def retrieve(ctx, collection: str, query: str, k: int = 4, reranker: str = "", embedder: str = "",
+             fetch_k: int = 20, retrieval: str = "hybrid") -> list[Hit]:
+    """Top-k chunks for `query`: by embedding ("dense"), or by embedding and BM25 fused ("hybrid"); with a reranker,
+    the first stage's top `fetch_k` are re-scored by a cross-encoder."""
+    check_retrieval(retrieval)
+    mode = f"{retrieval}+rerank" if reranker else retrieval
+    return retrieve_modes(ctx, collection, query, k, reranker, embedder, fetch_k, modes=(mode,))[mode]
