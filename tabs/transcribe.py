@@ -1,12 +1,14 @@
 """Transcribe tab: faster-whisper on uploaded files or the microphone, segments streaming in as they decode;
 speaker labels and renames; the LLM post-editor's changes shown as a word diff to accept or reject."""
-from collections.abc import Iterator
+import html
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
 
 from studio import Job
-from studio.presets import presets
+from studio.presets import choices, default
 from workers.speech import transcript as tr
 
 from .common import Follow, bind, own_uploads, owned_job, progress_html, user_of, watch_all
@@ -16,6 +18,7 @@ INPUTS = ("files", "mic", "model", "language", "task", "vad", "vad_threshold", "
           "beam_size", "batched", "initial_prompt", "hotwords", "diarize", "num_speakers", "post_edit",
           "editor_model", "glossary")
 OUTPUTS = ("status", "transcript", "outputs", "job_ids", "job")  # what a transcribe job streams into
+FORM = tuple(n for n in INPUTS if n not in ("files", "mic"))  # the settings: each one a job param of its name
 
 
 def _ts(t: float) -> str:
@@ -33,8 +36,40 @@ def transcripts(studio, owner=None) -> list[tuple[str, str]]:
 
 
 def fill(studio, owner: str | None) -> dict:
-    """The user's transcripts, on page load."""
-    return {"job": gr.update(choices=transcripts(studio, owner))}
+    """The user's transcripts, and the models marked as on disk or needing a download as they are now, on page
+    load."""
+    return {"job": gr.update(choices=transcripts(studio, owner)),
+            "model": gr.update(choices=choices("whisper", studio.config.data_dir)),
+            "editor_model": gr.update(choices=choices("llm", studio.config.data_dir))}
+
+
+def source_name(job: Job) -> str:
+    """The name of the file a job transcribed, as the user gave it (an upload keeps its name in its folder)."""
+    return Path(str(job.params.get("audio", ""))).name
+
+
+def named_outputs(studio, job: Job) -> list[str]:
+    """A job's transcript files under its source file's name (meeting.srt, meeting.edited.srt, meeting.edits.json),
+    for the Outputs panel: eight `transcript.*` from a batch could not be told apart. The run folder keeps its own
+    names (the CLI, renames and edits use them), so these are copies, made in a random folder of Gradio's cache
+    (only the page that asked gets them) each time the panel is filled, after a rename or a saved edit too."""
+    import secrets
+    import shutil
+
+    run_dir = studio.run_dir(job.id)
+    files = [p for p in sorted(run_dir.glob("transcript*.*")) if p.suffix[1:] in tr.FORMATS]
+    files += [run_dir / "edits.json"] if (run_dir / "edits.json").exists() else []
+    if not files:
+        return []
+    stem = Path(source_name(job)).stem or "transcript"
+    dest = studio.config.uploads_dir / secrets.token_hex(16)
+    dest.mkdir(parents=True)
+    out = []
+    for f in files:
+        name = stem + f.name.removeprefix("transcript") if f.name.startswith("transcript.") else f"{stem}.{f.name}"
+        shutil.copyfile(f, dest / name)
+        out.append(str(dest / name))
+    return out
 
 
 def review(studio, job_id: str | None):
@@ -42,10 +77,11 @@ def review(studio, job_id: str | None):
     if not job_id:
         return [], "", [], [], None
     run_dir = studio.run_dir(job_id)
+    files = named_outputs(studio, studio.job(job_id))
     data = tr.load(run_dir)
     names = data.get("speaker_names") or {}
     rows = [[s, names.get(s, "")] for s in tr.speakers(data)]
-    diff, choices, accepted = "", [], []
+    diff, picks, accepted = "", [], []
     if (run_dir / "edits.json").exists():
         import json
 
@@ -54,16 +90,14 @@ def review(studio, job_id: str | None):
         for c in edits["changes"]:
             who = f"{names.get(c['speaker'], c['speaker'])}: " if c.get("speaker") else ""
             items.append(f"<p><b>#{c['id']}</b> [{_ts(c['start'])}] {who}{tr.diff_html(c['diff'])}</p>")
-            choices.append((f"#{c['id']} {c['edited'][:60]}", c["id"]))
+            picks.append((f"#{c['id']} {c['edited'][:60]}", c["id"]))
             if c["accepted"]:
                 accepted.append(c["id"])
         dropped = len(edits.get("discarded", []))
         diff = (f"<div class='diff'><p>{len(edits['changes'])} change(s) by {edits.get('model')}"
                 + (f"; {dropped} proposal(s) discarded because they added or dropped words" if dropped else "")
                 + "</p>" + "".join(items) + "</div>")
-    files = [str(p) for p in sorted(run_dir.glob("transcript*.*")) if p.suffix[1:] in tr.FORMATS]
-    files += [str(run_dir / "edits.json")] if (run_dir / "edits.json").exists() else []
-    return rows, diff, choices, accepted, files or None
+    return rows, diff, picks, accepted, files or None
 
 
 def _lines(events: list[dict]) -> list[str]:
@@ -83,40 +117,51 @@ def _lines(events: list[dict]) -> list[str]:
     return lines
 
 
-def follow_all(studio, jobs: list[Job], owner: str | None) -> Iterator[tuple]:
-    """Stream transcribe jobs into the tab (OUTPUTS): segments as they decode, then the files and, once all are
-    done, the first transcript opened in the review panel."""
+def follow_all(studio, jobs: list[Job], owner: str | None, notes: Sequence[str] = ()) -> Iterator[tuple]:
+    """Stream transcribe jobs into the tab (OUTPUTS): segments as they decode, then the files (named by their
+    source) and, once all are done, the first transcript opened in the review panel. `notes` (files skipped) stay
+    above the jobs' status."""
     ids = [j.id for j in jobs]
+    named: dict[str, list[str]] = {}  # a finished job's files, copied once
+    head = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
     for rows in watch_all(studio, jobs, every=0.3):
         current = [job for job, _ in rows]
         body = "\n\n".join("\n".join(_lines(events)) for _, events in rows)
         done = all(j.status.final for j in current)
-        files_out = [str(studio.run_dir(j.id) / f) for j in current if j.result for f in j.result["outputs"]]
-        files_out += [str(p) for j in current if j.status.value == "CANCELLED"
-                      for p in sorted(studio.run_dir(j.id).glob("transcript.*"))]
+        for j in current:  # a cancelled job keeps what it transcribed so far
+            if j.id not in named and j.status.value in ("DONE", "CANCELLED"):
+                named[j.id] = named_outputs(studio, j)
+        files_out = [f for j in current for f in named.get(j.id, [])]
         picker = gr.update()
         if done:
-            choices = transcripts(studio, owner)
-            picker = gr.update(choices=choices, value=ids[0] if any(c[1] == ids[0] for c in choices) else None)
-        yield "<br>".join(progress_html(j) for j in current), body, files_out or None, ids, picker
+            picks = transcripts(studio, owner)
+            picker = gr.update(choices=picks, value=ids[0] if any(c[1] == ids[0] for c in picks) else None)
+        yield head + "<br>".join(progress_html(j) for j in current), body, files_out or None, ids, picker
 
 
 def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
-    """One transcribe job into the tab: what a reloaded page streams."""
-    yield from follow_all(studio, [job], owner)
+    """What a reloaded page streams: the user's unfinished transcribe jobs (a batch is a job per file), oldest
+    first, so Cancel reaches them all again."""
+    batch = [j for j in studio.jobs(limit=100, owner=owner, kind="transcribe") if not j.status.final]
+    batch = sorted({j.id: j for j in [*batch, job]}.values(), key=lambda j: j.created)
+    yield from follow_all(studio, batch, owner)
 
 
-KINDS = {"transcribe": Follow(follow, OUTPUTS)}
+# a reloaded page re-attaches to the running job with its own settings in the form (every setting is the job
+# param of its name); the form's last-used settings come back on page load (tabs.common.bind(..., remember=...))
+KINDS = {"transcribe": Follow(follow, OUTPUTS, form=FORM)}
+FORMS = {"transcribe": FORM}
 
 
 def start(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
     """The Transcribe button, given its inputs by name (INPUTS): a job per uploaded file (and the recording),
-    streamed together."""
+    streamed together. A file the job would refuse (empty, …) is skipped with a note; the others run."""
     paths = own_uploads(studio, list(v["files"] or []) + ([v["mic"]] if v["mic"] else []), owner)
     if not paths:
         raise gr.Error("Upload a file or record something first.")
-    jobs = []
+    jobs, skipped = [], []  # skipped: (file name, why)
     for path in paths:
+        name = Path(path).name  # an upload's folder keeps the name the user gave it
         try:
             jobs.append(studio.submit("transcribe", dict(
                 audio=path, model=v["model"], language=(v["language"] or "").strip(), task=v["task"], vad=v["vad"],
@@ -126,11 +171,18 @@ def start(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
                 num_speakers=int(v["num_speakers"] or 0) if v["diarize"] else 0, post_edit=v["post_edit"],
                 editor_model=v["editor_model"], glossary=v["glossary"] or ""), owner=owner))
         except ValueError as e:
-            raise gr.Error(f"{path.rsplit('/', 1)[-1]}: {e}")
-    yield from follow_all(studio, jobs, owner)
+            skipped.append((name, str(e).replace(path, name)))
+    notes = [f"Skipped {why}" if why.startswith(name) else f"Skipped {name}: {why}" for name, why in skipped]
+    if not jobs:
+        reasons = {why for _, why in skipped}  # one reason for every file (a bad setting) is said once
+        raise gr.Error(reasons.pop() if len(reasons) == 1 else " ".join(notes))
+    if notes:
+        notes.append(f"Transcribing the other {len(jobs)} file(s).")
+    yield from follow_all(studio, jobs, owner, notes)
 
 
 def build(studio, auth: bool = False) -> dict:
+    data_dir = studio.config.data_dir
     gr.Markdown("Transcribe or translate speech with faster-whisper. Silero VAD skips silence; word timestamps "
                 "go into the JSON; speakers are labelled on request; an LLM can fix punctuation, casing and names. "
                 "Outputs: TXT, SRT, VTT and JSON in the job's run folder.")
@@ -139,8 +191,9 @@ def build(studio, auth: bool = False) -> dict:
             files = gr.File(label="Audio or video files (each becomes a job)", file_count="multiple")
             mic = gr.Audio(sources=["microphone", "upload"], type="filepath", label="…or record")
             with gr.Row():
-                model = gr.Dropdown(list(presets()["whisper"]), value="large-v3", allow_custom_value=True,
-                                    label="Model (a preset or a CTranslate2 folder)")
+                # the first click works offline: a downloaded preset, else the packaged tiny.en
+                model = gr.Dropdown(choices("whisper", data_dir), value=default("whisper", data_dir),
+                                    allow_custom_value=True, label="Model (a preset or a CTranslate2 folder)")
                 language = gr.Textbox("", label="Language (empty: detect)", placeholder="en")
                 task = gr.Radio(["transcribe", "translate"], value="transcribe", label="Task")
             with gr.Accordion("Options", open=False):
@@ -162,7 +215,7 @@ def build(studio, auth: bool = False) -> dict:
                                              label="Number of speakers (0: find out)")
                 with gr.Row():
                     post_edit = gr.Checkbox(False, label="LLM post-editor")
-                    editor_model = gr.Dropdown(list(presets()["llm"]), value="llama-3.1-8b-instruct-q4km",
+                    editor_model = gr.Dropdown(choices("llm", data_dir), value=default("llm", data_dir),
                                                allow_custom_value=True, label="Editor model (preset, .gguf, folder)")
                 glossary = gr.Textbox(label="Glossary for the editor (names and terms, comma-separated)",
                                       placeholder="Alice Nakamura, PostgreSQL, Reykjavík")
@@ -196,8 +249,8 @@ def build(studio, auth: bool = False) -> dict:
               glossary=glossary, go=go, cancel=cancel, status=status, transcript=transcript, outputs=outputs,
               job=job, speakers=speakers, diff=diff, changes=changes, rename=rename, save_edits=save_edits,
               review_note=review_note, job_ids=job_ids)
-    go.click(bind(start, studio, auth), None, [ui[n] for n in OUTPUTS], inputs_kwargs={n: ui[n] for n in INPUTS},
-             api_name="transcribe", show_progress="hidden")
+    go.click(bind(start, studio, auth, remember="transcribe"), None, [ui[n] for n in OUTPUTS],
+             inputs_kwargs={n: ui[n] for n in INPUTS}, api_name="transcribe", show_progress="hidden")
 
     def on_cancel(ids):
         for j in ids or []:
@@ -216,11 +269,11 @@ def build(studio, auth: bool = False) -> dict:
         if not job_id:
             return [], "", gr.update(choices=[], value=[]), None, ""
         try:
-            rows, html_diff, choices, accepted, files_out = review(studio, mine(job_id, request))
+            rows, html_diff, picks, accepted, files_out = review(studio, mine(job_id, request))
         except FileNotFoundError as e:
             raise gr.Error(str(e))
-        note = "" if rows or choices else "This transcript has neither speaker labels nor post-editor changes."
-        return rows, html_diff, gr.update(choices=choices, value=accepted), files_out, note
+        note = "" if rows or picks else "This transcript has neither speaker labels nor post-editor changes."
+        return rows, html_diff, gr.update(choices=picks, value=accepted), files_out, note
 
     job.change(on_pick, job, [speakers, diff, changes, outputs, review_note], api_name="transcript_review")
 
@@ -232,12 +285,24 @@ def build(studio, auth: bool = False) -> dict:
     def on_rename(job_id, table, request: gr.Request):
         mine(job_id, request)
         rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+        typed = {str(r[0]): str(r[1] or "").strip() for r in rows if r and r[0]}
+        run_dir = studio.run_dir(job_id)
         try:
-            tr.rename_speakers(studio.run_dir(job_id), {str(r[0]): str(r[1] or "") for r in rows if r and r[0]})
-        except ValueError as e:
+            before = tr.load(run_dir).get("speaker_names") or {}
+            after = tr.rename_speakers(run_dir, typed)["speaker_names"] if typed else before
+        except (FileNotFoundError, ValueError) as e:
             raise gr.Error(str(e))
         *out, _ = on_pick(job_id, request)
-        return (*out, "Names applied to every output.")
+        if not typed:
+            note = "This transcript has no speakers to name: transcribe it with Label speakers ticked."
+        elif after == before:
+            note = ("No names typed: type a name next to a speaker, then press Apply names." if not after else
+                    "The names are as they were; nothing changed.")
+        elif after:
+            note = "Names applied to every output: " + ", ".join(f"{k} → {v}" for k, v in after.items()) + "."
+        else:
+            note = "Names removed: every output shows the speaker labels again."
+        return (*out, note)
 
     rename.click(on_rename, [job, speakers], [speakers, diff, changes, outputs, review_note],
                  api_name="transcript_rename")

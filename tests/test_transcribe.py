@@ -191,7 +191,7 @@ def test_transcribe_tab_through_gradio_client(studio, speech):
             batched=False, initial_prompt="", hotwords="", diarize=False, num_speakers=0, post_edit=False,
             editor_model="", glossary="", api_name="/transcribe")
         assert "DONE" in status and wer(FOX, re.sub(r"\[[^\]]*\]|—.*", "", transcript)) <= 0.3
-        assert sorted(f.rsplit(".", 1)[-1] for f in files) == ["json", "srt", "txt", "vtt"]
+        assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["fox.json", "fox.srt", "fox.txt", "fox.vtt"]
         status, transcript, files, picked = client.predict(
             files=[handle_file(str(speech["turns"]))], mic=None, model="tiny.en-packaged", language="en",
             task="transcribe", vad=True, vad_threshold=0.5, min_silence_ms=500, word_timestamps=True, beam_size=5,
@@ -202,10 +202,18 @@ def test_transcribe_tab_through_gradio_client(studio, speech):
         assert picked["value"] == job_id  # the review panel opens the new transcript
         speakers, diff, changes, files, note = client.predict(job_id, api_name="/transcript_review")
         assert [r[0] for r in speakers["data"]] == ["S1", "S2"] and "change(s) by gemma-3-270m-packaged" in diff
+        assert sorted(f.rsplit("/", 1)[-1] for f in files) == [  # the review panel's files too
+            "turns.edited.json", "turns.edited.srt", "turns.edited.txt", "turns.edited.vtt", "turns.edits.json",
+            "turns.json", "turns.srt", "turns.txt", "turns.vtt"]
+        *_, note = client.predict(job_id, {"headers": ["Speaker", "Name"], "data": [["S1", ""], ["S2", ""]]},
+                                  api_name="/transcript_rename")  # Apply names with none typed
+        assert "Names applied" not in note and "No names typed" in note
         speakers, diff, changes, files, note = client.predict(
             job_id, {"headers": ["Speaker", "Name"], "data": [["S1", "Ann"], ["S2", "Bo"]]},
             api_name="/transcript_rename")
-        assert "Names applied" in note and [r[1] for r in speakers["data"]] == ["Ann", "Bo"]
+        assert note == "Names applied to every output: S1 → Ann, S2 → Bo." and [r[1] for r in speakers["data"]] == [
+            "Ann", "Bo"]
+        assert open(next(f for f in files if f.endswith("/turns.txt"))).read().startswith("Ann: ")  # what it offers
         assert (studio.run_dir(job_id) / "transcript.txt").read_text().startswith("Ann: ")
         *_, note = client.predict(job_id, [], api_name="/transcript_save_edits")
         assert "0 change(s) kept" in note and (studio.run_dir(job_id) / "transcript.edited.txt").read_text().startswith("Ann: ")
@@ -359,3 +367,108 @@ def test_estimate_counts_the_post_editor_and_fit_shares_the_budget(speech):
     tight = total(0) + (total(-1) - total(0)) // 2  # room for about half the editor's layers
     layers = transcribe.fit(edited, gpu, tight).editor_gpu_layers
     assert 0 < layers < 18 and total(layers) <= tight < total(layers + 1)
+
+
+@pytest.fixture(scope="module")
+def served(studio):
+    from conftest import serve
+
+    url, demo = serve(studio, show_error=True)
+    yield url, demo
+    demo.close()
+
+
+def test_the_default_model_is_on_disk_and_the_dropdown_says_what_needs_a_download(served):
+    from gradio_client import Client
+
+    url, demo = served
+    model = demo.studio_ui["transcribe"]["model"]
+    assert model.value == "tiny.en-packaged"  # nothing downloaded here: the packaged model, not large-v3
+    assert demo.studio_ui["transcribe"]["editor_model"].value == "gemma-3-270m-packaged"
+    _, on_load, editor = Client(url, verbose=False).predict(api_name="/transcribe_fill")  # marked as of page load
+    labels = {v: label for label, v in on_load["choices"]}
+    assert "on disk" in labels["tiny.en-packaged"] and labels["large-v3"].endswith("needs download (3.09 GB)")
+    assert on_load["choices"][0][1] == "tiny.en-packaged"  # what works now comes first
+    assert "on disk" in dict((v, label) for label, v in editor["choices"])["gemma-3-270m-packaged"]
+
+
+def test_a_batch_skips_an_empty_file_names_a_corrupt_one_as_given_and_names_outputs_by_source(served, studio,
+                                                                                             speech, tmp_path):
+    """One empty file no longer blocks the batch, a corrupt .wav is named as the user gave it (not by the upload's
+    folder), and the Outputs panel names each file by its source, not eight `transcript.*`."""
+    from gradio_client import Client, handle_file
+
+    corrupt = tmp_path / "meeting.wav"  # a RIFF/WAVE header over garbage
+    corrupt.write_bytes(b"RIFF\x24\x00\x00\x00WAVEfmt \x10\x00\x00\x00" + b"\xff" * 400)
+    empty = tmp_path / "blank.wav"
+    empty.write_bytes(b"")
+    before = {j.id for j in studio.jobs(kind="transcribe")}
+    status, transcript, files, _ = Client(served[0], verbose=False).predict(
+        files=[handle_file(str(p)) for p in (empty, corrupt, speech["fox"])], mic=None, model="tiny.en-packaged",
+        language="en", initial_prompt="", hotwords="", glossary="", editor_model="",
+        api_name="/transcribe")
+    assert "Skipped blank.wav is empty (0 bytes)" in status and "Transcribing the other 2 file(s)." in status
+    jobs = {studio.run_dir(j.id): j for j in studio.jobs(kind="transcribe") if j.id not in before}
+    assert sorted(j.params["audio"].rsplit("/", 1)[-1] for j in jobs.values()) == ["fox.wav", "meeting.wav"]
+    bad = next(j for j in jobs.values() if j.params["audio"].endswith("meeting.wav"))
+    assert bad.status is JobStatus.FAILED and bad.error.startswith("could not read meeting.wav as audio or video")
+    assert "/" not in bad.error and str(studio.config.uploads_dir) not in status  # no upload folder named
+    assert status.count("<b>DONE</b>") == 1 and wer(FOX, re.sub(r"\[[^\]]*\]|—.*", "", transcript)) <= 0.3
+    assert sorted(f.rsplit("/", 1)[-1] for f in files) == ["fox.json", "fox.srt", "fox.txt", "fox.vtt"]
+    assert re.match(r"1\n00:00:0", open(next(f for f in files if f.endswith("fox.srt"))).read())
+    with pytest.raises(Exception, match="blank.wav is empty"):  # nothing left to run: one clear error
+        Client(served[0], verbose=False).predict(files=[handle_file(str(empty))], mic=None, initial_prompt="",
+                                                 hotwords="", glossary="", api_name="/transcribe")
+
+
+def test_a_reloaded_page_gets_the_running_jobs_own_settings_and_the_last_used_ones(served, studio, speech):
+    """/transcribe_attach, what a reloaded page runs, puts the running job's own params in the form (not the
+    defaults), and the form's last-used settings come back once nothing runs."""
+    import time
+
+    from gradio_client import Client, handle_file
+
+    url, _ = served
+    forms = studio.config.data_dir / "forms.json"
+    settings = dict(model="tiny.en-packaged", language="en", task="translate", vad=False, vad_threshold=0.35,
+                    min_silence_ms=750, beam_size=3, initial_prompt="Stella", hotwords="brown fox", glossary="")
+    before = {j.id for j in studio.jobs(kind="transcribe")}
+    studio.pause("attach test: the job stays queued")
+    try:
+        Client(url, verbose=False).submit(files=[handle_file(str(speech["fox"]))], mic=None, **settings,
+                                          api_name="/transcribe")
+        t0 = time.time()
+        while not (new := [j for j in studio.jobs(kind="transcribe") if j.id not in before]):
+            assert time.time() - t0 < 60, "the Transcribe button submitted no job"
+            time.sleep(0.1)
+        job = new[0]
+        assert json.loads(forms.read_text())["transcribe"]["hotwords"] == "brown fox"  # remembered ...
+        forms.unlink()  # ... but here only the job's own params may fill the form
+        reloaded = Client(url, verbose=False).submit(api_name="/transcribe_attach")
+        t0 = time.time()
+        while not any(job.id in str(out) for out in reloaded.outputs()):
+            assert time.time() - t0 < 60, "the fresh page did not re-attach to the queued job"
+            time.sleep(0.1)
+        form = _form_values(reloaded.outputs())
+        assert {k: form.get(k) for k in settings} == settings, form
+    finally:
+        studio.cancel(new[0].id) if new else None
+        studio.resume_queue()
+    reloaded.result(timeout=120)  # the stream ends with the job
+    Client(url, verbose=False).predict(files=[handle_file(str(speech["second"]))], mic=None, **settings,
+                                       api_name="/transcribe")
+    form = _form_values([Client(url, verbose=False).predict(api_name="/transcribe_attach")])  # nothing runs
+    assert {k: form.get(k) for k in settings} == settings, form
+    forms.unlink()
+
+
+def _form_values(outputs) -> dict:
+    """The form inputs' values in /transcribe_attach's outputs: the outputs the job streams come first
+    (status, transcript, outputs, review picker), then the settings in the form's order."""
+    from tabs.transcribe import FORM
+
+    for out in outputs:
+        values = [o.get("value") if isinstance(o, dict) else o for o in out[4:]]
+        if any(v is not None for v in values):
+            return dict(zip(FORM, values))
+    return {}

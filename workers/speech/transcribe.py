@@ -224,8 +224,10 @@ def load_audio(path: Path):
     try:
         audio = decode_audio(str(path))
     except Exception as e:  # PyAV raises InvalidDataError, IndexError (no audio stream), …
-        raise ValueError(f"could not read {path.name} as audio or video ({type(e).__name__}: "
-                         f"{str(e)[:120] or 'no audio stream'}); use wav, mp3, m4a, flac, ogg, mp4 or mkv") from None
+        # PyAV's message ends with the path it opened (an upload's folder): name only the file the user gave
+        why = getattr(e, "strerror", None) or str(e).replace(str(path), path.name)[:120] or "no audio stream"
+        raise ValueError(f"could not read {path.name} as audio or video ({type(e).__name__}: {why}): the file is "
+                         "damaged or not a media file; use wav, mp3, m4a, flac, ogg, mp4 or mkv") from None
     if len(audio) < 1600:
         raise ValueError(f"{path.name} holds {len(audio) / 16000:.2f} s of audio: too short to transcribe")
     return audio
