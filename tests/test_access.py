@@ -52,7 +52,8 @@ def test_a_remote_users_own_uploads_and_job_folders_are_hers(shared, corpus):
     job = shared.submit("tinylm", {"data": str(text)}, owner="bob")
     assert job.status is JobStatus.QUEUED and job.owner == "bob"
     # a bare name is not a path: the built-in corpus and a YOLO architecture stay usable
-    assert shared.submit("tinylm", {}, owner="bob").params["data"] == "tinyshakespeare"
+    assert shared.submit("tinylm", {}, owner="bob").params["data"] == "python-stdlib"
+    assert shared.submit("tinylm", {"data": "tinyshakespeare"}, owner="bob").status is JobStatus.QUEUED
     # her own job's run folder is hers too (a trained model, a checkpoint)
     (shared.run_dir(job.id) / "best.pt").write_bytes(b"x")
     with pytest.raises(ValueError, match="not written by this studio"):  # the pickle guard still applies

@@ -137,10 +137,12 @@ def load(model: str, data_dir: Path, trust: bool, progress=None):
         path = weights / presets()[name]["file"]
         if not path.exists():
             if os.environ.get("YOLO_OFFLINE") == "1":
-                raise RuntimeError(f"{name} is not downloaded and this machine is offline; download it when online "
-                                   f"(Models tab, or run a detect job with model={name}) or use a .yaml / your "
-                                   "own trained weights")
-            _download(path, progress)
+                raise RuntimeError(missing_preset(name, path, f"{name} is not downloaded and this machine is offline"))
+            try:
+                _download(path, progress)
+            except (OSError, RuntimeError) as e:  # Ultralytics raises ConnectionError("❌ Download failure …")
+                why = (str(e).replace("❌", "").strip().splitlines() or [type(e).__name__])[0][:200]
+                raise RuntimeError(missing_preset(name, path, f"{name} could not be downloaded ({why})")) from None
         pins = weights / "sha256.json"
         known = json.loads(pins.read_text()) if pins.exists() else {}
         digest = sha256(path)
@@ -152,6 +154,26 @@ def load(model: str, data_dir: Path, trust: bool, progress=None):
     if name.endswith(".onnx"):
         check_onnx(Path(name))
     return YOLO(name, task="detect")
+
+
+def preset_url(file: str) -> str:
+    """Where Ultralytics' own download fetches a preset: its GitHub release assets, at the release the installed
+    Ultralytics pins (read from it, so a newer Ultralytics names its own)."""
+    import inspect
+
+    from ultralytics.utils import downloads
+
+    release = inspect.signature(downloads.attempt_download_asset).parameters["release"].default
+    return f"https://github.com/ultralytics/assets/releases/download/{release}/{file}"
+
+
+def missing_preset(name: str, path: Path, why: str) -> str:
+    """What to do when a preset's weights are not on disk and cannot be fetched: which file, where it goes, or the
+    way that needs no download at all."""
+    return (f"{why}. To use it offline, download {preset_url(path.name)} on a machine with internet and save it as "
+            f"{path} (the studio pins its sha256 on first use), or download it from the Models tab when online. "
+            f"Without a download: train a model in Detect → Train from an architecture such as {name}.yaml "
+            "(random weights, nothing to fetch) and pick its best.pt here.")
 
 
 def check_onnx(path: Path) -> None:

@@ -1,4 +1,5 @@
-"""Tiny LM data: TinyShakespeare on first use, a user's text file or folder of code, and the two tokenizers."""
+"""Tiny LM data: Python code from the standard library (on every machine), TinyShakespeare (downloaded on first use),
+a user's text file or folder of code, and the two tokenizers."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,28 @@ TEXT_SUFFIXES = {
     ".java", ".kt", ".rb", ".sh", ".lua", ".html", ".css", ".json", ".yaml", ".yml", ".toml", ".tex", ".csv", ".sql",
 }
 MAX_FILE_BYTES = 50 * 2**20  # a single file larger than this is not a tiny LM corpus
+# The default corpus, on disk wherever Python runs: 31 well-written pure-Python modules of the standard library,
+# about 1.06 MB (TinyShakespeare is 1.1 MB), so the presets' schedules and the first click work offline.
+PYTHON_STDLIB = "python-stdlib"
+STDLIB_MODULES = (
+    "abc", "argparse", "bisect", "calendar", "contextlib", "copy", "csv", "dataclasses", "difflib", "enum",
+    "fractions", "functools", "glob", "heapq", "json/__init__", "json/decoder", "json/encoder", "operator", "pathlib",
+    "pprint", "queue", "random", "shlex", "shutil", "statistics", "string", "tempfile", "textwrap", "threading",
+    "tokenize", "typing",
+)
+
+
+def stdlib_files() -> list[Path]:
+    """The default corpus's files, in order: those of STDLIB_MODULES this Python has (a stripped-down install may
+    lack some; it must keep a few)."""
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [root / f"{m}.py" for m in STDLIB_MODULES if (root / f"{m}.py").is_file()]
+    if len(files) < 5:
+        raise ValueError(f"this Python's standard library sources are missing from {root} (a stripped-down "
+                         "install?): choose TinyShakespeare, a text file or a folder of your own")
+    return files
 
 
 def ensure_tinyshakespeare(datasets_dir: Path, progress: Callable[[int, int | None, str], None]) -> Path:
@@ -58,6 +81,9 @@ def _decode(path: Path, data: bytes) -> str:
 
 def check_path(data: str) -> None:
     """Cheap checks at submit time: the path exists and its start looks like text."""
+    if data == PYTHON_STDLIB:
+        stdlib_files()
+        return
     if data == "tinyshakespeare":
         return
     path = Path(data).expanduser()
@@ -75,7 +101,12 @@ def check_path(data: str) -> None:
 
 
 def load_text(data: str, datasets_dir: Path, progress) -> tuple[str, str]:
-    """(text, description) for `data`: "tinyshakespeare", a text file, or a folder of text/code files."""
+    """(text, description) for `data`: "python-stdlib", "tinyshakespeare", a text file, or a folder of text/code
+    files."""
+    if data == PYTHON_STDLIB:
+        files = stdlib_files()
+        text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+        return text, f"Python standard library ({len(files)} modules)"
     if data == "tinyshakespeare":
         path = ensure_tinyshakespeare(datasets_dir, progress)
         return path.read_text(encoding="utf-8"), "TinyShakespeare"

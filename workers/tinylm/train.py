@@ -1,4 +1,5 @@
-"""Job kind `tinylm`: train a 1-10 M parameter transformer from scratch on TinyShakespeare or your own text."""
+"""Job kind `tinylm`: train a 1-10 M parameter transformer from scratch on Python code, TinyShakespeare or your own
+text."""
 from __future__ import annotations
 
 import hashlib
@@ -36,7 +37,7 @@ PATHS = ("data", "resume_from")  # params that name a server path or a job (stud
 
 @dataclass(frozen=True)
 class Params:
-    data: str = "tinyshakespeare"  # "tinyshakespeare" (downloaded on first use), a text file, or a folder of code
+    data: str = "python-stdlib"  # on disk everywhere; "tinyshakespeare" (downloaded on first use), a file or a folder
     preset: Preset = "cpu-quick"  # model size and schedule; fields left empty below take the preset's values
     pos: Literal["learned", "rope", "alibi"] = "rope"  # position scheme; RoPE converges fastest here
     tokenizer: Literal["char", "bpe"] = "char"  # char: a token per character; bpe: byte-level BPE trained on the data
@@ -78,7 +79,7 @@ class Params:
                              ("threads", 0, 1024), ("seed", 0, 2**32 - 1)]:  # torch: seed + step stays in range
             check(name, lo, hi)
         if not self.data.strip():
-            raise ValueError("data is empty: use tinyshakespeare, a text file or a folder")
+            raise ValueError("data is empty: use python-stdlib, tinyshakespeare, a text file or a folder")
         if self.n_embd and self.n_head and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
 
