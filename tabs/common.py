@@ -308,3 +308,66 @@ def loss_frame(events: list[dict], keys: tuple[str, ...] = ("train_loss", "val_l
             for e in events if e["type"] == "metric" for k in keys if e.get(k) is not None]
     # explicit dtypes: an empty frame must still read as numbers, or the plot draws its axes as categories
     return pd.DataFrame(rows, columns=["step", "loss", "series"]).astype({"step": "int64", "loss": "float64"})
+
+
+# Tableau 10, Vega's own category colours, so a series keeps its colour whichever others are present
+PLOT_COLORS = ("#4c78a8", "#f58518", "#e45756", "#72b7b2", "#54a24b", "#eeca3b", "#b279a2", "#ff9da6", "#9d755d")
+
+
+class LivePlot:
+    """The values one stream sends a gr.LinePlot(x="step", y="loss", color="series") as a job's metrics arrive:
+    `plot(events)` is None until there are points, then the frame of loss_frame.
+
+    Why: Gradio's plot builds its Vega spec, and with it the colour scale's domain (the series found in the data),
+    only when it mounts or one of its settings changes; a new value later only swaps the data. A first empty frame
+    fixed that domain empty, so every line was drawn without a stroke (axes and an empty legend) until something
+    re-rendered the plot. None keeps the plot unmounted until the first points, so it mounts with every series they
+    hold. A series that appears only later (validation after training loss) comes with a colour map, a setting
+    whose change rebuilds the spec; that one value is a gr.update, the others plain frames (what API clients get)."""
+
+    def __init__(self, keys: tuple[str, ...] = ("train_loss", "val_loss")):
+        self.keys = keys
+        self.shown: tuple[str, ...] | None = None  # the series the plot was built with; None: not mounted
+
+    def __call__(self, events: list[dict]):
+        frame = loss_frame(events, self.keys)
+        if frame.empty:
+            self.shown = None
+            return None
+        series = tuple(k for k in self.keys if k in set(frame["series"]))
+        grew, self.shown = self.shown is not None and series != self.shown, series
+        if not grew:
+            return frame
+        return gr.update(value=frame, color_map={k: PLOT_COLORS[self.keys.index(k) % len(PLOT_COLORS)]
+                                                 for k in series})
+
+
+def suggested_change(studio, job: Job) -> dict:
+    """The gate's change that fits, for a REFUSED job: {param: value} from its end event (Refused.suggestion), or
+    {} when it was not refused or nothing smaller fits."""
+    if job.status is not JobStatus.REFUSED:
+        return {}
+    evs, _ = studio.events(job.id)
+    return next((e.get("suggestion") or {} for e in evs if e["type"] == "end"), {})
+
+
+def offer_fix(studio, job_id: str, owner: str | None, inputs: dict[str, tuple[str, str]]) -> tuple:
+    """What a tab's Apply button shows after a job was started: (the button's update, {input name: value}). A
+    refused job whose refusal suggests a change that fits gets the button, labelled with that change in the form's
+    words; `inputs` maps each param the gate may change to (its input's name in build(), the input's label)."""
+    if not (job_id or "").strip():
+        return gr.update(visible=False), {}
+    change = {p: v for p, v in suggested_change(studio, owned_job(studio, job_id, owner)).items() if p in inputs}
+    if not change:
+        return gr.update(visible=False), {}
+    words = ", ".join(f"{inputs[p][1]} {v}" for p, v in change.items())
+    return gr.update(visible=True, value=f"Apply: {words}"), {inputs[p][0]: v for p, v in change.items()}
+
+
+def apply_fix(change: dict, names: tuple[str, ...], start: str) -> tuple:
+    """The Apply button: the suggested values into the form's inputs `names` (the others stay), the button hidden;
+    `start` names the button that starts the job."""
+    change = {n: v for n, v in (change if isinstance(change, dict) else {}).items() if n in names}
+    if change:
+        gr.Info(f"Applied the change that fits the memory budget. Press {start} to start.")
+    return (*(gr.update(value=change[n]) if n in change else gr.skip() for n in names), gr.update(visible=False))

@@ -1,15 +1,20 @@
 """Detect tab: YOLO predict (images → annotated gallery and a box table; video → annotated video), train on your
 labelled set (dataset check, live losses and mAP, sample predictions, resume), export to ONNX/TensorRT with a
 latency table."""
+import html
 from collections.abc import Iterator
 from typing import Any
 
 import gradio as gr
 
-from studio import Job
+from pathlib import Path
+
+from studio import Job, JobStatus
+from studio.presets import DOWNLOAD, availability, label
 from workers.detect.yolo import presets
 
-from .common import Follow, admin_only, bind, eta, loss_frame, own_uploads, progress_html, stash_uploads, user_of, watch
+from .common import (Follow, LivePlot, admin_only, apply_fix, bind, eta, offer_fix, own_uploads, owned_job,
+                     progress_html, save_form, stash_uploads, user_of, watch)
 
 BASE_MODELS = ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo11s.yaml"]
 # the Train button's inputs: each comes from build()'s t_<name> component, and they are the /detect_train
@@ -17,6 +22,8 @@ BASE_MODELS = ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo11s.yaml"]
 TRAIN_INPUTS = ("files", "path", "model", "epochs", "imgsz", "batch", "mosaic", "fliplr", "flipud", "hsv_h", "hsv_s",
                 "hsv_v", "amp", "patience", "seed", "trust")
 TRAIN_OUTPUTS = ("t_status", "t_report", "t_loss", "t_map", "t_sample", "t_plots", "t_files_out", "t_job")
+# params the gate's suggestion may change (workers.detect.train.shrink) -> (the input, its label)
+FIX_INPUTS = {"batch": ("t_batch", "Batch"), "imgsz": ("t_imgsz", "Image size")}
 
 
 def trained_models(studio, owner=None) -> list[tuple[str, str]]:
@@ -31,15 +38,46 @@ def trained_models(studio, owner=None) -> list[tuple[str, str]]:
 
 
 def fill(studio, owner: str | None) -> dict:
-    """The user's trained models, on page load, first in both model lists."""
-    trained = model_choices(studio, owner)
-    return {"p_model": gr.update(choices=trained, value=trained[0] if trained else None),
-            "t_model": gr.update(choices=BASE_MODELS + list(presets()) + [v for _, v in trained_models(studio, owner)]),
+    """The user's trained models on page load, first in the Predict list; what is on disk is marked and chosen."""
+    predict = model_choices(studio, owner)
+    base = base_choices(studio, owner)
+    return {"p_model": gr.update(choices=predict, value=predict[0][1] if predict else None),
+            "t_model": gr.update(choices=base, value=base[0][1]),
             **admin_only(studio, owner, "p_trust", "t_trust", "e_trust", "t_path")}
 
 
-def model_choices(studio, owner=None, yaml: bool = False) -> list:
-    return trained_models(studio, owner) + list(presets()) + (BASE_MODELS if yaml else [])
+def preset_choices(studio, on_disk: bool) -> list[tuple[str, str]]:
+    """(label, name) of the presets that are on disk (or not): a label says when one needs a download."""
+    data_dir = studio.config.data_dir
+    return [(label("yolo", n, data_dir), n) for n in presets()
+            if (availability("yolo", n, data_dir) != DOWNLOAD) == on_disk]
+
+
+def yaml_choices() -> list[tuple[str, str]]:
+    return [(f"{n} · architecture, random weights (no download)", n) for n in BASE_MODELS]
+
+
+def model_choices(studio, owner=None, yaml: bool = False) -> list[tuple[str, str]]:
+    """Models to predict with or export, those that work now first: the user's trained weights, presets on disk,
+    then (for export) the architectures, then presets that need a download."""
+    return (trained_models(studio, owner) + preset_choices(studio, True) + (yaml_choices() if yaml else [])
+            + preset_choices(studio, False))
+
+
+def base_choices(studio, owner=None) -> list[tuple[str, str]]:
+    """Base models to train from: a preset on disk first (pretrained weights fine-tune best), else an architecture
+    with random weights, which needs nothing downloaded; presets to download and the user's own weights after."""
+    return (preset_choices(studio, True) + yaml_choices() + preset_choices(studio, False)
+            + [(f"{lbl} · your trained weights", path) for lbl, path in trained_models(studio, owner)])
+
+
+def random_weights_note(model: str, found: int) -> str:
+    """Said next to a prediction made with a model built from a yaml: its weights are random."""
+    if not str(model).endswith((".yaml", ".yml")):
+        return ""
+    what = "found nothing" if not found else f"found {found} boxes that mean nothing"
+    return (f"<br><b>random weights: train it first.</b> {html.escape(Path(model).name)} is an architecture with "
+            f"random weights, so it {what}. Train it in Train (or pick a preset or your trained best.pt).")
 
 
 def _submit(studio, kind: str, params: dict, owner: str | None) -> Job:
@@ -60,6 +98,7 @@ def follow_train(studio, job: Job, owner: str | None) -> Iterator[tuple]:
     """Stream a training job into the Train tab (TRAIN_OUTPUTS): the dataset report, losses, mAP and the latest
     sample prediction as epochs end; plots and weights once it is over. Train, Resume and a reloaded page use it."""
     last = None
+    losses, maps = LivePlot(("train_box_loss", "train_cls_loss", "train_dfl_loss")), LivePlot(("map50", "map50_95"))
     for job, evs in watch(studio, job, every=0.5):
         key = (len(evs), job.status)
         if key == last and not job.status.final:
@@ -72,16 +111,40 @@ def follow_train(studio, job: Job, owner: str | None) -> Iterator[tuple]:
         plots = [(str(p), p.stem) for p in sorted((run_dir / "train").glob("*.png"))] if job.status.final else []
         files = [str(run_dir / f) for f in ("best.pt", "last.pt") if (run_dir / f).exists()]
         files += [str(p) for p in (run_dir / "train").glob("results.csv")]
-        yield (progress_html(job, eta(job)), report,
-               loss_frame(evs, ("train_box_loss", "train_cls_loss", "train_dfl_loss")),
-               loss_frame(evs, ("map50", "map50_95")), sample, plots or None, files or None, job.id)
+        yield (progress_html(job, eta(job)), report, losses(evs), maps(evs), sample, plots or None, files or None,
+               job.id)
 
 
-KINDS = {"detect_train": Follow(follow_train, TRAIN_OUTPUTS)}  # predict and export are short: nothing to re-attach
+def train_form(job: Job) -> dict:
+    """The Train form as the job was started (its own params, by the inputs' t_ names); an uploaded zip cannot go
+    back into the file box, so the path box stays empty for it."""
+    v = job.params or {}
+    data = str(v.get("data", ""))
+    uploaded = {"uploads", "users"} & set(Path(data).parts)  # the studio's own folders
+    return {"t_path": "" if uploaded else data,
+            **{f"t_{n}": v[n] for n in TRAIN_INPUTS if n not in ("files", "path", "trust") and n in v}}
+
+
+KINDS = {"detect_train": Follow(follow_train, TRAIN_OUTPUTS, to_form=train_form)}  # predict, export: short
+# the Train form's last-used settings come back on page load; not the upload, nor the trust tick (a file to trust
+# is chosen each time)
+FORMS = {"detect_train": tuple(f"t_{n}" for n in TRAIN_INPUTS if n not in ("files", "trust"))}
+
+
+def resumable(studio, owner: str | None) -> Job | None:
+    """The user's newest detect_train job that stopped before its end and left a checkpoint (what Resume continues
+    when the page has no job of its own, e.g. after a reload)."""
+    for j in studio.jobs(limit=50, owner=owner, kind="detect_train"):
+        if j.status in (JobStatus.CANCELLED, JobStatus.INTERRUPTED, JobStatus.FAILED) and studio.checkpoint_of(j.id):
+            return j
+    return None
 
 
 def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
     """The Train button, given its inputs by name (TRAIN_INPUTS): a detect_train job, streamed."""
+    # kept under the inputs' t_ names, which FORMS and the page's re-attach use (the endpoint's names lack the t_)
+    form = FORMS["detect_train"]
+    save_form(studio, owner, "detect_train", {f"t_{n}": v[n] for n in TRAIN_INPUTS if f"t_{n}" in form})
     job = _submit(studio, "detect_train", dict(
         data=_dataset_path(studio, v["files"], v["path"], owner), model=v["model"], epochs=int(v["epochs"]),
         imgsz=int(v["imgsz"]), batch=int(v["batch"]), mosaic=v["mosaic"], fliplr=v["fliplr"], flipud=v["flipud"],
@@ -102,7 +165,9 @@ def build(studio, auth: bool = False) -> dict:
                     p_files = gr.File(label="Images or one video", file_count="multiple")
                     choices = model_choices(studio, "")  # presets; the user's trained models come on page load
                     p_model = gr.Dropdown(choices, label="Model", allow_custom_value=True,
-                                          value=choices[0] if choices else None)
+                                          value=choices[0][1] if choices else None,
+                                          info="A preset that needs a download is fetched on first use (internet). "
+                                               "Offline: train a model in Train; it appears here.")
                     p_trust = gr.Checkbox(False, label="I trust this file (a .pt the studio did not write)")
                     with gr.Row():
                         p_conf = gr.Slider(0.01, 0.99, 0.25, step=0.01, label="Confidence")
@@ -134,9 +199,9 @@ def build(studio, auth: bool = False) -> dict:
                     t_path = gr.Textbox(label="…or a folder / data.yaml on this machine")
                     t_check = gr.Button("Check dataset")
                     t_report = gr.Markdown()
-                    t_model = gr.Dropdown(BASE_MODELS + list(presets()),
-                                          value="yolov8n.yaml", allow_custom_value=True,
-                                          label="Base model (a .yaml trains from scratch)")
+                    base = base_choices(studio, "")
+                    t_model = gr.Dropdown(base, value=base[0][1], allow_custom_value=True,
+                                          label="Base model (a .yaml trains from scratch: random weights)")
                     with gr.Row():
                         t_epochs = gr.Number(50, precision=0, label="Epochs")
                         t_imgsz = gr.Number(640, precision=0, label="Image size")
@@ -159,6 +224,7 @@ def build(studio, auth: bool = False) -> dict:
                         t_go = gr.Button("Train", variant="primary")
                         t_cancel = gr.Button("Cancel", variant="stop")
                         t_resume = gr.Button("Resume")
+                    t_fix = gr.Button("Apply", visible=False, size="sm")  # a refusal's change that fits, into the form
                 with gr.Column(scale=3):
                     t_status = gr.HTML()
                     with gr.Row():
@@ -186,13 +252,14 @@ def build(studio, auth: bool = False) -> dict:
                     e_table = gr.Dataframe(headers=["backend", "ms / image", "inference ms", "FPS", "note"],
                                            label="Latency (median, warm-up excluded)", interactive=False)
                     e_files = gr.File(label="Exported", file_count="multiple", interactive=False)
-    p_job, t_job = gr.State(""), gr.State("")
+    p_job, t_job, t_fix_change = gr.State(""), gr.State(""), gr.State({})
     ui = dict(p_files=p_files, p_model=p_model, p_trust=p_trust, p_go=p_go, p_status=p_status,
               p_gallery=p_gallery, p_video=p_video, p_table=p_table, t_files=t_files, t_path=t_path,
               t_check=t_check, t_report=t_report, t_model=t_model, t_epochs=t_epochs, t_imgsz=t_imgsz,
               t_batch=t_batch, t_mosaic=t_mosaic, t_fliplr=t_fliplr, t_flipud=t_flipud, t_hsv_h=t_hsv_h,
               t_hsv_s=t_hsv_s, t_hsv_v=t_hsv_v, t_amp=t_amp, t_patience=t_patience, t_seed=t_seed, t_trust=t_trust,
-              t_go=t_go, t_cancel=t_cancel, t_resume=t_resume, t_status=t_status, t_loss=t_loss, t_map=t_map,
+              t_go=t_go, t_cancel=t_cancel, t_resume=t_resume, t_fix=t_fix, t_fix_change=t_fix_change,
+              t_status=t_status, t_loss=t_loss, t_map=t_map,
               t_sample=t_sample, t_plots=t_plots, t_files_out=t_files_out, t_job=t_job, e_model=e_model,
               e_format=e_format, e_trust=e_trust, e_go=e_go, e_table=e_table, e_files=e_files)
 
@@ -219,7 +286,8 @@ def build(studio, auth: bool = False) -> dict:
                     for e in dets for b in e["boxes"]]
             video = next((str(run_dir / a["path"]) for a in evs if a["type"] == "artifact"
                           and a["path"].startswith("annotated.")), None)
-            yield progress_html(job, eta(job)), gallery or None, video, rows, job.id
+            note = random_weights_note(model, len(rows)) if job.status is JobStatus.DONE else ""
+            yield progress_html(job, eta(job)) + note, gallery or None, video, rows, job.id
 
     p_go.click(on_predict, [p_files, p_model, p_trust, p_conf, p_iou, p_imgsz, p_classes],
                [p_status, p_gallery, p_video, p_table, p_job], api_name="detect_predict", show_progress="hidden")
@@ -268,21 +336,33 @@ def build(studio, auth: bool = False) -> dict:
         return job.result["summary"]
 
     t_check.click(on_check, [t_files, t_path], t_report, api_name="detect_check")
+    def on_fix_offer(job_id, request: gr.Request):
+        return offer_fix(studio, job_id, owner(request), FIX_INPUTS)
+
     t_go.click(bind(start_train, studio, auth), None, [ui[n] for n in TRAIN_OUTPUTS],
-               inputs_kwargs={n: ui[f"t_{n}"] for n in TRAIN_INPUTS}, api_name="detect_train", show_progress="hidden")
+               inputs_kwargs={n: ui[f"t_{n}"] for n in TRAIN_INPUTS}, api_name="detect_train", show_progress="hidden"
+               ).then(on_fix_offer, t_job, [t_fix, t_fix_change], api_name="detect_fix_offer", show_progress="hidden")
     t_cancel.click(lambda j: cancel(j, "last.pt is kept; Resume continues from it."), t_job, t_status)
 
     def on_resume(job_id, request: gr.Request):
-        if not job_id:
-            raise gr.Error("Nothing to resume: train (and cancel) a job first.")
+        who = owner(request)
+        job = owned_job(studio, job_id, who) if (job_id or "").strip() else resumable(studio, who)
+        if job is None:
+            raise gr.Error("Nothing to resume: no cancelled, interrupted or failed Detect training left a last.pt. "
+                           "Train one (Cancel keeps last.pt).")
         try:
-            job = studio.resume(job_id, owner(request))
+            job = studio.resume(job.id, who)
         except (ValueError, KeyError) as e:
-            raise gr.Error(str(e))
-        yield from follow_train(studio, job, owner(request))
+            raise gr.Error(str(e)) from None
+        yield from follow_train(studio, job, who)
 
     t_resume.click(on_resume, t_job, [ui[n] for n in TRAIN_OUTPUTS], api_name="detect_resume",
-                   show_progress="hidden")
+                   show_progress="hidden"
+                   ).then(on_fix_offer, t_job, [t_fix, t_fix_change], api_name="detect_resume_fix_offer",
+                          show_progress="hidden")
+    fix_names = tuple(name for name, _ in FIX_INPUTS.values())
+    t_fix.click(lambda change: apply_fix(change, fix_names, "Train"), t_fix_change,
+                [*(ui[n] for n in fix_names), t_fix], api_name="detect_apply_fix", show_progress="hidden")
 
     # ---- export ----------------------------------------------------------------------------------------------
     def on_export(model, trust, fmt, imgsz, batch, half, request: gr.Request):

@@ -271,3 +271,129 @@ def test_webcam_frames_through_the_tab_handler(studio, trained):
     assert Image.open(out).size == Image.open(ASSETS / "bus.jpg").size
     studio.cancel(job_id)
     assert studio.wait(job_id, 60).status.final
+
+
+def test_a_failed_preset_download_says_what_to_do_offline(tmp_path, monkeypatch):
+    """Ultralytics' raw "ConnectionError: ❌ Download failure" becomes what to do: the file to fetch, where it goes,
+    or train from an architecture, which needs no download."""
+    import ultralytics.utils.downloads  # noqa: F401  (imported while offline, before the env changes below)
+
+    from workers.detect import yolo
+
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "cfg"))
+    monkeypatch.delenv("YOLO_OFFLINE", raising=False)  # an online machine whose download fails
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def fail(path, progress=None):
+        raise ConnectionError("❌  Download failure for https://github.com/ultralytics/assets/releases/download/"
+                              "v8.4.0/yolov8n.pt. Retry limit reached.")
+
+    monkeypatch.setattr(yolo, "_download", fail)
+    with pytest.raises(RuntimeError) as err:
+        yolo.load("yolov8n", tmp_path, trust=False)
+    msg = str(err.value)
+    target = tmp_path / "models" / "yolo" / "yolov8n.pt"
+    assert msg.startswith("yolov8n could not be downloaded (Download failure for") and "❌" not in msg
+    assert f"download {yolo.preset_url('yolov8n.pt')} on a machine with internet and save it as {target}" in msg
+    assert "Detect → Train from an architecture such as yolov8n.yaml" in msg
+    assert yolo.preset_url("yolov8n.pt").startswith("https://github.com/ultralytics/assets/releases/download/v")
+
+
+def test_detect_defaults_are_on_disk_and_the_lists_say_what_needs_a_download(tmp_path):
+    """With nothing downloaded, Train starts from an architecture (random weights, no download) and Predict's preset
+    says it needs one; a preset on disk becomes both defaults."""
+    from studio import Config, Studio
+    from tabs import detect
+
+    studio = Studio(Config.load(tmp_path / "data"))  # not started: the lists only read the disk and the store
+    page = detect.fill(studio, None)
+    assert page["t_model"]["value"] == "yolov8n.yaml"
+    assert dict((v, k) for k, v in page["t_model"]["choices"])["yolov8n.yaml"].endswith("random weights (no download)")
+    assert page["p_model"]["value"] == "yolov8n"
+    assert dict((v, k) for k, v in page["p_model"]["choices"])["yolov8n"] == "yolov8n · needs download (0.006 GB)"
+    weights = tmp_path / "data" / "models" / "yolo"
+    weights.mkdir(parents=True)
+    (weights / "yolo11n.pt").write_bytes(b"weights")
+    page = detect.fill(studio, None)
+    assert page["t_model"]["value"] == page["p_model"]["value"] == "yolo11n"
+    assert page["t_model"]["choices"][0] == ("yolo11n · on disk", "yolo11n")
+
+
+def test_predict_offline_and_with_random_weights_says_so_in_the_tab(studio, tmp_path):
+    """Through the tab (/detect_predict): the default preset, not downloaded on an offline machine, fails with what to
+    do; a model built from a .yaml finds nothing, and the tab says its weights are random."""
+    from conftest import serve
+    from gradio_client import Client, handle_file
+    from ultralytics.utils import ASSETS
+
+    from workers.detect.yolo import preset_url
+
+    url, demo = serve(studio, show_error=True)
+    try:
+        client = Client(url, verbose=False)
+        bus = handle_file(str(ASSETS / "bus.jpg"))
+        status, *_ = client.predict([bus], "yolov8n", False, 0.25, 0.7, 96, "", api_name="/detect_predict")
+        assert "FAILED" in status and "not downloaded and this machine is offline" in status
+        assert preset_url("yolov8n.pt") in status and "models/yolo/yolov8n.pt" in status
+        assert "Detect → Train" in status and "❌" not in status
+        status, gallery, _, table = client.predict([bus], "yolov8n.yaml", False, 0.25, 0.7, 96, "",
+                                                   api_name="/detect_predict")
+        assert "DONE" in status and not table["data"]
+        assert "random weights: train it first" in status and "found nothing" in status
+    finally:
+        demo.close()
+
+
+def test_a_reloaded_page_reattaches_to_training_with_its_own_params(studio, shapes):
+    """/detect_attach, what a reloaded page runs while the header shows the training job: the tab streams that job
+    and its Train form holds the job's own params, not the defaults; once nothing runs, the last-used settings."""
+    import time
+
+    from conftest import serve
+    from gradio_client import Client
+
+    from tabs.detect import FORMS, TRAIN_OUTPUTS
+
+    form_names = FORMS["detect_train"]
+    shown = len([n for n in TRAIN_OUTPUTS if n != "t_job"])  # a State is no API output
+
+    def form(out) -> dict:
+        return {n: o.get("value") if isinstance(o, dict) else o for n, o in zip(form_names, out[shown:])}
+
+    settings = dict(path=str(shapes), model="yolov8s.yaml", epochs=7, imgsz=64, batch=4, mosaic=0.5, fliplr=0.25,
+                    flipud=0.1, hsv_h=0.01, hsv_s=0.5, hsv_v=0.3, amp=False, patience=5, seed=3)
+    url, demo = serve(studio, show_error=True)
+    forms = studio.config.data_dir / "forms.json"
+    before = {j.id for j in studio.jobs(kind="detect_train")}
+    studio.pause("attach test: the training stays queued")
+    new = []
+    try:
+        Client(url, verbose=False).submit(files=None, **settings, trust=False, api_name="/detect_train")
+        t0 = time.time()
+        while not (new := [j for j in studio.jobs(kind="detect_train") if j.id not in before]):
+            assert time.time() - t0 < 60, "the Train button submitted no job"
+            time.sleep(0.1)
+        job = new[0]
+        saved = forms.read_text()
+        assert json.loads(saved)["detect_train"]["t_epochs"] == 7  # remembered by the inputs' names …
+        forms.unlink()  # … but here only the job's own params may fill the form
+        reloaded = Client(url, verbose=False).submit(api_name="/detect_attach")
+        t0 = time.time()
+        while not (seen := [o for o in reloaded.outputs() if job.id in str(o)]):
+            assert time.time() - t0 < 60, "the fresh page did not re-attach to the queued training"
+            time.sleep(0.1)
+        assert f"<code>{job.id}</code> — <b>QUEUED</b>" in seen[0][0]
+        values = next(form(o) for o in reloaded.outputs() if form(o).get("t_epochs") is not None)
+        assert values == {f"t_{k}": v for k, v in settings.items()}, values
+    finally:
+        for j in new:
+            studio.cancel(j.id)
+        studio.resume_queue()
+    try:
+        reloaded.result(timeout=60)  # the stream ends with the job
+        forms.write_text(saved)
+        values = form(Client(url, verbose=False).predict(api_name="/detect_attach"))  # nothing runs: last-used
+        assert values == {f"t_{k}": v for k, v in settings.items()}, values
+    finally:
+        forms.unlink(missing_ok=True)
+        demo.close()

@@ -160,3 +160,121 @@ def test_tinyshakespeare_download_checks_its_sha256_and_explains_offline(tmp_pat
     assert tinylm_data.ensure_tinyshakespeare(tmp_path / "ds", print) == path  # cached: no second download
     with pytest.raises(RuntimeError, match="Could not download TinyShakespeare.*save input.txt"):
         tinylm_data.ensure_tinyshakespeare(tmp_path / "other", print)
+
+
+def test_the_default_corpus_is_on_disk(studio):
+    """A first click needs no download: the default data is Python code from the standard library."""
+    from workers.tinylm.data import load_text
+
+    job = studio.submit("tinylm", {"max_steps": 20, **TINY})
+    assert job.params["data"] == "python-stdlib"
+    job = studio.wait(job.id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    card = json.loads((studio.run_dir(job.id) / "run.json").read_text())
+    assert card["data"].startswith("Python standard library (31 modules)")
+    text, _ = load_text("python-stdlib", studio.config.datasets_dir, print)
+    assert 900_000 < len(text) < 1_300_000 and "def " in text  # the size of TinyShakespeare, and code
+
+
+def test_live_plot_waits_for_points_and_rebuilds_when_a_series_appears():
+    """Gradio's LinePlot fixes its colour domain when it mounts: an empty first frame left every line unstroked, so
+    the stream sends None until there are points, and a colour map (which rebuilds the plot) when a series is new."""
+    from tabs.common import LivePlot
+
+    plot = LivePlot(("train_loss", "val_loss"))
+    assert plot([{"type": "log", "message": "x"}]) is None
+    first = plot([{"type": "metric", "step": 10, "train_loss": 2.0}])
+    assert list(first["series"]) == ["train_loss"]  # a plain frame: the plot mounts with what it holds
+    both = [{"type": "metric", "step": 10, "train_loss": 2.0}, {"type": "metric", "step": 20, "train_loss": 1.8,
+                                                                  "val_loss": 1.9}]
+    grown = plot(both)
+    assert grown["__type__"] == "update" and set(grown["color_map"]) == {"train_loss", "val_loss"}
+    assert set(grown["value"]["series"]) == {"train_loss", "val_loss"}
+    assert list(plot(both)["series"]) == ["train_loss", "train_loss", "val_loss"]  # same series: a plain frame
+
+
+def _until(pred, what: str, timeout: float = 120):
+    import time
+
+    t0 = time.time()
+    while not (out := pred()):
+        assert time.time() - t0 < timeout, f"timed out waiting for {what}"
+        time.sleep(0.1)
+    return out
+
+
+def test_resume_from_the_tab_continues_a_cancelled_run_and_the_tab_follows_it(studio, corpus):
+    """The Tiny LM tab's Resume (/tinylm_resume) continues a run its Cancel stopped from the checkpoint, as a new job
+    the tab follows: its status streams, and the tab's Cancel then stops that new job. A new page with no job of its
+    own resumes the newest stopped run."""
+    from conftest import serve
+    from gradio_client import Client
+
+    url, demo = serve(studio, show_error=True)
+    try:
+        client = Client(url, verbose=False)
+        before = {j.id for j in studio.jobs(kind="tinylm")}
+        train = client.submit(
+            data_source="Folder on this machine", files=None, folder=str(corpus), preset="cpu-quick", pos="rope",
+            tokenizer="char", max_steps=100_000, target_val_loss=0, batch_size=8, block_size=32, n_layer=2, n_head=2,
+            n_embd=32, lr=0.003, api_name="/tinylm_train")
+        job = _until(lambda: [j for j in studio.jobs(kind="tinylm") if j.id not in before], "the Train job")[0]
+        _until(lambda: (studio.job(job.id).progress or 0) > 0, "the first steps")
+        _until(lambda: any(job.id in str(o) for o in train.outputs()), "the tab to stream the job")
+        assert "Resume continues" in client.predict(api_name="/tinylm_cancel")  # the tab's own job
+        job = studio.wait(job.id, 60)
+        assert job.status is JobStatus.CANCELLED, job.error
+        stopped_at = json.loads((studio.run_dir(job.id) / "checkpoint" / "state.json").read_text())["step"]
+
+        resumed = client.submit(api_name="/tinylm_resume")
+        new = _until(lambda: [j for j in studio.jobs(kind="tinylm") if j.resume_of == job.id], "the resumed job")[0]
+        assert new.params["resume_from"] == job.id and new.params["max_steps"] == 100_000  # the run's own params
+        _until(lambda: any(f"<code>{new.id}</code> — <b>RUNNING</b>" in str(o) for o in resumed.outputs()),
+               "the tab to follow the resumed job")
+        _until(lambda: any(e["type"] == "progress" and (e.get("done") or 0) > stopped_at
+                           for e in studio.events(new.id)[0]), "steps past the checkpoint")
+        logs = " ".join(e.get("message", "") for e in studio.events(new.id)[0] if e["type"] == "log")
+        assert f"resuming job {job.id} from step {stopped_at}" in logs
+        client.predict(api_name="/tinylm_cancel")  # the tab's job is now the resumed one
+        assert studio.wait(new.id, 60).status is JobStatus.CANCELLED
+        assert f"<code>{new.id}</code> — <b>CANCELLED</b>" in resumed.result(timeout=60)[0]
+
+        fresh = Client(url, verbose=False).submit(api_name="/tinylm_resume")  # a new page: the newest stopped run
+        third = _until(lambda: [j for j in studio.jobs(kind="tinylm") if j.resume_of == new.id], "a second resume")[0]
+        studio.cancel(third.id)
+        assert studio.wait(third.id, 60).status.final and third.id in fresh.result(timeout=60)[0]
+    finally:
+        for j in studio.jobs(kind="tinylm", limit=5):
+            studio.cancel(j.id)
+        demo.close()
+
+
+def test_a_refusal_offers_its_fitting_change_and_apply_puts_it_in_the_form(studio, corpus):
+    """Over the budget, the gate's suggestion comes with the refusal (structured, in its end event); the tab offers
+    "Apply: Batch N" and Apply sets Batch to N in the form."""
+    from conftest import serve
+    from gradio_client import Client
+
+    from tabs.common import offer_fix
+    from tabs.tinylm import FIX_INPUTS
+
+    url, demo = serve(studio, show_error=True)
+    try:
+        client = Client(url, verbose=False)
+        status, *_ = client.predict(
+            data_source="Folder on this machine", files=None, folder=str(corpus), preset="cpu-quick", pos="rope",
+            tokenizer="char", max_steps=10, target_val_loss=0, batch_size=4096, block_size=2048, n_layer=4,
+            n_head=4, n_embd=256, lr=0, api_name="/tinylm_train")
+        assert "REFUSED" in status and "Fits with batch_size=" in status
+        job = studio.jobs(kind="tinylm", limit=1)[0]
+        change = next(e["suggestion"] for e in studio.events(job.id)[0] if e["type"] == "end")
+        assert set(change) == {"batch_size"} and change["batch_size"] < 4096
+        button, offered = offer_fix(studio, job.id, None, FIX_INPUTS)  # what /tinylm_fix_offer shows
+        assert button["visible"] and button["value"] == f"Apply: Batch {change['batch_size']}"
+        assert offered == {"batch_size": change["batch_size"]}
+        client.predict(api_name="/tinylm_fix_offer")  # the page runs it after Train (a Button is not an API output)
+        batch, context, width = client.predict(api_name="/tinylm_apply_fix")
+        assert batch["value"] == change["batch_size"]
+        assert context == width == {"__type__": "update"}  # the rest of the form stays as it was
+    finally:
+        demo.close()
