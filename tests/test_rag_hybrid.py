@@ -395,3 +395,41 @@ def test_retrieval_is_a_chat_param_checked_at_submit(studio, project):
     with pytest.raises(ValueError, match="retrieval must be dense or hybrid"):
         studio.submit("chat", {"prompt": "hi", "model": "gemma-3-270m-packaged", "collection": "project",
                                "retrieval": "bm25"})
+
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.mark.skipif(not shutil.os.path.exists(CHROMIUM), reason="chromium is not installed")
+def test_the_page_lists_collections_and_runs_on_load_with_metrics_in_view_at_1400px(studio, evaluation, tmp_path):
+    """A fresh page (a reload, a new browser) shows the collections and every run's three rows before anything is
+    clicked; the MRR column is on screen at 1400 px; the embedder defaults to one on disk and says so."""
+    from conftest import serve
+    from playwright.sync_api import sync_playwright
+
+    job, _ = evaluation
+    url, demo = serve(studio)
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu"])
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(f"{url}?tab=chat")
+            page.wait_for_selector("button[role=tab]")
+            page.get_by_role("tab", name="Collections").first.click()
+            page.get_by_text("project", exact=True).filter(visible=True).first.wait_for()
+            embedder = page.get_by_label("Embedder (a preset or a local sentence-transformers folder)")
+            assert embedder.input_value() == "all-MiniLM-L6-v2 · packaged, on disk"
+            embedder.click()
+            options = page.locator("[role=option]:visible").all_inner_texts()
+            assert any("bge-small-en-v1.5 · needs download" in o for o in options), options
+            page.keyboard.press("Escape")
+            page.get_by_role("tab", name="Evaluate").first.click()
+            page.get_by_text(job.id, exact=True).filter(visible=True).first.wait_for()
+            assert page.get_by_text("hybrid+rerank", exact=True).filter(visible=True).count() >= 1
+            mrr = page.locator("th:visible", has_text="MRR").first.bounding_box()
+            assert mrr and mrr["x"] + mrr["width"] <= 1400, mrr
+            page.screenshot(path=str(tmp_path / "evaluate-1400.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
