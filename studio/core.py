@@ -479,6 +479,10 @@ class Studio:
         cannot be written (disk full, folder gone), the outcome is kept in memory and written as soon as it can be;
         this never raises, so whoever calls it can always free the job's slot."""
         fields["finished"] = time.time()
+        # the last progress note ("generating", "assembling …") and a queue wait reason describe a job in flight, not
+        # one that ended: a final job says what became of it (its error, or nothing more than its status)
+        fields.setdefault("message", None)
+        fields.setdefault("wait_reason", None)
         try:
             moved = self.store.transition(job_id, frm, status, **fields)
         except (sqlite3.Error, OSError) as e:

@@ -67,15 +67,40 @@ def memory_reader(device: str):
         return lambda: torch.cuda.memory_reserved()
 
 
-class PeakSampler:
-    """Samples this process's device memory while a job runs, every 50 ms."""
+def rss_high_water():
+    """(reset, read) of this process's peak resident set (Linux's VmHWM, reset through /proc/self/clear_refs), so a
+    spike shorter than the sampler's 50 ms still counts; None where /proc does not allow it."""
+    import re
 
-    def __init__(self, read):
+    def reset() -> None:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+    def read() -> int:
+        with open("/proc/self/status") as f:
+            return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1)) * 1024
+
+    try:
+        reset()
+        read()
+    except (OSError, AttributeError):
+        return None
+    return reset, read
+
+
+class PeakSampler:
+    """Samples this process's device memory while a job runs, every 50 ms (and on the CPU, the kernel's own record of
+    the peak in between)."""
+
+    def __init__(self, read, high_water=None):
         self._read = read
+        self._high_water = high_water  # rss_high_water(): (reset, read), or None
         self.start = self.peak = 0
         self._stop = threading.Event()
 
     def __enter__(self):
+        if self._high_water:
+            self._high_water[0]()
         self.start = self.peak = self._read()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -92,7 +117,7 @@ class PeakSampler:
         self._stop.set()
         self._thread.join(timeout=1)
         try:
-            self.peak = max(self.peak, self._read())
+            self.peak = max(self.peak, self._read(), self._high_water[1]() if self._high_water else 0)
         except Exception:
             pass
 
@@ -155,6 +180,7 @@ def main(inq, conn, cancel_flag, settings: dict[str, Any]) -> None:
     gc.collect()
     gc.freeze()  # the imports never become garbage: later collections skip them
     measure = memory_reader(device)
+    high_water = rss_high_water() if device == "cpu" else None
     baseline = measure()  # this process once started, before any job: its runtime context
     cache = ModelCache(on_evict=free_device_memory, measure=measure)
     outq.put({
@@ -193,10 +219,11 @@ def main(inq, conn, cancel_flag, settings: dict[str, Any]) -> None:
         if msg.get("evict"):
             cache.evict_keys(msg["evict"])  # chosen by the scheduler: never a model this job names
             report_cache()
-        _run_job(msg, outq, cancel_flag, cache, device, measure, baseline, report_cache)
+        _run_job(msg, outq, cancel_flag, cache, device, measure, report_cache, high_water)
 
 
-def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, baseline: int, report_cache) -> None:
+def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, report_cache,
+             high_water=None) -> None:
     job_id = msg["job_id"]
     run_dir = Path(msg["run_dir"])
     outq.put({"type": "started", "job_id": job_id, "t": time.time()})
@@ -211,10 +238,11 @@ def _run_job(msg, outq, cancel_flag, cache: ModelCache, device: str, measure, ba
         notify=outq.put,
         owner=msg.get("owner"),
     )
-    sampler = PeakSampler(measure)
-    # What the job holds: the context and the cached models it reuses, plus whatever the process grows by while it
-    # runs (the models it loads, its working memory). Models other jobs left in the cache are not its own.
-    held = baseline + sum(b for k, b in cache.sizes().items() if k in set(msg.get("models") or ()))
+    sampler = PeakSampler(measure, high_water)
+    # The job's own peak: the cached models it reuses, plus whatever the process grows by while it runs (the models
+    # it loads, its working memory). Not the worker's baseline (its runtime context: the CUDA context, or 1-2 GiB
+    # resident on the CPU once torch is imported, held whether a job runs or not), nor models other jobs cached.
+    held = sum(b for k, b in cache.sizes().items() if k in set(msg.get("models") or ()))
 
     def job_peak() -> int:
         return held + max(0, sampler.peak - sampler.start)
