@@ -63,6 +63,8 @@ def test_client_gets_an_answer_through_the_queue_as_a_chat_job(served):
     assert job.id in [j.id for j in studio.jobs(kind="chat")]  # what the Jobs tab lists
     assert job.status is JobStatus.DONE and job.owner == "ann"
     assert job.result["answer"] == answer and r.usage.completion_tokens == job.result["tokens"]
+    if "prompt_tokens" in job.result:  # usage reports what the job counted, never a made-up number
+        assert r.usage.total_tokens == job.result["prompt_tokens"] + job.result["tokens"]
     p = job.params  # the OpenAI params became the chat job's own
     assert (p["prompt"], p["system"], p["max_tokens"], p["temperature"], p["top_p"], p["seed"]) == (
         QUESTION, "You answer in one word.", 8, 0.0, 0.9, 7)
