@@ -511,7 +511,12 @@ def launch(demo, studio, openai_api: bool = False, **kwargs):
 
         auth = kwargs.get("auth")
         app_kwargs["routes"] = routes(studio, [auth] if isinstance(auth, tuple) else auth)
+    import gradio as gr
+
+    from tabs.header import GRADIO_STRINGS
+
     return demo.queue(default_concurrency_limit=16).launch(
+        i18n=gr.I18n(**GRADIO_STRINGS),
         allowed_paths=[str(cfg.runs_dir)],  # so a handler may return a run's file (Gradio copies it to its cache)
         blocked_paths=[str(cfg.users_dir), str(cfg.datasets_dir), str(cfg.db_path), str(cfg.data_dir / "rag"),
                        str(cfg.data_dir / "chat.db")],

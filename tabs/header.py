@@ -3,8 +3,21 @@ import html
 
 from .common import gib, user_of
 
+# Gradio's screen-reader status line says `common.complete` when an event ends: its English strings lack the key, so
+# the raw key reached the page (and every screen reader). launch() passes these as the app's strings to fill it in.
+GRADIO_STRINGS = {"en": {"common.complete": "Complete"}}
+
+
+def size_text(b: float) -> str:
+    """Bytes as a person reads them: GiB from 1 GiB, MiB below (a Tiny LM's cached model is 0.1 MiB, not 0.00 GiB)."""
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    return f"{b / 2**20:.0f} MiB" if b >= 2**20 else "<1 MiB"
+
 
 def meter_html(m: dict) -> str:
+    """The header line. Items marked optional (the studio's share, the budget, the card's sensors, the cached models,
+    the running job's id) fold away on a narrow screen (assets/studio.css), so the header stays a few lines tall."""
     d = m["device"]
     total = max(d["total"], 1)
     budget = m["budget"]
@@ -14,46 +27,50 @@ def meter_html(m: dict) -> str:
            f"<span class='used' style='width:{used_pct:.1f}%'></span>"
            f"<span class='studio' style='width:{studio_pct:.1f}%'></span>"
            f"<span class='budget' style='left:{min(100, 100 * budget / total):.1f}%'></span></span>")
-    items = [f"<b>{html.escape(d['name'])}</b>",
-             f"{what} {bar} {gib(d['used'])} / {gib(d['total'])}",
-             f"studio {gib(d['studio_used'])}",
-             f"budget {gib(budget)}"]
+    items = [(f"<b>{html.escape(d['name'])}</b>", False),
+             (f"{what} {bar} {gib(d['used'])} / {gib(d['total'])}", False),
+             (f"studio {gib(d['studio_used'])}", True),
+             (f"budget {gib(budget)}", True)]
     if d["kind"] == "cuda":
         extra = [f"{d['utilization']}% util" if d["utilization"] is not None else "",
                  f"{d['temperature']} °C" if d["temperature"] is not None else "",
                  f"{d['power_w']:.0f} W" if d["power_w"] else ""]
-        items.append(" · ".join(x for x in extra if x))
+        items.append((" · ".join(x for x in extra if x), True))
     if m["running"]:
         r = m["running"][0]
         pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
-        items.append(f"running <b>{html.escape(r['kind'])}</b> <code>{r['id']}</code>{pct}")
+        items.append((f"running <b>{html.escape(r['kind'])}</b> <code class='meter-opt'>{r['id']}</code>{pct}",
+                      False))
     else:
-        items.append("idle")
+        items.append(("idle", False))
     q = f"queue {m['queued']}"
     if m["paused"]:
         q += " · <b style='color:#b91c1c'>paused</b>"
-    items.append(q)
-    if m["cache_bytes"]:
+    items.append((q, False))
+    if m["cache"]:
         names = ", ".join(m.get("cache") or [])
-        items.append(f"<span title='{html.escape(names)}'>cached models {gib(m['cache_bytes'])}</span>")
-    notes = []
+        items.append((f"<span title='{html.escape(names)}'>cached models {size_text(m['cache_bytes'])}</span>",
+                      True))
+    notes = []  # (text, style)
     if m.get("trouble"):
-        notes.append(f"<b style='color:#b91c1c'>{html.escape(m['trouble'])}</b>")
+        notes.append((m["trouble"], "color:#b91c1c;font-weight:bold"))
     if d["kind"] != "cuda":
-        notes.append(f"No GPU in use: {html.escape(d['note'])}")
+        notes.append((f"No GPU in use: {d['note']}", ""))
     if m["paused"] and m["pause_reason"]:
-        notes.append(html.escape(m["pause_reason"]))
+        notes.append((m["pause_reason"], ""))
     if m["waiting"]:
-        notes.append(html.escape(m["waiting"]))
-    note = "".join(f"<div class='meter-note'>{n}</div>" for n in notes)
-    return f"<div class='meter-row'>{''.join(f'<span>{i}</span>' for i in items if i)}</div>{note}"
+        notes.append((m["waiting"], ""))
+    # the full text is also the tooltip: on a narrow screen each note is one line, cut with an ellipsis
+    note = "".join(f"<div class='meter-note' style='{style}' title='{html.escape(text)}'>{html.escape(text)}</div>"
+                   for text, style in notes)
+    spans = "".join(f"<span class='meter-opt'>{i}</span>" if opt else f"<span>{i}</span>" for i, opt in items if i)
+    return f"<div class='meter-row'>{spans}</div>{note}"
 
 
 def build(studio, auth: bool = False) -> dict:
     import gradio as gr
 
-    with gr.Row():
-        gr.Markdown("## Studio")
+    gr.Markdown("## Studio", elem_id="studio-title")
     meter = gr.HTML(meter_html(studio.meter(owner="")), elem_id="studio-meter")  # no one's jobs in the page config
     timer = gr.Timer(1.0)
 
