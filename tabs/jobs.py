@@ -5,7 +5,7 @@ import html
 import json
 import time
 
-from .common import admin_only, duration, gib, loss_frame, owned_job, progress_html, require_admin, user_of
+from .common import PLOT_COLORS, admin_only, duration, gib, loss_frame, owned_job, progress_html, require_admin, user_of
 from .header import size_text
 
 # The key columns come first: on a narrow screen they stay in view (pinned) while the rest scrolls.
@@ -269,12 +269,20 @@ def build(studio, auth: bool = False) -> dict:
         files = artifact_files(studio, jid, evs)
         metrics = sum(e["type"] == "metric" for e in evs)
         sig = [job.status.value, job.progress, job.message, job.error, job.peak_bytes, size]
-        new = {"id": jid, "sig": sig, "files": files, "metrics": metrics, "final": settled(job, evs)}
+        frame = loss_frame(evs)
+        series = sorted(set(frame["series"]))
+        new = {"id": jid, "sig": sig, "files": files, "metrics": metrics, "final": settled(job, evs), "series": series}
         same = state is not None and state.get("id") == jid
         if same and state["sig"] == sig:
             return (gr.skip(),) * 4 + (new,)
-        return (summary_html(job), "\n".join(log_lines(evs)),
-                gr.skip() if same and state["metrics"] == metrics else loss_frame(evs),
+        if same and state["metrics"] == metrics:
+            plot = gr.skip()
+        elif state is None or state.get("series") != series:  # new series: a colour map rebuilds the plot's spec
+            plot = gr.update(value=frame if series else None,  # (tabs.common.LivePlot says why)
+                             color_map={k: PLOT_COLORS[i % len(PLOT_COLORS)] for i, k in enumerate(series)})
+        else:
+            plot = frame
+        return (summary_html(job), "\n".join(log_lines(evs)), plot,
                 gr.skip() if same and state["files"] == files else files, new)
 
     def refused(why: str) -> str:
