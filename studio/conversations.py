@@ -61,6 +61,13 @@ class Conversations:
                       (cid, role, content, now, json.dumps(meta or {})))
             c.execute("UPDATE conversations SET updated=? WHERE id=?", (now, cid))
 
+    def truncate(self, cid: str, keep: int) -> None:
+        """Keep only the first `keep` messages (Regenerate, Continue and Edit replace the last exchange)."""
+        with self._conn() as c:
+            seqs = [r["seq"] for r in c.execute("SELECT seq FROM messages WHERE conversation=? ORDER BY seq", (cid,))]
+            c.executemany("DELETE FROM messages WHERE seq=?", [(q,) for q in seqs[keep:]])
+            c.execute("UPDATE conversations SET updated=? WHERE id=?", (time.time(), cid))
+
     def rename(self, cid: str, title: str) -> None:
         if not title.strip():
             raise ValueError("a conversation needs a title")

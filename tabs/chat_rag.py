@@ -2,6 +2,7 @@
 from . import chat, rag
 
 KINDS = {**chat.KINDS, **rag.KINDS}
+FORMS = {**chat.FORMS, **getattr(rag, "FORMS", {})}  # each half's remembered forms (tabs.common.bind remember=)
 
 
 def build(studio, auth: bool = False) -> dict:

@@ -316,3 +316,203 @@ def test_eval_with_a_model_scores_answers_and_judges(studio, notes, tmp_path):
     assert r["embedder"].endswith("model") and r["chunking"] == {"chunk_chars": 1200, "overlap_chars": 150}
     per = [json.loads(x) for x in (studio.run_dir(job.id) / "results.jsonl").read_text().splitlines()]
     assert all("answer" in x and x["judge"] in (1, 2, 3, 4, 5) for x in per)
+
+
+# ---- chat formats, the tab's turn controls, streaming and Stop, remembered settings (issue 11) ----------------------
+def test_a_gguf_without_a_template_gets_its_familys_format_not_llama2(studio):
+    """The packaged gemma's raw file carries no chat template; llama.cpp would fall back to Llama-2's [INST] markup.
+    Auto picks gemma from its architecture, and the prompt the model reads has gemma's turn markers."""
+    from studio.context import JobContext
+    from studio.params import build
+    from workers.chat.chat import Params, load_llm
+    from workers.chat.llm import chat_format_for, ensure_local, read_gguf_metadata, resolve
+
+    path = ensure_local(resolve(GEMMA, studio.config.data_dir), studio.config.data_dir, lambda *a: None)
+    assert "tokenizer.chat_template" not in read_gguf_metadata(path)
+    assert chat_format_for(path) == ("gemma", "guessed from its gemma3 architecture")
+    job = chat(studio, prompt="Hi there", model=str(path), max_tokens=4)  # the file, not the preset
+    assert job.status is JobStatus.DONE, job.error
+    assert job.result["chat_format"] == "gemma" and "gemma3" in job.result["chat_format_how"]
+    ctx = JobContext("t", "chat", studio.config.runs_dir, studio.config.data_dir, "cpu", None)
+    llm, _ = load_llm(ctx, build(Params, {**LLM, "prompt": "x", "model": str(path)}))
+    text, _ = llm.render([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}])
+    assert "<start_of_turn>user\n" in text and text.endswith("<start_of_turn>model\n")
+    assert "[INST]" not in text and "<<SYS>>" not in text
+    chosen, _ = load_llm(ctx, build(Params, {**LLM, "prompt": "x", "model": str(path), "chat_format": "chatml"}))
+    assert "<|im_start|>user\nHi there<|im_end|>" in chosen.render([{"role": "user", "content": "Hi there"}])[0]
+
+
+def test_chat_format_names_and_family_guesses():
+    from llama_cpp.llama_chat_format import LlamaChatCompletionHandlerRegistry
+
+    from studio.params import build
+    from workers.chat.chat import Params
+    from workers.chat.llm import CHAT_FORMATS, guess_chat_format
+
+    assert set(CHAT_FORMATS) <= set(LlamaChatCompletionHandlerRegistry()._chat_handlers)  # the installed version's
+    assert guess_chat_format({"general.architecture": "qwen2"})[0] == "chatml"
+    assert guess_chat_format({"general.architecture": "llama", "tokenizer.ggml.tokens": {"array_len": 128256}})[0] \
+        == "llama-3"
+    assert guess_chat_format({"general.architecture": "llama", "general.name": "Mistral 7B Instruct"})[0] \
+        == "mistral-instruct"
+    assert guess_chat_format({"general.architecture": "newthing"})[0] == "chatml"
+    with pytest.raises(ValueError, match="not a llama-cpp-python format"):
+        build(Params, {"prompt": "x", "chat_format": "llama-9"})
+    with pytest.raises(ValueError, match="works on a conversation"):
+        build(Params, {"mode": "regenerate"})
+
+
+def test_the_default_model_is_one_on_disk(studio):
+    from studio.params import build
+    from workers.chat.chat import Params, validate
+
+    assert validate(build(Params, {"prompt": "hi"}), studio.config).model == GEMMA  # nothing downloaded here
+
+
+@pytest.fixture(scope="module")
+def served(studio):
+    from conftest import serve
+
+    url, demo = serve(studio, show_error=True)
+    yield url
+    demo.close()
+
+
+UI = dict(collection="", system="Answer briefly.", max_tokens=16, n_ctx=2048, top_k=2, reranker="", tools=False,
+          load_in_4bit=False, chat_format="auto")
+
+
+def _text(message: dict) -> str:
+    """A chatbot message's text as gradio_client returns it (Gradio 6: a list of typed parts)."""
+    c = message["content"]
+    return c if isinstance(c, str) else "".join(part.get("text", "") for part in c)
+
+
+def _stored(studio, cid):
+    return [(m["role"], m["content"]) for m in Conversations(studio.config.data_dir / "chat.db").get(cid)["messages"]]
+
+
+def test_regenerate_continue_edit_and_sampler_presets_through_gradio_client(served, studio):
+    from gradio_client import Client
+
+    client = Client(served, verbose=False)
+    sampling = dict(zip(("temperature", "top_p", "top_k_tokens", "repeat_penalty"),
+                        client.predict("Deterministic", api_name="/chat_sampler")))
+    assert sampling == {"temperature": 0.0, "top_p": 1.0, "top_k_tokens": 1, "repeat_penalty": 1.0}
+    assert client.predict("Creative", api_name="/chat_sampler")[0] == 1.0
+    turn = dict(model=GEMMA, sampler="Deterministic", **sampling, **UI)
+    history, box, stats, _, conv = client.predict(message="Name three colours.", conversation=None, **turn,
+                                                  api_name="/chat")
+    cid = conv.get("value") or conv["choices"][0][1]  # the newest conversation: the one this Send started
+    first = _text(history[-1])
+    assert box == "" and first and "format gemma" in stats
+    # ↻ Regenerate: the same question answered again (greedy: the same answer), in place of the old one
+    history, box, *_ = client.predict(message="typed, not sent", conversation=cid, **turn, api_name="/chat_regenerate")
+    assert _stored(studio, cid) == [("user", "Name three colours."), ("assistant", first)]
+    assert _text(history[-1]) == first
+    assert box == {"__type__": "update"}  # gr.skip(): regenerate leaves the message box as it is
+    # ➜ Continue: the answer goes on from where it stopped
+    history, *_ = client.predict(message="", conversation=cid, **turn, api_name="/chat_continue")
+    (_, q), (_, longer) = _stored(studio, cid)
+    assert q == "Name three colours." and longer.startswith(first) and len(longer) > len(first)
+    assert _text(history[-1]) == longer
+    # ✎ Edit last: an empty box gets the last question to edit; sending text replaces the question and its answer
+    _, box, stats, *_ = client.predict(message="", conversation=cid, **turn, api_name="/chat_edit")
+    assert box == "Name three colours." and "Edit last" in stats
+    history, *_ = client.predict(message="Name two animals.", conversation=cid, **turn, api_name="/chat_edit")
+    stored = _stored(studio, cid)
+    assert [m for m, _ in stored] == ["user", "assistant"] and stored[0][1] == "Name two animals."
+    assert _text(history[0]) == "Name two animals." and len(history) == 2
+    for api in ("/chat_regenerate", "/chat_continue", "/chat_edit"):  # they need a conversation
+        with pytest.raises(Exception, match="Open a conversation first"):
+            client.predict(message="x", conversation=None, **turn, api_name=api)
+    empty = Conversations(studio.config.data_dir / "chat.db").create("empty")
+    client.predict(api_name="/chat_new")  # the page's list now holds it
+    with pytest.raises(Exception, match="it has none: send a question"):  # nothing to continue
+        client.predict(message="", conversation=empty, **turn, api_name="/chat_continue")
+    Conversations(studio.config.data_dir / "chat.db").delete(empty)
+
+
+def test_a_failed_send_keeps_the_question_in_the_box(served, studio):
+    from gradio_client import Client
+
+    before = {c["id"] for c in Conversations(studio.config.data_dir / "chat.db").list()}
+    history, box, stats, *_ = Client(served, verbose=False).predict(  # not downloaded, and offline: the job fails
+        message="Where did I park?", conversation=None, model="qwen2.5-0.5b-instruct-q4km", **UI, api_name="/chat")
+    assert "FAILED" in stats and box == "Where did I park?" and history == []
+    assert {c["id"] for c in Conversations(studio.config.data_dir / "chat.db").list()} == before  # none left empty
+
+
+def test_stop_resolves_quickly_keeps_the_streamed_tokens_and_updates_come_batched(served, studio):
+    import time
+
+    from gradio_client import Client
+
+    from tabs.chat import MAX_UPDATES_PER_S
+
+    client = Client(served, verbose=False)
+    before = {j.id for j in studio.jobs(kind="chat")}
+    t_start = time.time()
+    running = client.submit(message="Tell me a very long story about a dragon.", conversation=None, model=GEMMA,
+                            **{**UI, "max_tokens": 3000, "temperature": 1.0}, api_name="/chat")
+    t0 = time.time()
+    while not (new := [j for j in studio.jobs(kind="chat") if j.id not in before]):
+        assert time.time() - t0 < 60, "Send submitted no job"
+        time.sleep(0.05)
+    job = new[0]
+    wait_for_event(studio, job.id, "token")
+    time.sleep(2.0)  # let it stream for a while
+    t_stop = time.time()
+    status = client.predict(api_name="/chat_stop")  # the same session: its job
+    assert time.time() - t_stop < 10 and "stopped after" in status, status
+    n = sum(e["type"] == "token" for e in studio.events(job.id)[0])
+    assert f"stopped after {n} tokens" in status and 0 < n < 3000
+    final = running.result(timeout=60)
+    elapsed = time.time() - t_start
+    assert studio.job(job.id).status is JobStatus.CANCELLED
+    assert final[0][-1]["role"] == "assistant" and "stopped" in _text(final[0][-1])
+    kept = Conversations(studio.config.data_dir / "chat.db").get(job.params["conversation"])["messages"][-1]
+    assert kept["meta"]["stopped"] and len(kept["content"]) > 0
+    updates = len(running.outputs())
+    assert updates <= MAX_UPDATES_PER_S * elapsed + 3, (updates, elapsed)  # batched, not one update per token
+    assert client.predict(api_name="/chat_stop").startswith(f"⏹ stopped after {n} tokens")  # over: says so at once
+
+
+def test_chat_settings_come_back_after_a_reload_and_a_running_job_brings_its_own(served, studio):
+    import json
+    import time
+
+    from gradio_client import Client
+
+    forms = studio.config.data_dir / "forms.json"
+    mine = dict(model=GEMMA, sampler="Precise", temperature=0.3, top_p=0.9, top_k_tokens=20, repeat_penalty=1.1,
+                **{**UI, "chat_format": "gemma", "system": "Reply in French."})
+    Client(served, verbose=False).predict(message="Bonjour", conversation=None, **mine, api_name="/chat")
+    saved = json.loads(forms.read_text())["chat"]
+    assert saved["chat_format"] == "gemma" and saved["sampler"] == "Precise" and "message" not in saved
+    values = [o.get("value") for o in Client(served, verbose=False).predict(api_name="/chat_attach")
+              if isinstance(o, dict)]
+    assert "Reply in French." in values and "gemma" in values and "Precise" in values and 1.1 in values
+    # a page loaded while a chat job waits: the job's own settings, not the remembered ones
+    forms.unlink()
+    before = {j.id for j in studio.jobs(kind="chat")}
+    studio.pause("attach test: the chat stays queued")
+    try:
+        Client(served, verbose=False).submit(message="Queued", conversation=None,
+                                             **{**mine, "system": "Be a pirate.", "temperature": 1.3},
+                                             api_name="/chat")
+        t0 = time.time()
+        while not (new := [j for j in studio.jobs(kind="chat") if j.id not in before]):
+            assert time.time() - t0 < 60
+            time.sleep(0.05)
+        reloaded = Client(served, verbose=False).submit(api_name="/chat_attach")
+        t0 = time.time()
+        while not any("Be a pirate." in str(out) for out in reloaded.outputs()):
+            assert time.time() - t0 < 60, "the reloaded page did not take the queued job's settings"
+            time.sleep(0.1)
+        assert any("1.3" in str(out) for out in reloaded.outputs())
+    finally:
+        studio.cancel(new[0].id) if new else None
+        studio.resume_queue()
+    reloaded.result(timeout=60)
+    forms.unlink(missing_ok=True)

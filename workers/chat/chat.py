@@ -24,18 +24,22 @@ RAG_INSTRUCTIONS = ("Answer the question using the numbered sources below. Cite 
 PACKAGES = ("llama-cpp-python", "transformers", "chromadb", "sentence-transformers")  # versions for the run card
 SEED_MAX = 2**32 - 2  # llama.cpp takes a 32-bit unsigned seed and reads 2**32 - 1 as "random"
 PATHS = ("model", "reranker", "embedder")  # params that name a server path (studio.access)
+MODES = ("", "regenerate", "continue", "edit")
 
 
 @dataclass(frozen=True)
 class Params:
-    prompt: str  # the user's message
-    model: str = "llama-3.1-8b-instruct-q4km"  # a preset, a local .gguf file, or a transformers model folder
+    prompt: str = ""  # the user's message (regenerate and continue take theirs from the conversation)
+    model: str = ""  # a preset, a local .gguf file or a transformers model folder; empty: one on disk
     collection: str = ""  # answer over this RAG collection, citing sources; empty: plain chat
     conversation: str = ""  # keep the exchange in this conversation id; "new" starts one; empty: not saved
     system: str = DEFAULT_SYSTEM  # the system prompt
     max_tokens: int = 512  # longest answer, in tokens
     temperature: float = 0.7  # 0: always the likeliest token; higher: more varied
     top_p: float = 0.95  # sample from the smallest set of tokens whose probabilities add up to this
+    top_k_tokens: int = 40  # sample from the k likeliest tokens only; 0: no limit
+    repeat_penalty: float = 1.0  # above 1: tokens already in the text become less likely; 1: off
+    mode: str = ""  # "": a new question; "regenerate" the last answer; "continue" it; "edit" the last question
     n_ctx: int = 4096  # context window; the KV cache grows with it
     n_gpu_layers: int = -1  # -1: as many layers as fit the budget (the gate decides); 0: CPU only
     top_k: int = 4  # chunks retrieved from the collection
@@ -44,7 +48,8 @@ class Params:
     tool_choice: str = "auto"  # "auto", or a tool name the first step must call
     max_tool_rounds: int = 3  # tool calls the model may make before it must answer
     grammar: str = ""  # constrain the answer: "json" (any JSON value), or a GBNF grammar
-    chat_format: str = ""  # llama-cpp chat format; empty: the model's own template (or the preset's)
+    chat_format: str = ""  # a llama-cpp-python chat format (CHAT_FORMATS); "" or "auto": the preset's, else the
+    # GGUF's own template, else a guess from the model's family (gemma -> gemma)
     load_in_4bit: bool = False  # transformers models only: load in NF4 through bitsandbytes
     flash_attn: str = "auto"  # llama.cpp flash attention: "auto" (on for CUDA), "on" or "off"
     embedder: str = ""  # the collection's embedder; empty: the one it was built with (the only one that fits it)
@@ -52,9 +57,19 @@ class Params:
     threads: int = 0  # CPU threads; 0: all cores
 
     def __post_init__(self):
-        if not self.prompt.strip():
+        from workers.chat.llm import CHAT_FORMATS
+
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(repr(m) for m in MODES)}; got {self.mode!r}")
+        if self.mode in ("", "edit") and not self.prompt.strip():
             raise ValueError("the prompt is empty")
+        if self.mode and self.conversation in ("", "new"):
+            raise ValueError(f"mode={self.mode} works on a conversation's last exchange: give its id as conversation")
+        if self.chat_format not in ("", "auto", *CHAT_FORMATS):
+            raise ValueError(f"chat_format {self.chat_format!r} is not a llama-cpp-python format: use auto or one of "
+                             f"{', '.join(CHAT_FORMATS)}")
         for name, lo, hi in [("max_tokens", 1, 32768), ("temperature", 0.0, 5.0), ("top_p", 0.01, 1.0),
+                             ("top_k_tokens", 0, 100000), ("repeat_penalty", 0.5, 2.0),
                              ("n_ctx", 256, 131072), ("n_gpu_layers", -1, 1000), ("top_k", 1, 50),
                              ("threads", 0, 1024), ("max_tool_rounds", 1, 10),
                              ("seed", 0, SEED_MAX)]:
@@ -160,12 +175,36 @@ def prompt_clearly_too_long(prompt: str, n_ctx: int) -> bool:
     return len(collapsed.encode("utf-8")) > MAX_BYTES_PER_TOKEN * n_ctx
 
 
+def last_exchange(messages: list[dict], mode: str) -> int:
+    """Where `mode` cuts the stored conversation: the index of the last user message (regenerate keeps it and answers
+    it again; edit replaces it), or of the last answer (continue extends it). A ValueError says when there is none."""
+    users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+    if mode == "continue":
+        if not messages or messages[-1]["role"] != "assistant":
+            raise ValueError("continue extends the conversation's last answer, and it has none: send a question")
+        return len(messages) - 1
+    if not users:
+        raise ValueError(f"{mode} works on the conversation's last question, and it has none: send one first")
+    return users[-1]
+
+
 def validate(p: Params, config) -> Params:
     """The model must resolve, the prompt fit the context and the collection exist; the collection's embedder is
     filled in."""
+    from studio.presets import default, presets
     from workers.rag.index import load_manifest
 
+    if not p.model.strip():  # the preset on disk: downloaded, else the packaged one
+        p = replace(p, model=default("llm", config.data_dir) or next(iter(presets()["llm"])))
     _ref(p, config.data_dir)
+    if p.mode:
+        from studio.conversations import Conversations
+
+        try:
+            messages = Conversations(config.data_dir / "chat.db").get(p.conversation)["messages"]
+        except KeyError:
+            raise ValueError(f"no conversation {p.conversation!r}") from None
+        last_exchange(messages, p.mode)  # raises when there is nothing to regenerate, continue or edit
     if prompt_clearly_too_long(p.prompt, p.n_ctx):  # refused here, it is never stored in a conversation
         raise ValueError(f"the prompt ({len(p.prompt.encode('utf-8')) / 1024:.0f} KiB) does not fit the context "
                          f"window (n_ctx={p.n_ctx} tokens): shorten it, raise n_ctx, or ingest the text into a "
@@ -207,8 +246,12 @@ def llm_key(p: Params) -> str:
     from workers.chat.llm import llm_key as key
 
     ref = _ref(p)
-    fmt = p.chat_format or (ref.preset or {}).get("chat_format") or None
-    return key(ref, p.n_ctx, p.n_gpu_layers, fmt, p.load_in_4bit) + f":fa={p.flash_attn}"
+    return key(ref, p.n_ctx, p.n_gpu_layers, _format(p, ref), p.load_in_4bit) + f":fa={p.flash_attn}"
+
+
+def _format(p: Params, ref) -> str:
+    """The chat format asked for, or the preset's; empty: the model's own (its template, or its family's format)."""
+    return (p.chat_format if p.chat_format != "auto" else "") or (ref.preset or {}).get("chat_format") or ""
 
 
 def _rag_models(p: Params) -> dict[str, int]:
@@ -249,20 +292,20 @@ def shrink(p: Params):
 # ---- run -------------------------------------------------------------------------------------------------------------
 def load_llm(ctx, p: Params):
     """The model behind one `stream()` interface (GGUFChat or HFChat), from the worker's cache when it is there."""
-    from workers.chat.llm import GGUFChat, ensure_local, load_gguf, load_hf
+    from workers.chat.llm import GGUFChat, chat_format_for, ensure_local, load_gguf, load_hf
 
     ref = _ref(p, ctx.data_dir)
     key = llm_key(p)
     path = ensure_local(ref, ctx.data_dir, lambda d, t, m: ctx.progress(d, t, m))
     if ref.backend == "hf":
         return ctx.cached(key, lambda: load_hf(path, ctx.device, p.load_in_4bit))
-    fmt = p.chat_format or (ref.preset or {}).get("chat_format") or None
     layers = p.n_gpu_layers if ctx.device == "cuda" else 0
     flash = p.flash_attn == "on" or (p.flash_attn == "auto" and ctx.device == "cuda")
 
     def load():
+        fmt, how = chat_format_for(path, p.chat_format, (ref.preset or {}).get("chat_format"))  # None: its template
         llm = load_gguf(path, p.n_ctx, layers, fmt, p.threads or None, flash_attn=flash)
-        return GGUFChat(llm, fmt), path.stat().st_size
+        return GGUFChat(llm, fmt, how), path.stat().st_size
 
     return ctx.cached(key, load)
 
@@ -351,9 +394,12 @@ def run(p: Params, ctx) -> dict:
         raise
 
 
-def input_tokens(llm, messages: list[dict]) -> int:
-    """Tokens of the messages' text with the model's own tokenizer (the chat template adds a few more)."""
-    text = "\n".join(str(m.get("content") or "") for m in messages)
+def input_tokens(llm, messages: list[dict], prefix: str = "") -> int:
+    """Tokens of the prompt: exact for a GGUF whose prompt is rendered here; otherwise the messages' text with the
+    model's own tokenizer (the chat template adds a few more)."""
+    if getattr(llm, "_formatter", None) is not None:
+        return len(llm.prompt_tokens(messages, prefix))
+    text = "\n".join(str(m.get("content") or "") for m in messages) + prefix
     if llm.backend == "gguf":
         return len(llm.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
     return llm.count_tokens(text)
@@ -366,38 +412,60 @@ def _run(p: Params, ctx) -> dict:
     t_start = time.perf_counter()
     convs = Conversations(ctx.data_dir / "chat.db")
     cid = "" if p.conversation == "new" else p.conversation  # "new": created with its first message
-    history = [{"role": m["role"], "content": m["content"]} for m in convs.get(cid)["messages"]] if cid else []
+    stored = convs.get(cid)["messages"] if cid else []
+    question, prefix, meta_before = p.prompt, "", {}
+    cut = len(stored)  # the stored messages this turn keeps; the rest it replaces once the model takes the prompt
+    if p.mode:
+        cut = last_exchange(stored, p.mode)
+        if p.mode == "regenerate":  # the question stays, its answer goes
+            question, cut = stored[cut]["content"], cut + 1
+        elif p.mode == "continue":  # the answer is extended: the model reads it as the start of its reply
+            prefix, meta_before = stored[cut]["content"], stored[cut]["meta"]
+            question = next(m["content"] for m in reversed(stored[:cut]) if m["role"] == "user")
+    history = [{"role": m["role"], "content": m["content"]} for m in stored[:cut]]
+    if p.mode in ("regenerate", "continue"):  # the question is in the history: asked below with its sources
+        history = history[:max(i for i, m in enumerate(history) if m["role"] == "user")]
+    took = False
+    ctx.emit("turn", mode=p.mode, question=question, prefix=prefix)  # what the tab shows the answer under
 
     def keep(role: str, content: str, meta: dict | None = None) -> None:
-        """Store a message only once the model has taken the prompt: one it refused would break the conversation."""
-        nonlocal cid
+        """Store a message only once the model has taken the prompt: one it refused would break the conversation.
+        The first store replaces what the mode replaces (the last answer, or the last question and its answer)."""
+        nonlocal cid, took
         if not p.conversation:
             return
         if not cid:
-            cid = convs.create(p.prompt.strip()[:60] or "New chat", owner=ctx.owner,
+            cid = convs.create(question.strip()[:60] or "New chat", owner=ctx.owner,
                                settings={"model": p.model, "collection": p.collection})
-        convs.add(cid, role, content, meta)
+        if not took:
+            took = True
+            convs.truncate(cid, cut)
+            if p.mode in ("", "edit"):
+                convs.add(cid, "user", question)
+        if role == "assistant":
+            convs.add(cid, role, content, meta)
 
     llm, cached = load_llm(ctx, p)
     t_loaded = time.perf_counter()
-    sources: list[dict] = []
-    user = p.prompt
+    sources: list[dict] = list(meta_before.get("sources") or [])
+    user = question
     if p.collection and not p.tools:
-        from workers.rag.index import retrieve
+        if not prefix:  # continue answers from the sources the answer began with
+            from workers.rag.index import retrieve
 
-        hits = retrieve(ctx, p.collection, p.prompt, k=p.top_k, reranker=p.reranker, embedder=p.embedder)
-        sources = [h.to_dict() for h in hits]
+            hits = retrieve(ctx, p.collection, question, k=p.top_k, reranker=p.reranker, embedder=p.embedder)
+            sources = [h.to_dict() for h in hits]
         ctx.emit("sources", sources=sources)
-        blocks = "\n\n".join(f"[{i}] {h.where}\n{h.text}" for i, h in enumerate(hits, start=1))
-        user = f"{RAG_INSTRUCTIONS}\n\nSources:\n{blocks}\n\nQuestion: {p.prompt}"
+        blocks = "\n\n".join(f"[{i}] {s['where']}\n{s['text']}" for i, s in enumerate(sources, start=1))
+        user = f"{RAG_INSTRUCTIONS}\n\nSources:\n{blocks}\n\nQuestion: {question}"
     messages = [{"role": "system", "content": p.system}] + history + [{"role": "user", "content": user}]
-    n_in = input_tokens(llm, messages)
+    n_in = input_tokens(llm, messages, prefix)
     if n_in >= p.n_ctx:  # llama.cpp would refuse it too, but only once asked; nothing has been stored yet
         raise ValueError(f"this turn's messages ({n_in} tokens) do not fit the context window (n_ctx={p.n_ctx}); "
                          "the prompt was not stored: shorten it, " + ("start a new conversation, " if history else "")
                          + "or raise n_ctx")
-    calls: list[dict] = []
-    if p.tools:
+    calls: list[dict] = list(meta_before.get("tools") or [])
+    if p.tools and not prefix:
         messages = _tool_rounds(ctx, p, llm, messages, calls)
     grammar = None
     if p.grammar == "json":
@@ -410,33 +478,37 @@ def _run(p: Params, ctx) -> dict:
     t_gen = time.perf_counter()
     try:
         for piece in llm.stream(messages, max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
-                                grammar=grammar, seed=p.seed or None):
+                                grammar=grammar, seed=p.seed or None, top_k=p.top_k_tokens,
+                                repeat_penalty=p.repeat_penalty, prefix=prefix):
             if t_first is None:
                 t_first = time.perf_counter()
-                keep("user", p.prompt)  # the model took the prompt
+                keep("user", question)  # the model took the prompt
             answer.append(piece)
             n_tokens += 1
             ctx.emit("token", text=piece)  # a cancel point: Stop ends generation here
     except JobCancelled:
         if t_first is not None:  # Stop after the first token (the cancel point): keep the partial answer
-            keep("assistant", "".join(answer), {"sources": sources, "stopped": True, "tools": calls})
+            keep("assistant", prefix + "".join(answer), {"sources": sources, "stopped": True, "tools": calls,
+                                                         "model": p.model})
         raise
     t_end = time.perf_counter()
-    text = "".join(answer)
+    added = "".join(answer)
+    text = prefix + added
     if hasattr(llm, "count_tokens"):  # transformers streams words; llama.cpp streams tokens
-        n_tokens = llm.count_tokens(text)
+        n_tokens = llm.count_tokens(added)
     cited = sorted({int(n) for n in re.findall(r"\[(\d+)\]", text) if 0 < int(n) <= len(sources)})
-    if t_first is None:  # an empty answer: the model took the prompt all the same
-        keep("user", p.prompt)
     keep("assistant", text, {"sources": sources, "tools": calls, "model": p.model})
     gen_s = max(t_end - (t_first or t_end), 1e-9)
     return {
         "answer": text,
+        "added": added,  # what this job generated (all of the answer but for continue)
+        "mode": p.mode,
         "sources": sources,
         "citations": [{"n": n, "where": sources[n - 1]["where"]} for n in cited],
         "tool_calls": calls,
         "conversation": cid or None,
         "tokens": n_tokens,
+        "prompt_tokens": n_in,
         "tokens_per_s": (n_tokens - 1) / gen_s if n_tokens > 1 else None,
         "ttft_ms": ((t_first or t_end) - t_gen) * 1000,
         "load_s": t_loaded - t_start,
@@ -445,4 +517,5 @@ def _run(p: Params, ctx) -> dict:
         "n_gpu_layers": p.n_gpu_layers if ctx.device == "cuda" else 0,
         "backend": llm.backend,
         "chat_format": getattr(llm, "chat_format", None),
+        "chat_format_how": getattr(llm, "how", None),
     }

@@ -311,6 +311,50 @@ def fit_layers(ref: ModelRef, n_ctx: int, device, budget: int) -> int:
     return 0
 
 
+# llama-cpp-python's named chat formats (0.3.x; a test checks each is registered). "auto" picks one per model.
+CHAT_FORMATS = ("alpaca", "baichuan", "baichuan-2", "chatglm3", "chatml", "chatml-function-calling", "functionary",
+                "functionary-v1", "functionary-v2", "gemma", "intel", "llama-2", "llama-3", "mistral-instruct",
+                "mistrallite", "oasst_llama", "open-orca", "openbuddy", "openchat", "phind", "pygmalion", "qwen",
+                "redpajama-incite", "saiga", "snoozy", "vicuna", "zephyr")
+# a GGUF without a chat template: its family's format, by general.architecture (prefix), else by general.name
+FAMILY_FORMATS = (("gemma", "gemma"), ("qwen", "chatml"), ("mistral", "mistral-instruct"),
+                  ("mixtral", "mistral-instruct"), ("chatglm", "chatglm3"), ("baichuan", "baichuan-2"),
+                  ("zephyr", "zephyr"), ("vicuna", "vicuna"), ("openchat", "openchat"), ("llama-3", "llama-3"),
+                  ("llama3", "llama-3"), ("llama-2", "llama-2"), ("llama2", "llama-2"))
+
+
+def guess_chat_format(meta: dict) -> tuple[str, str]:
+    """(format, why) for a GGUF that carries no chat template: from its architecture or name, else ChatML (the most
+    common format today; llama.cpp's own fallback, Llama-2's [INST] markup, suits few current models)."""
+    arch = str(meta.get("general.architecture", "")).lower()
+    name = " ".join(str(meta.get(k, "")) for k in ("general.name", "general.basename")).lower()
+    for prefix, fmt in FAMILY_FORMATS:
+        if arch.startswith(prefix):
+            return fmt, f"guessed from its {arch} architecture"
+    for word, fmt in FAMILY_FORMATS:
+        if word in name:
+            return fmt, f"guessed from its name ({name.strip()})"
+    if arch == "llama":
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if isinstance(tokens, dict) and tokens.get("array_len", 0) >= 128000:  # Llama 3's 128k vocabulary
+            return "llama-3", "guessed from its llama architecture and 128k vocabulary"
+        return "llama-2", "guessed from its llama architecture"
+    return "chatml", "no template and an unknown family: ChatML"
+
+
+def chat_format_for(path: Path, requested: str = "", preset_format: str | None = None) -> tuple[str | None, str]:
+    """The chat format to load a GGUF with, and why: the one asked for; else the preset's; else None, meaning the
+    template the GGUF carries (llama.cpp renders it); else a guess from the model's family."""
+    if requested and requested != "auto":
+        return requested, "chosen in the settings"
+    if preset_format:
+        return preset_format, "the preset's"
+    meta = read_gguf_metadata(path)
+    if meta.get("tokenizer.chat_template"):
+        return None, "the template in the GGUF"
+    return guess_chat_format(meta)
+
+
 def load_gguf(path: Path, n_ctx: int, n_gpu_layers: int, chat_format: str | None, n_threads: int | None = None,
               seed: int = 0, flash_attn: bool = False):
     from llama_cpp import Llama
@@ -324,13 +368,8 @@ def stream_chat(llm, messages: list[dict], *, max_tokens: int, temperature: floa
                 grammar: str | None = None, stop: list[str] | None = None, seed: int | None = None,
                 **kwargs: Any) -> Iterator[str]:
     """Yield text pieces of the assistant's reply. Closing the iterator stops generation."""
-    g = None
-    if grammar:
-        from llama_cpp import LlamaGrammar
-
-        g = LlamaGrammar.from_string(grammar, verbose=False)
     it = llm.create_chat_completion(messages=messages, stream=True, max_tokens=max_tokens, temperature=temperature,
-                                    top_p=top_p, grammar=g, stop=stop or None, seed=seed, **kwargs)
+                                    top_p=top_p, grammar=_grammar(grammar), stop=stop or None, seed=seed, **kwargs)
     try:
         for chunk in it:
             piece = chunk["choices"][0]["delta"].get("content")
@@ -338,6 +377,14 @@ def stream_chat(llm, messages: list[dict], *, max_tokens: int, temperature: floa
                 yield piece
     finally:
         it.close()
+
+
+def _grammar(grammar: str | None):
+    if not grammar:
+        return None
+    from llama_cpp import LlamaGrammar
+
+    return LlamaGrammar.from_string(grammar, verbose=False)
 
 
 def json_schema_grammar(schema: dict) -> str:
@@ -348,21 +395,75 @@ def json_schema_grammar(schema: dict) -> str:
 
 
 class GGUFChat:
-    """A llama.cpp model behind the one `stream()` interface the job kinds use."""
+    """A llama.cpp model behind the one `stream()` interface the job kinds use. The prompt is rendered here, with the
+    model's chat format (or its GGUF template), so its tokens are counted exactly and Continue can extend an answer."""
 
     backend = "gguf"
 
-    def __init__(self, llm, chat_format: str | None):
-        self.llm, self.chat_format = llm, chat_format
+    def __init__(self, llm, chat_format: str | None, how: str = ""):
+        self.llm, self.how = llm, how
+        self.chat_format = llm.chat_format if chat_format is None else chat_format  # "chat_template.default": GGUF's
+        self._formatter = _formatter(llm)
 
     @property
     def native_tools(self) -> bool:
         f = self.chat_format or ""
         return f == "chatml-function-calling" or f.startswith("functionary")
 
-    def stream(self, messages, *, max_tokens, temperature, top_p, grammar=None, seed=None) -> Iterator[str]:
-        return stream_chat(self.llm, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                           grammar=grammar, seed=seed)
+    def render(self, messages: list[dict], prefix: str = "") -> tuple[str, Any]:
+        """(the prompt text the model reads, the formatter's response: stop strings and tokens); `prefix` is the
+        start of the answer, for Continue."""
+        if self._formatter is None:
+            raise ValueError(f"the chat format {self.chat_format} builds its prompt inside llama.cpp's handler; "
+                             "Continue and the exact prompt need a text format: pick another one in the settings")
+        r = self._formatter(messages=messages)
+        return r.prompt + prefix, r
+
+    def prompt_tokens(self, messages: list[dict], prefix: str = "") -> list[int]:
+        text, r = self.render(messages, prefix)
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=not r.added_special, special=True)
+
+    def stream(self, messages, *, max_tokens, temperature, top_p, grammar=None, seed=None, top_k=40,
+               repeat_penalty=1.0, prefix="") -> Iterator[str]:
+        if self._formatter is None and not prefix:  # a function-calling handler: llama.cpp renders the prompt
+            return stream_chat(self.llm, messages, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                               grammar=grammar, seed=seed, top_k=top_k, repeat_penalty=repeat_penalty)
+        text, r = self.render(messages, prefix)
+        tokens = self.llm.tokenize(text.encode("utf-8"), add_bos=not r.added_special, special=True)
+        stop = [] if r.stop is None else [r.stop] if isinstance(r.stop, str) else list(r.stop)
+        return self._complete(tokens, stop, r.stopping_criteria, max_tokens=max_tokens, temperature=temperature,
+                              top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, grammar=_grammar(grammar),
+                              seed=seed)
+
+    def _complete(self, tokens, stop, criteria, **kwargs) -> Iterator[str]:
+        it = self.llm.create_completion(prompt=tokens, stream=True, stop=stop or None, stopping_criteria=criteria,
+                                        **kwargs)
+        try:
+            for chunk in it:
+                if piece := chunk["choices"][0]["text"]:
+                    yield piece
+        finally:
+            it.close()
+
+
+def _formatter(llm):
+    """The function that renders a loaded model's prompt: its GGUF template, or the named format's formatter (None for
+    the function-calling formats, whose handlers render inside llama.cpp)."""
+    from llama_cpp import llama_chat_format as lcf
+
+    name = llm.chat_format
+    if name == "chat_template.default" or (name is None and llm.metadata.get("tokenizer.chat_template")):
+        def text(token_id: int) -> str:
+            return llm._model.token_get_text(token_id) if token_id != -1 else ""
+
+        eos = llm.token_eos()
+        return lcf.Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token=text(eos),
+                                       bos_token=text(llm.token_bos()), stop_token_ids=[eos])
+    handler = llm._chat_handlers.get(name) or lcf.get_chat_completion_handler(name)
+    code = getattr(handler, "__code__", None)
+    if code is None or "chat_formatter" not in code.co_freevars:
+        return None
+    return handler.__closure__[code.co_freevars.index("chat_formatter")].cell_contents
 
 
 class HFChat:
@@ -378,12 +479,13 @@ class HFChat:
         """The streamer hands out words, not tokens: count the answer's tokens for tokens/s."""
         return len(self.tok(text, add_special_tokens=False).input_ids)
 
-    def prompt(self, messages) -> str:
+    def prompt(self, messages, prefix: str = "") -> str:
         if self.tok.chat_template:
-            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + prefix
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: " + prefix
 
-    def stream(self, messages, *, max_tokens, temperature, top_p, grammar=None, seed=None) -> Iterator[str]:
+    def stream(self, messages, *, max_tokens, temperature, top_p, grammar=None, seed=None, top_k=40,
+               repeat_penalty=1.0, prefix="") -> Iterator[str]:
         import threading
 
         import torch
@@ -397,15 +499,15 @@ class HFChat:
             def __call__(self, input_ids, scores, **kwargs):
                 return stop.is_set()
 
-        inputs = self.tok(self.prompt(messages), return_tensors="pt").to(self.model.device)
+        inputs = self.tok(self.prompt(messages, prefix), return_tensors="pt").to(self.model.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
         if seed:
             torch.manual_seed(seed)
         kwargs = dict(**inputs, max_new_tokens=max_tokens, streamer=streamer,
                       stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=self.tok.eos_token_id,
-                      do_sample=temperature > 0)
+                      do_sample=temperature > 0, repetition_penalty=repeat_penalty)
         if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p)
+            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
         errors: list[BaseException] = []
 
         def work():
