@@ -77,7 +77,7 @@ kept the queue full. We now quarantine such a segment after three failed attempt
 A clock skew made a week of daily snapshots look older than the retention window and they were pruned. The
 pruning now uses the snapshot's own timestamp, not the file's modification time.
 """,
-    "src/shards.py": '''"""Shard manifests: what each shard holds, and how manifests of many shards become one per table."""
+    "src/shards.py": '''"""Shard manifests: what each shard holds, and how many shards become one manifest per table."""
 from dataclasses import dataclass, field
 
 

@@ -190,7 +190,7 @@ def check_retrieval(mode: str) -> None:
                          f"got {mode!r}")
 
 
-def keyword_tokens(data_dir: Path, collection: str, coll, manifest: dict) -> None:
+def build_keyword_index(data_dir: Path, collection: str, coll, manifest: dict) -> None:
     """Build the keyword index of a collection ingested before it had one, from the chunks Chroma holds."""
     from workers.rag import keyword
 
@@ -224,7 +224,7 @@ def _candidates(ctx, collection: str, query: str, n: int, embedder: str, keyword
     named: list[str] = []
     if keywords:
         if not keyword.exists(ctx.data_dir, collection):
-            keyword_tokens(ctx.data_dir, collection, coll, manifest)
+            build_keyword_index(ctx.data_dir, collection, coll, manifest)
         found, named = keyword.search(ctx.data_dir, collection, query, n)
         missing = [i for i, _ in found if i not in chunks]
         if missing:

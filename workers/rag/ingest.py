@@ -120,8 +120,8 @@ def nothing_to_ingest(src: Path, collection: str, skipped: list[dict], new: bool
 def _ingest(p: Params, ctx) -> dict:
     from workers.rag import keyword
     from workers.rag.chunk import chunk_file, file_hash, list_files, safe_extract
-    from workers.rag.index import (Embedder, get_collection, keyword_tokens, load_embedder, load_manifest, rag_dir,
-                                   save_manifest)
+    from workers.rag.index import (Embedder, build_keyword_index, get_collection, load_embedder, load_manifest,
+                                   rag_dir, save_manifest)
 
     t0 = time.perf_counter()
     src = Path(p.path).expanduser().resolve()
@@ -203,7 +203,7 @@ def _ingest(p: Params, ctx) -> dict:
     kept = set(manifest["files"]) - set(tokens)
     stored = keyword.load_tokens(ctx.data_dir, p.collection)
     if any(stored.get(rel, {}).get("sha") != manifest["files"][rel]["sha"] for rel in kept):
-        keyword_tokens(ctx.data_dir, p.collection, coll, manifest)  # ingested before keyword search: all from Chroma
+        build_keyword_index(ctx.data_dir, p.collection, coll, manifest)  # made before keyword search: from Chroma
     else:
         keyword.update(ctx.data_dir, p.collection, tokens, keep=kept)
     save_manifest(ctx.data_dir, p.collection, manifest)
