@@ -44,6 +44,7 @@ class Params:
     n_gpu_layers: int = -1  # -1: as many layers as fit the budget (the gate decides); 0: CPU only
     top_k: int = 4  # chunks retrieved from the collection
     reranker: str = ""  # a cross-encoder preset (bge-reranker-base) or local folder; empty: embedding order
+    retrieval: str = "hybrid"  # "hybrid": BM25 keywords fused with the embeddings (finds exact names); "dense"
     tools: bool = False  # let the model search the collection, open its files, calculate, read the date
     tool_choice: str = "auto"  # "auto", or a tool name the first step must call
     max_tool_rounds: int = 3  # tool calls the model may make before it must answer
@@ -76,6 +77,9 @@ class Params:
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
+        if self.retrieval not in ("dense", "hybrid"):
+            raise ValueError(f"retrieval must be dense or hybrid (a reranker, when set, re-scores either); got "
+                             f"{self.retrieval!r}")
         if self.flash_attn not in ("auto", "on", "off"):
             raise ValueError(f"flash_attn must be auto, on or off; got {self.flash_attn!r}")
         if self.tool_choice != "auto" and self.tool_choice not in TOOL_NAMES:
@@ -131,7 +135,7 @@ def run_tool(ctx, p: Params, name: str, args: dict) -> str:
             from workers.rag.index import retrieve
 
             hits = retrieve(ctx, p.collection, str(args.get("query", "")), k=p.top_k, reranker=p.reranker,
-                            embedder=p.embedder)
+                            retrieval=p.retrieval, embedder=p.embedder)
             return "\n\n".join(f"[{h.where}]\n{h.text}" for h in hits) or "no results"
         if name == "open_file":
             return open_collection_file(ctx, p.collection, str(args.get("path", "")), args.get("start_line"),
@@ -453,7 +457,8 @@ def _run(p: Params, ctx) -> dict:
         if not prefix:  # continue answers from the sources the answer began with
             from workers.rag.index import retrieve
 
-            hits = retrieve(ctx, p.collection, question, k=p.top_k, reranker=p.reranker, embedder=p.embedder)
+            hits = retrieve(ctx, p.collection, question, k=p.top_k, reranker=p.reranker, retrieval=p.retrieval,
+                            embedder=p.embedder)
             sources = [h.to_dict() for h in hits]
         ctx.emit("sources", sources=sources)
         blocks = "\n\n".join(f"[{i}] {s['where']}\n{s['text']}" for i, s in enumerate(sources, start=1))
