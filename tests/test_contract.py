@@ -94,6 +94,13 @@ class Inputs:
 
         return self._once("speech", make)
 
+    def adapter(self):
+        from adapter_fixtures import make_adapter
+        from rag_fixtures import make_tiny_hf_llm
+
+        return str(self._once("adapter", lambda: make_adapter(make_tiny_hf_llm(self.tmp / "ft-base"),
+                                                               self.tmp / "ft-adapter")))
+
     def stream_session(self):
         import numpy as np
         from PIL import Image
@@ -124,6 +131,7 @@ EXAMPLES = {
     "detect_predict": lambda i: {"model": "yolov8n.yaml", "source": i.image(), "imgsz": 64},
     "detect_export": lambda i: {"model": "yolov8n.yaml", "imgsz": 64, "runs": 1, "warmup": 1},
     "detect_stream": lambda i: {"model": "yolov8n.yaml", "session": i.stream_session(), "imgsz": 64, "idle_s": 0.5},
+    "finetune_merge": lambda i: {"adapter": i.adapter(), "dtype": "float32"},
 }
 # kinds whose example cannot finish here (no network): they must still end once, FAILED with a plain reason
 ENDS_FAILED = {"model_download": "hub cannot be reached|offline|not in the Hugging Face cache"}
@@ -142,6 +150,7 @@ BAD = {
     "detect_predict": ({"model": "yolov8n.yaml", "source": "/nonexistent.jpg"}, "not found"),
     "detect_export": ({"model": "yolov99z"}, "neither a preset"),
     "detect_stream": ({"model": "yolov8n.yaml", "session": "../etc"}, "session"),
+    "finetune_merge": ({"adapter": "/nonexistent/adapter"}, "does not exist"),
 }
 NEEDS_OPENCV = {"detect_train", "detect_predict", "detect_export", "detect_stream"}
 KINDS = sorted(k for k in registry.WORKERS if not k.startswith("test_"))

@@ -23,7 +23,7 @@ RAG_INSTRUCTIONS = ("Answer the question using the numbered sources below. Cite 
 
 PACKAGES = ("llama-cpp-python", "transformers", "chromadb", "sentence-transformers")  # versions for the run card
 SEED_MAX = 2**32 - 2  # llama.cpp takes a 32-bit unsigned seed and reads 2**32 - 1 as "random"
-PATHS = ("model", "reranker", "embedder")  # params that name a server path (studio.access)
+PATHS = ("model", "reranker", "embedder", "adapter")  # params that name a server path or a job (studio.access)
 MODES = ("", "regenerate", "continue", "edit")
 
 
@@ -52,6 +52,7 @@ class Params:
     chat_format: str = ""  # a llama-cpp-python chat format (CHAT_FORMATS); "" or "auto": the preset's, else the
     # GGUF's own template, else a guess from the model's family (gemma -> gemma)
     load_in_4bit: bool = False  # transformers models only: load in NF4 through bitsandbytes
+    adapter: str = ""  # a LoRA on the transformers model: a finetune job id or an adapter folder; model empty: its base
     flash_attn: str = "auto"  # llama.cpp flash attention: "auto" (on for CUDA), "on" or "off"
     embedder: str = ""  # the collection's embedder; empty: the one it was built with (the only one that fits it)
     seed: int = 0  # 0: random
@@ -198,9 +199,13 @@ def validate(p: Params, config) -> Params:
     from studio.presets import default, presets
     from workers.rag.index import load_manifest
 
+    if p.adapter.strip():
+        p = _with_adapter(p, config.data_dir)
     if not p.model.strip():  # the preset on disk: downloaded, else the packaged one
         p = replace(p, model=default("llm", config.data_dir) or next(iter(presets()["llm"])))
-    _ref(p, config.data_dir)
+    if _ref(p, config.data_dir).backend != "hf" and p.adapter:
+        raise ValueError(f"adapter needs the transformers model it was trained on, and {p.model} is a GGUF file: "
+                         "leave model empty (the adapter's base), or merge the adapter and export it to GGUF")
     if p.mode:
         from studio.conversations import Conversations
 
@@ -222,6 +227,21 @@ def validate(p: Params, config) -> Params:
         raise ValueError(f"collection {p.collection!r} was embedded with {manifest['embedder']}; searching it with "
                          f"{p.embedder} would compare unrelated vectors. Leave embedder empty, or re-ingest.")
     return replace(p, embedder=manifest["embedder"])
+
+
+def _with_adapter(p: Params, data_dir) -> Params:
+    """The adapter as its folder (a job id resolved), checked; model empty -> the base it was trained on, and a model
+    that is not that base is refused (its layers would not match the adapter's)."""
+    from workers.finetune.adapter import adapter_base, adapter_dir, read_adapter, same_base
+
+    folder = adapter_dir(p.adapter, data_dir)
+    base = adapter_base(folder, read_adapter(folder))
+    if not p.model.strip():
+        return replace(p, adapter=str(folder), model=base)
+    if not same_base(p.model, base):
+        raise ValueError(f"the adapter was trained on {base}, not {p.model}: leave model empty to use its base, or "
+                         f"pick {base}")
+    return replace(p, adapter=str(folder))
 
 
 def _flash(p: Params, device) -> bool:
@@ -250,7 +270,12 @@ def llm_key(p: Params) -> str:
     from workers.chat.llm import llm_key as key
 
     ref = _ref(p)
-    return key(ref, p.n_ctx, p.n_gpu_layers, _format(p, ref), p.load_in_4bit) + f":fa={p.flash_attn}"
+    out = key(ref, p.n_ctx, p.n_gpu_layers, _format(p, ref), p.load_in_4bit) + f":fa={p.flash_attn}"
+    if p.adapter:  # base + adapter is another model than the base alone; a retrained adapter another again
+        from workers.finetune.adapter import adapter_key
+
+        out += f":adapter={adapter_key(Path(p.adapter))}"
+    return out
 
 
 def _format(p: Params, ref) -> str:
@@ -277,11 +302,15 @@ def estimate(p: Params, device) -> Estimate:
     ref = _ref(p)
     kind = getattr(device, "kind", "cpu")
     llm = llm_estimate(ref, p.n_ctx, p.n_gpu_layers, device, p.load_in_4bit, _flash(p, device))
+    if p.adapter:  # PEFT keeps LoRA weights in fp32 (it upcasts 16-bit ones) beside the base
+        from workers.finetune.adapter import read_adapter
+
+        llm["adapter"] = 4 * read_adapter(Path(p.adapter))["n_params"]
     layers = ref.shape["n_layer"] if p.n_gpu_layers < 0 else p.n_gpu_layers
     where = f"{layers} of {ref.shape['n_layer']} layers on the GPU" if kind == "cuda" else "on the CPU"
     inside = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in llm.items() if v)
     return Estimate(parts={"workspace": WORKSPACE}, models={llm_key(p): sum(llm.values()), **_rag_models(p)},
-                    note=f"{ref.name}: {where}, context {p.n_ctx} ({inside})")
+                    note=f"{ref.name}{' + adapter' if p.adapter else ''}: {where}, context {p.n_ctx} ({inside})")
 
 
 def shrink(p: Params):
@@ -302,7 +331,8 @@ def load_llm(ctx, p: Params):
     key = llm_key(p)
     path = ensure_local(ref, ctx.data_dir, lambda d, t, m: ctx.progress(d, t, m))
     if ref.backend == "hf":
-        return ctx.cached(key, lambda: load_hf(path, ctx.device, p.load_in_4bit))
+        adapter = Path(p.adapter) if p.adapter else None
+        return ctx.cached(key, lambda: load_hf(path, ctx.device, p.load_in_4bit, adapter))
     layers = p.n_gpu_layers if ctx.device == "cuda" else 0
     flash = p.flash_attn == "on" or (p.flash_attn == "auto" and ctx.device == "cuda")
 

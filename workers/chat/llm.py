@@ -162,6 +162,9 @@ def resolve(model: str, data_dir: Path | None = None) -> ModelRef:
     path = Path(model).expanduser()
     if model not in table:
         if not path.exists():
+            hf = hf_base_ref(model)
+            if hf is not None:
+                return hf
             raise ValueError(f"model {model!r} is neither a preset ({', '.join(table)}) nor an existing file")
         if path.is_dir():
             if not (path / "config.json").exists():
@@ -177,6 +180,78 @@ def resolve(model: str, data_dir: Path | None = None) -> ModelRef:
     shape |= {"size": int(p["size_gb"] * 1e9), "ctx_train": p["ctx"]}
     local = find_local(model, p, data_dir) if data_dir is not None else None
     return ModelRef(model, local, p, shape)
+
+
+def hf_base_ref(model: str) -> ModelRef | None:
+    """A transformers model named the way a fine-tune names its base: a `finetune` preset (its config kept in assets/,
+    so no download is needed to size it), or a hub repo id already in the Hugging Face cache. None when it is neither.
+    """
+    p = presets().get("finetune", {}).get(model)
+    if p is not None:
+        local = hub_cached_snapshot(p["repo"]) if p.get("repo") else None
+        cfg = preset_config(p)
+        if cfg is None and local is None:
+            raise ValueError(f"finetune preset {model!r} has no config in assets/ and is not downloaded")
+        shape = hf_shape(local) if local is not None else _cfg_shape(cfg, 0)
+        if not shape.get("size"):  # not on disk: sized from its config (bf16 weights on the hub)
+            shape["n_params"] = config_params(cfg or {})
+            shape["size"] = 2 * shape["n_params"]
+        return ModelRef(model, local, p, shape, backend="hf")
+    if "/" in model and not model.startswith(("/", ".", "~")):  # owner/name: a hub repo, when it is on disk
+        local = hub_cached_snapshot(model)
+        if local is not None:
+            return ModelRef(model, local, None, hf_shape(local), backend="hf")
+    return None
+
+
+def hub_cached_snapshot(repo: str) -> Path | None:
+    """The folder of a hub repo already in the Hugging Face cache, without the network; None when it is not there."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(repo, local_files_only=True))
+        return folder if (folder / "config.json").exists() else None
+    except Exception:  # not cached (LocalEntryNotFoundError), a bad repo id (HFValidationError), no hub library
+        return None
+
+
+def preset_config(p: dict) -> dict | None:
+    """A preset's model config (config.json as the hub has it), kept in assets/ so estimates need no download: inline
+    (assets/presets/finetune.json) or a file there."""
+    name = p.get("config")
+    if isinstance(name, dict):
+        return name
+    if not name:
+        return None
+    assets = Path(__file__).resolve().parents[2] / "assets"
+    for cand in (assets / name, assets / "configs" / name, assets / "presets" / name):
+        if cand.is_file():
+            return json.loads(cand.read_text(encoding="utf-8"))
+    return None
+
+
+def config_params(cfg: dict) -> int:
+    """Parameters of a decoder-only transformer from its config (attention, gated MLP, norms, embeddings)."""
+    cfg = cfg.get("text_config", cfg)
+    h, layers = cfg.get("hidden_size", 0), cfg.get("num_hidden_layers", 0)
+    heads = cfg.get("num_attention_heads", 1)
+    hd = cfg.get("head_dim") or h // max(heads, 1)
+    kv = cfg.get("num_key_value_heads", heads)
+    inter, vocab = cfg.get("intermediate_size", 4 * h), cfg.get("vocab_size", 32000)
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    per_layer = attn + 3 * h * inter + 2 * h
+    return layers * per_layer + vocab * h * (1 if cfg.get("tie_word_embeddings") else 2) + h
+
+
+def _cfg_shape(cfg: dict, size: int) -> dict:
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_attention_heads", 1)
+    hidden = cfg.get("hidden_size", 64)
+    return {"n_layer": cfg.get("num_hidden_layers", 1), "n_head": heads, "n_embd": hidden,
+            "tied": bool(cfg.get("tie_word_embeddings", False)), "n_kv_head": cfg.get("num_key_value_heads", heads),
+            "head_dim": cfg.get("head_dim") or hidden // heads, "vocab": cfg.get("vocab_size", 32000),
+            "ctx_train": cfg.get("max_position_embeddings", 4096), "size": size,
+            "arch": (cfg.get("architectures") or ["?"])[0]}
 
 
 def find_local(name: str, preset: dict, data_dir: Path) -> Path | None:
@@ -197,6 +272,9 @@ def ensure_local(ref: ModelRef, data_dir: Path, progress: Callable[[float, float
     if ref.path is not None:
         return ref.path
     p = ref.preset
+    if ref.backend == "hf":  # a finetune preset: the whole hub repo
+        progress(0, None, f"downloading {p['repo']}")
+        return Path(hub_snapshot(p["repo"]))
     if p.get("pypi"):
         try:
             mod = __import__(p["pypi"].replace("-", "_"))
@@ -531,7 +609,9 @@ class HFChat:
             thread.join()
 
 
-def load_hf(path: Path, device: str, load_in_4bit: bool = False) -> tuple["HFChat", int]:
+def load_hf(path: Path, device: str, load_in_4bit: bool = False, adapter: Path | None = None) -> tuple["HFChat", int]:
+    """A transformers model (fp16 on CUDA, fp32 on the CPU, or NF4), with a PEFT LoRA adapter on top when given: its
+    tokenizer comes from the adapter folder when the fine-tune saved one there (a template or pad token it set)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -546,6 +626,13 @@ def load_hf(path: Path, device: str, load_in_4bit: bool = False) -> tuple["HFCha
     model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     if not load_in_4bit:
         model.to(device)
+    tok_from = path
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=False)
+        if (Path(adapter) / "tokenizer_config.json").exists():
+            tok_from = adapter
     model.eval()
     size = sum(p.numel() * p.element_size() for p in model.parameters())
-    return HFChat(model, AutoTokenizer.from_pretrained(str(path))), size
+    return HFChat(model, AutoTokenizer.from_pretrained(str(tok_from))), size
