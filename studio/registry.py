@@ -35,6 +35,7 @@ register("detect_train",    "workers.detect.train")
 register("detect_predict",  "workers.detect.predict")
 register("detect_export",   "workers.detect.export")
 register("detect_stream",   "workers.detect.stream")
+register("finetune",        "workers.finetune.train")
 register("finetune_merge",  "workers.finetune.merge")
 
 

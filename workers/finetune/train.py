@@ -1,0 +1,518 @@
+"""Job kind `finetune`: QLoRA (default), LoRA or full fine-tuning of a chat model on the user's data.
+
+The guide's recipe is the default (`--load_in_4bit --bf16 --gradient_checkpointing --lora_r 16 --lora_alpha 32
+--lora_dropout 0.05 --per_device_train_batch_size 1 --gradient_accumulation_steps 16 --max_seq_length 2048
+--num_train_epochs 2`). Training is transformers' Trainer through trl's SFTTrainer (its fused LM head: the logits
+are never materialised); the studio's callbacks report progress (a cancel point on every micro-batch, step and
+evaluation batch), metrics and checkpoints. The data is tokenized here (workers.finetune.data: exact answer-only
+masks), so trl sees `input_ids` + `labels` and only pads, packs and batches.
+
+Checkpoints: transformers' own (`checkpoint/checkpoint-<step>/`), recorded with their sha256 in
+`checkpoint/state.json`; Resume (a new job with `resume_from`) copies one into its own run folder, checks every
+file against those hashes, and hands it to the Trainer, which restores the adapter, optimizer, scheduler, RNG and
+data position. Out of memory during a step: the studio saves a checkpoint, halves `micro_batch`, doubles
+`grad_accum` and continues from it; a second OOM at micro-batch 1 stops with a suggestion. See the package docstring
+for the run folder's layout.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from studio.gate import Estimate
+from workers.finetune import estimate as est
+
+PACKAGES = ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")  # versions for the run card
+PATHS = ("base", "data", "eval_data", "resume_from")  # params that name a server path or a job (studio.access)
+
+
+@dataclass(frozen=True)
+class Params:
+    base: str = "Llama-3.1-8B-Instruct"  # a preset (Llama-3.1-8B-Instruct, Qwen2.5-7B-Instruct, …) or a local transformers folder
+    data: str = ""  # your examples: a JSONL, JSON, CSV or Parquet file (several: comma-separated), or a folder of them
+    eval_data: str = ""  # a dev set file; empty: a seeded split of `data` (dev_fraction, at most dev_max examples)
+    method: Literal["qlora", "lora", "full"] = "qlora"  # qlora: 4-bit base + LoRA; lora: bf16 base + LoRA; full: every weight (small models)
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (the update is scaled by alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    target_modules: str = "all-linear"  # layers LoRA adapts: all-linear, or names such as q_proj,v_proj
+    max_seq_len: int = 2048  # tokens per example; longer ones are cut (the data report counts them)
+    micro_batch: int = 1  # examples per forward pass (halved automatically after an out-of-memory error)
+    grad_accum: int = 16  # micro-batches per optimizer step: effective batch = micro_batch x grad_accum
+    epochs: float = 2.0  # passes over the training examples (max_steps > 0 overrides)
+    max_steps: int = 0  # optimizer steps; 0: as many as `epochs` take
+    lr: float = 2e-4  # peak learning rate (after warm-up)
+    scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup"] = "cosine"  # learning-rate schedule
+    warmup: float = 0.03  # warm-up: a fraction of the steps (< 1) or a number of steps (>= 1)
+    packing: bool = False  # pack short examples together into max_seq_len rows (faster on many short examples)
+    train_on_prompt: bool = False  # false: the loss is on the answers only (the prompt is masked)
+    gradient_checkpointing: bool = True  # recompute activations in backward: far less memory for ~30% more time
+    seed: int = 42  # data order, the dev split, LoRA init and dropout
+    eval_every: int = 50  # optimizer steps between dev-set evaluations (also before and after training); 0: only those two
+    save_every: int = 50  # optimizer steps between checkpoints (one is also written on cancel, OOM and at the end)
+    dev_fraction: float = 0.05  # share of `data` held out as the dev set when eval_data is empty
+    dev_max: int = 200  # at most this many dev examples from the split
+    threads: int = 0  # CPU threads; 0 uses every core
+    resume_from: str = ""  # a finetune job id whose checkpoint this run continues (set by Resume; also extends a finished run)
+
+    def __post_init__(self):
+        for name, lo, hi in [("lora_r", 1, 1024), ("lora_alpha", 1, 4096), ("lora_dropout", 0.0, 0.9),
+                             ("max_seq_len", 16, 262_144), ("micro_batch", 1, 1024), ("grad_accum", 1, 4096),
+                             ("epochs", 0.01, 1000.0), ("max_steps", 0, 10_000_000), ("lr", 1e-8, 1.0),
+                             ("warmup", 0.0, 100_000.0), ("seed", 0, 2**31 - 1), ("eval_every", 0, 10_000_000),
+                             ("save_every", 1, 10_000_000), ("dev_fraction", 0.0, 0.5), ("dev_max", 1, 100_000),
+                             ("threads", 0, 1024)]:
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
+        if not self.base.strip():
+            raise ValueError("no base model given: a preset (e.g. Llama-3.1-8B-Instruct) or a model folder")
+        if not self.data.strip():
+            raise ValueError("no data given: name a JSONL, JSON, CSV or Parquet file of examples")
+
+
+def validate(p: Params, config) -> None:
+    """Bad input fails here, before anything is queued: the base's config, every data line, the checkpoint."""
+    from workers.finetune import data
+
+    cfg = est.model_config(p.base)
+    max_pos = int(cfg.get("max_position_embeddings") or 0)
+    if max_pos and p.max_seq_len > max_pos:
+        raise ValueError(f"max_seq_len {p.max_seq_len} is longer than {Path(p.base).name} was trained for "
+                         f"({max_pos}); use at most {max_pos}")
+    examples = data.read(p.data)
+    if p.eval_data:
+        data.read(p.eval_data)
+    elif len(examples) < 2:
+        raise ValueError(f"{len(examples)} example: a dev split needs at least 2 (or give eval_data)")
+    if p.resume_from:
+        state = config.runs_dir / p.resume_from / "checkpoint" / "state.json"
+        if not state.exists():
+            raise ValueError(f"job {p.resume_from} has no fine-tuning checkpoint to resume from")
+
+
+def estimate(p: Params, device) -> Estimate:
+    parts, note = est.breakdown(p, device)
+    return Estimate(parts=parts, note=note)
+
+
+def shrink(p: Params):
+    return est.shrinks(p, est.smaller_presets())
+
+
+# ---- paths other kinds use ----------------------------------------------------------------------------------------
+def adapter_dir(run_dir: Path) -> Path:
+    """Where a finetune job's result is: adapter/ (PEFT: adapter_model.safetensors + adapter_config.json) for lora
+    and qlora, model/ (a transformers folder) for full."""
+    run_dir = Path(run_dir)
+    return run_dir / "adapter" if (run_dir / "adapter").exists() or not (run_dir / "model").exists() else \
+        run_dir / "model"
+
+
+def base_source(base: str) -> str:
+    """What from_pretrained loads: the preset's hub repo, or the folder."""
+    table = est.presets()
+    return table[base]["repo"] if base in table else str(Path(base).expanduser())
+
+
+# ---- checkpoints the studio wrote ------------------------------------------------------------------------------
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hashes(folder: Path) -> dict[str, str]:
+    return {str(f.relative_to(folder)): sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def record_checkpoint(ckpt_root: Path, step: int, extra: dict) -> dict:
+    """Write state.json naming checkpoint-<step> and the sha256 of each of its files; drop older checkpoints."""
+    name = f"checkpoint-{step}"
+    folder = ckpt_root / name
+    state = {"step": step, "dir": name, "sha256": _hashes(folder), **extra}
+    tmp = ckpt_root / "state.json.tmp"
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, ckpt_root / "state.json")
+    for old in ckpt_root.glob("checkpoint-*"):
+        if old.name != name and old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+    return state
+
+
+def load_state(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "checkpoint" / "state.json").read_text())
+
+
+def checked_copy(runs_dir: Path, job_id: str, dest: Path) -> tuple[Path, dict]:
+    """Copy job_id's recorded checkpoint into `dest` and check every file against the hashes its job recorded; a
+    file that is missing, extra or changed refuses the resume. Returns (the copy, the state)."""
+    src_run = (Path(runs_dir) / job_id).resolve()
+    if not src_run.is_relative_to(Path(runs_dir).resolve()):
+        raise ValueError(f"{job_id} is not a job of this studio")
+    state = load_state(src_run)
+    src = src_run / "checkpoint" / state["dir"]
+    copy = dest / state["dir"]
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(src, copy)
+    found = _hashes(copy)
+    if found != state["sha256"]:
+        changed = sorted(set(found) ^ set(state["sha256"]) | {k for k in found if found[k] != state["sha256"].get(k)})
+        shutil.rmtree(copy, ignore_errors=True)
+        raise ValueError(f"job {job_id}'s checkpoint changed since the studio wrote it ({', '.join(changed[:3])}); "
+                         "not loading it. Retry to train from scratch")
+    return copy, state
+
+
+# ---- the run ----------------------------------------------------------------------------------------------------
+class OutOfMemoryAtMicroBatch1(RuntimeError):
+    pass
+
+
+def _peak_bytes(cuda: bool) -> int:
+    if cuda:
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _load_model(p: Params, source: str, cuda: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = torch.bfloat16 if cuda else torch.float32
+    kw = dict(dtype=dtype, attn_implementation="sdpa", device_map={"": 0} if cuda else "cpu")
+    if p.method == "qlora":
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+    if p.method == "full":
+        kw["dtype"] = torch.float32  # fp32 master weights; bf16 autocast on CUDA
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kw)
+    except OSError as e:
+        raise RuntimeError(_missing(p.base, source, e)) from None
+    model.config.use_cache = False
+    return model
+
+
+def _missing(base: str, source: str, e: Exception) -> str:
+    if base in est.presets():
+        return (f"{base} is not on disk and cannot be downloaded here ({str(e).splitlines()[0][:160]}). Download "
+                f"{source} in the Models tab (or `huggingface-cli download {source}`) on a machine with internet, "
+                "or give a local model folder as base")
+    return f"cannot load {source}: {str(e).splitlines()[0][:200]}"
+
+
+def _load_tokenizer(p: Params, source: str):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as e:
+        raise RuntimeError(_missing(p.base, source, e)) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def run(p: Params, ctx) -> dict:
+    ctx.progress(0, None, "reading the data")
+    import torch
+
+    from studio.context import JobCancelled
+    from workers.finetune import data
+
+    cuda = ctx.device == "cuda"
+    torch.set_num_threads(p.threads or os.cpu_count() or 1)
+    source = base_source(p.base)
+    tok = _load_tokenizer(p, source)
+    own_template = data.ensure_template(tok)
+    examples = data.read(p.data)
+    if p.eval_data:
+        train_ex, dev_ex = examples, data.read(p.eval_data)
+    else:
+        train_ex, dev_ex = data.split(examples, p.dev_fraction, p.dev_max, p.seed)
+    report = data.report(p.data, tok, p.max_seq_len, p.train_on_prompt, p.eval_data, p.dev_fraction, p.dev_max,
+                         p.seed, examples=examples)
+    (ctx.run_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    ctx.emit("data_report", report=report)
+    train_enc, skipped = data.encode_all(train_ex, tok, p.max_seq_len, p.train_on_prompt)
+    dev_enc, _ = data.encode_all(dev_ex, tok, p.max_seq_len, p.train_on_prompt)
+    if not train_enc:
+        raise ValueError("no training example is left: every answer is empty or cut off by max_seq_len")
+    if not own_template:
+        ctx.log(f"{Path(source).name} has no chat template: using the plain '### Instruction / ### Response' "
+                "format (saved with the adapter, so Chat uses it too)")
+    data_hash = data.file_hash(p.data)
+    dev_hash = data.file_hash(p.eval_data) if p.eval_data else None
+
+    micro_batch, grad_accum = p.micro_batch, p.grad_accum
+    resume_ckpt, resumed_step = None, 0
+    if p.resume_from:
+        resume_ckpt, state = checked_copy(ctx.run_dir.parent, p.resume_from, ctx.run_dir / "resume")
+        if state.get("data_hash") != data_hash:
+            raise ValueError(f"the data changed since job {p.resume_from} ran (hash {data_hash[:12]} vs "
+                             f"{str(state.get('data_hash'))[:12]}); Retry to train from scratch on the new data")
+        micro_batch = state.get("micro_batch", micro_batch)
+        grad_accum = state.get("grad_accum", grad_accum)
+        resumed_step = state["step"]
+        ctx.log(f"resuming job {p.resume_from} from step {resumed_step}"
+                + (f" (micro_batch {micro_batch}, grad_accum {grad_accum} after an out-of-memory error)"
+                   if micro_batch != p.micro_batch else ""))
+
+    import peft
+    import transformers
+    import trl
+
+    ctx.progress(0, None, f"loading {Path(source).name} ({p.method})")
+    model = _load_model(p, source, cuda)
+    base_revision = getattr(model.config, "_commit_hash", None)
+    if p.method != "full":
+        lcfg = peft.LoraConfig(r=p.lora_r, lora_alpha=p.lora_alpha, lora_dropout=p.lora_dropout, bias="none",
+                               task_type="CAUSAL_LM",
+                               target_modules="all-linear" if p.target_modules.strip() in ("all-linear", "all", "")
+                               else [t.strip() for t in p.target_modules.split(",") if t.strip()])
+        try:
+            model = peft.get_peft_model(model, lcfg)
+        except ValueError as e:
+            raise ValueError(f"target_modules {p.target_modules!r}: {str(e).splitlines()[0][:200]}") from None
+    n_trainable = sum(x.numel() for x in model.parameters() if x.requires_grad)
+    n_total = sum(x.numel() * (2 if getattr(x, "quant_type", None) else 1) for x in model.parameters())
+    ctx.card(base=p.base, base_source=source, base_revision=base_revision, data=p.data, data_hash=data_hash,
+             eval_data=p.eval_data or None, dev_hash=dev_hash, method=p.method, seed=p.seed,
+             resumed_from=p.resume_from or None, trainable_params=n_trainable, total_params=n_total,
+             memory_path=("4-bit NF4 weights, bf16 non-quantized weights (no fp32 upcast), non-reentrant "
+                          "checkpointing, paged 8-bit AdamW, bf16 autocast, SDPA, trl's fused LM head" if cuda else
+                          "CPU: fp32 compute, AdamW (torch), SDPA, trl's chunked LM head"),
+             train_examples=len(train_enc), dev_examples=len(dev_enc), skipped=skipped, chat_template=(
+                 "own" if own_template else "fallback"))
+    ctx.log(f"{p.method}: {n_trainable / 1e6:.2f} M trainable of {n_total / 1e6:.1f} M parameters; "
+            f"{len(train_enc)} training examples, {len(dev_enc)} dev")
+
+    from datasets import Dataset
+
+    train_ds = Dataset.from_list(train_enc)
+    dev_ds = Dataset.from_list(dev_enc) if dev_enc else None
+    ckpt_root = ctx.run_dir / "checkpoint"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    extra = lambda: {"micro_batch": micro_batch, "grad_accum": grad_accum, "data_hash": data_hash,  # noqa: E731
+                     "dev_hash": dev_hash, "base": p.base, "method": p.method, "params": asdict(p)}
+    callback = _make_callback(ctx, cuda, ckpt_root, extra, resumed_step)
+    ooms = 0
+    result_metrics: dict = {}
+    while True:
+        trainer = _trainer(p, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callback,
+                           trl, transformers)
+        try:
+            if resume_ckpt is None and dev_ds is not None and callback.start_dev is None:
+                callback.evaluating = "start"
+                m = trainer.evaluate()
+                callback.evaluating = None
+                callback.start_dev = m.get("eval_loss")
+                ctx.metric(0, dev_loss=callback.start_dev, perplexity=_ppl(callback.start_dev))
+            out = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+            result_metrics = dict(out.metrics)
+            break
+        except JobCancelled:
+            _save(trainer, ckpt_root, extra, callback)
+            ctx.log(f"cancelled at step {trainer.state.global_step}; the checkpoint is kept and Resume continues "
+                    "from it")
+            raise
+        except torch.OutOfMemoryError:
+            step = trainer.state.global_step
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+            saved = _save(trainer, ckpt_root, extra, callback) if step > 0 else None
+            ooms += 1
+            if micro_batch == 1:
+                where = f" Its checkpoint at step {step} is kept." if saved else ""
+                raise OutOfMemoryAtMicroBatch1(
+                    f"Out of memory at step {step + 1} with micro_batch 1 (grad_accum {grad_accum}). Lower "
+                    f"max_seq_len (now {p.max_seq_len}; try {max(256, p.max_seq_len // 2)}), lora_r, or pick a "
+                    f"smaller base; close other programs using the GPU.{where}") from None
+            micro_batch, grad_accum = micro_batch // 2, grad_accum * 2
+            if saved:
+                saved = record_checkpoint(ckpt_root, saved["step"], extra())  # the new sizes go into the state
+            msg = (f"out of memory at step {step + 1}: saved a checkpoint at step {step}, micro_batch now "
+                   f"{micro_batch}, grad_accum {grad_accum} (same effective batch); continuing")
+            ctx.emit("oom", step=step, micro_batch=micro_batch, grad_accum=grad_accum, message=msg)
+            ctx.log(msg)
+            resume_ckpt = (ckpt_root / saved["dir"]) if saved else None
+            callback.resumed_step = step
+            del trainer
+
+    state = _save(trainer, ckpt_root, extra, callback)
+    final_dev = None
+    if dev_ds is not None:
+        callback.evaluating = "end"
+        m = trainer.evaluate()
+        callback.evaluating = None
+        final_dev = m.get("eval_loss")
+        ctx.metric(trainer.state.global_step, dev_loss=final_dev, perplexity=_ppl(final_dev))
+    out_dir = ctx.run_dir / ("model" if p.method == "full" else "adapter")
+    ctx.progress(trainer.state.global_step, trainer.state.max_steps, "saving the result")
+    trainer.save_model(str(out_dir))
+    tok.save_pretrained(str(out_dir))
+    if p.method != "full":
+        cfg_path = out_dir / "adapter_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["base_model_name_or_path"] = source
+        if base_revision:
+            cfg["revision"] = base_revision
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    hashes = {str(f.relative_to(ctx.run_dir)): sha256(f) for f in sorted(out_dir.rglob("*.safetensors"))}
+    ctx.card(result=str(out_dir.relative_to(ctx.run_dir)), result_sha256=hashes, micro_batch=micro_batch,
+             grad_accum=grad_accum, out_of_memory_restarts=ooms)
+    weights = "adapter_model.safetensors" if p.method != "full" else next(
+        (f.name for f in sorted(out_dir.glob("*.safetensors"))), "model.safetensors")
+    ctx.artifact(out_dir / weights, "adapter (safetensors)" if p.method != "full" else "model (safetensors)")
+    ctx.artifact(ctx.run_dir / "data_report.json", "data report")
+    return {
+        "steps": trainer.state.global_step,
+        "epochs": round(float(trainer.state.epoch or 0), 3),
+        "train_loss": result_metrics.get("train_loss"),
+        "dev_loss_start": callback.start_dev,
+        "dev_loss": final_dev,
+        "perplexity": _ppl(final_dev),
+        "tokens_per_s": callback.tokens_per_s,
+        "seconds": round(callback.seconds, 2),
+        "peak_bytes": _peak_bytes(cuda),
+        "micro_batch": micro_batch,
+        "grad_accum": grad_accum,
+        "out_of_memory_restarts": ooms,
+        "result": str(out_dir),
+        "checkpoint_step": state["step"] if state else None,
+        "device": ctx.device,
+    }
+
+
+def _ppl(loss):
+    return math.exp(min(loss, 50)) if loss is not None else None
+
+
+def _save(trainer, ckpt_root: Path, extra, callback) -> dict | None:
+    """A checkpoint at the trainer's step (unless the last recorded one is already there) and its state.json."""
+    step = trainer.state.global_step
+    if step == 0:
+        return None
+    state_file = ckpt_root / "state.json"
+    if state_file.exists():
+        st = json.loads(state_file.read_text())
+        if st["step"] == step and (ckpt_root / st["dir"]).exists():
+            return st
+    trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own checkpoint writer
+    return record_checkpoint(ckpt_root, step, extra())
+
+
+def _trainer(p: Params, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callback, trl,
+             transformers):
+    evaluate = dev_ds is not None and p.eval_every > 0
+    args = trl.SFTConfig(
+        output_dir=str(ckpt_root),
+        per_device_train_batch_size=micro_batch,
+        per_device_eval_batch_size=micro_batch,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps if p.max_steps > 0 else -1,
+        learning_rate=p.lr,
+        lr_scheduler_type=p.scheduler,
+        warmup_steps=p.warmup,
+        logging_steps=1,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=p.eval_every if evaluate else None,
+        save_strategy="steps",
+        save_steps=p.save_every,
+        seed=p.seed,
+        data_seed=p.seed,
+        bf16=cuda,
+        use_cpu=not cuda,
+        optim=("paged_adamw_8bit" if p.method != "full" else "adamw_torch_fused") if cuda else "adamw_torch",
+        gradient_checkpointing=p.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
+        max_length=p.max_seq_len,
+        packing=p.packing,
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        save_only_model=False,
+    )
+    transformers.logging.set_verbosity_error()
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
+                             processing_class=tok, callbacks=[callback])
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # the studio's events say it instead
+    return trainer
+
+
+def _make_callback(ctx, cuda: bool, ckpt_root: Path, extra, resumed_step: int):
+    """Progress, metrics and cancel through the Trainer's callbacks (each call a cancel point) and the studio's
+    record of every checkpoint the Trainer writes."""
+    from transformers import TrainerCallback
+
+    class StudioCallback(TrainerCallback):
+        def __init__(self):
+            self.resumed_step = resumed_step
+            self.start_dev = None
+            self.evaluating = None
+            self.tokens_per_s = 0.0
+            self.seconds = 0.0
+            self._t0 = None
+            self._window = None  # (time, tokens, step) where the speed window starts
+
+        def on_train_begin(self, args, state, control, **kw):
+            now = time.perf_counter()
+            self._t0 = now
+            self._window = (now, state.num_input_tokens_seen or 0, state.global_step)
+
+        def on_substep_end(self, args, state, control, **kw):
+            ctx.check_cancel()  # a micro-batch within the accumulation
+
+        def on_step_begin(self, args, state, control, **kw):
+            ctx.check_cancel()
+
+        def on_step_end(self, args, state, control, **kw):
+            ctx.progress(state.global_step, state.max_steps, f"step {state.global_step}/{state.max_steps}")
+
+        def on_prediction_step(self, args, state, control, **kw):
+            ctx.check_cancel()  # each dev batch
+
+        def on_save(self, args, state, control, **kw):
+            if (ckpt_root / f"checkpoint-{state.global_step}").exists():
+                record_checkpoint(ckpt_root, state.global_step, extra())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            now = time.perf_counter()
+            step = state.global_step
+            if "loss" in logs:
+                t0, tok0, step0 = self._window
+                dt = max(now - t0, 1e-9)
+                self.tokens_per_s = ((state.num_input_tokens_seen or 0) - tok0) / dt
+                self.seconds = now - self._t0
+                done = step - step0
+                eta = (state.max_steps - step) * dt / done if done else None
+                ctx.metric(step, train_loss=logs["loss"], lr=logs.get("learning_rate"),
+                           grad_norm=logs.get("grad_norm"), tokens_per_s=round(self.tokens_per_s, 1),
+                           peak_bytes=_peak_bytes(cuda), eta_s=round(eta, 1) if eta is not None else None,
+                           epoch=round(float(state.epoch or 0), 4))
+            if "eval_loss" in logs and self.evaluating is None:
+                ctx.metric(step, dev_loss=logs["eval_loss"], perplexity=_ppl(logs["eval_loss"]))
+
+        def on_train_end(self, args, state, control, **kw):
+            if self._t0 is not None:
+                self.seconds = time.perf_counter() - self._t0
+
+    return StudioCallback()
