@@ -105,7 +105,13 @@ def estimate(p: Params, device) -> Estimate:
 
 
 def shrink(p: Params):
-    return est.shrinks(p, est.smaller_presets())
+    """Changes to try when over budget (the gate takes the first that fits), each naming only what changes."""
+    seen = []
+    for change in est.shrinks(p, est.smaller_presets()):
+        change = {k: v for k, v in change.items() if getattr(p, k) != v}
+        if change and change not in seen:
+            seen.append(change)
+            yield change
 
 
 # ---- paths other kinds use ----------------------------------------------------------------------------------------
