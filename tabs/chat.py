@@ -17,7 +17,8 @@ from .common import Follow, bind, progress_html, save_form, user_of, visible_col
 SEND_INPUTS = dict(message="prompt", conversation="conversation", model="model", collection="collection",
                    system="system", temperature="temperature", top_p="top_p", max_tokens="max_tokens", n_ctx="n_ctx",
                    top_k="top_k", reranker="reranker", tools="tools", load_in_4bit="load_in_4bit",
-                   chat_format="chat_format", top_k_tokens="top_k_tokens", repeat_penalty="repeat_penalty")
+                   chat_format="chat_format", top_k_tokens="top_k_tokens", repeat_penalty="repeat_penalty",
+                   adapter="adapter")
 OUTPUTS = ("chatbot", "prompt", "stats", "sources", "job_id", "conversation")  # what a chat job streams into
 SAMPLING = ("temperature", "top_p", "top_k_tokens", "repeat_penalty")
 # named sampler settings, as text-generation-webui's presets: picking one sets the four sliders
@@ -28,7 +29,7 @@ SAMPLERS = {
     "Creative": dict(temperature=1.0, top_p=0.98, top_k_tokens=100, repeat_penalty=1.05),
 }
 SETTINGS = ("model", "collection", "system", "sampler", *SAMPLING, "max_tokens", "n_ctx", "top_k", "reranker", "tools",
-            "load_in_4bit", "chat_format")
+            "load_in_4bit", "chat_format", "adapter")
 # the form whose last-used settings come back on page load; saved by start() (tabs.common.save_form): the settings
 # only, as bind(..., remember=) would keep the message too
 FORMS = {"chat": SETTINGS}
@@ -226,7 +227,8 @@ def start(studio, owner: str | None, v: dict[str, Any], mode: str = "") -> Itera
                   temperature=v["temperature"], top_p=v["top_p"], max_tokens=int(v["max_tokens"]),
                   n_ctx=int(v["n_ctx"]), top_k=int(v["top_k"]), reranker=v["reranker"] or "", tools=bool(v["tools"]),
                   load_in_4bit=bool(v["load_in_4bit"]), chat_format=v.get("chat_format") or "auto",
-                  top_k_tokens=int(v.get("top_k_tokens", 40)), repeat_penalty=float(v.get("repeat_penalty", 1.0)))
+                  top_k_tokens=int(v.get("top_k_tokens", 40)), repeat_penalty=float(v.get("repeat_penalty", 1.0)),
+                  adapter=(v.get("adapter") or "").strip())
     try:
         job = studio.submit("chat", params, owner=owner)
     except ValueError as e:  # nothing was sent: the question stays in the textbox (Gradio leaves it on an error)
@@ -283,7 +285,7 @@ def build(studio, auth: bool = False) -> dict:
             with gr.Row():
                 rename = gr.Button("Rename", size="sm")
                 export = gr.Button("Export .md", size="sm")
-            export_file = gr.File(label="Markdown export", interactive=False, visible=False)
+            export_file = gr.File(label="Markdown export", interactive=False, visible=False, elem_id="chat-export")
         with gr.Column(scale=3, min_width=300):
             with gr.Row(equal_height=True):  # above the chat: on a narrow screen too, the model is picked first
                 model = gr.Dropdown(model_choices(studio.config.data_dir),
@@ -322,6 +324,8 @@ def build(studio, auth: bool = False) -> dict:
                                        allow_custom_value=True)
                 tools = gr.Checkbox(False, label="Tools (search, open file, calculator, date)")
                 load_in_4bit = gr.Checkbox(False, label="Load transformers models in 4-bit (bitsandbytes NF4)")
+                adapter = gr.Textbox(label="LoRA adapter (a fine-tune job id or an adapter folder; empty: none)",
+                                     info="the Fine-tune tab's Chat with it sets it, with its base as the model")
             sources = gr.Markdown()
     job_id = gr.State("")
 
@@ -331,7 +335,7 @@ def build(studio, auth: bool = False) -> dict:
               repeat_penalty=repeat_penalty, chat_format=chat_format,
               model=model, collection=collection, system=system, temperature=temperature, top_p=top_p,
               max_tokens=max_tokens, n_ctx=n_ctx, top_k=top_k, reranker=reranker, tools=tools,
-              load_in_4bit=load_in_4bit, sources=sources, job_id=job_id)
+              load_in_4bit=load_in_4bit, adapter=adapter, sources=sources, job_id=job_id)
 
     def owner(request):
         return user_of(request, auth)
@@ -425,7 +429,15 @@ def build(studio, auth: bool = False) -> dict:
         out.write_text(text)
         return gr.update(value=str(out), visible=True)
 
-    export.click(on_export, conversation, export_file, api_name="chat_export")
+    # the click downloads at once: the file's own link is clicked for the user (it stays as a fallback)
+    export.click(on_export, conversation, export_file, api_name="chat_export").success(
+        None, None, None, js="""async () => {
+            for (let i = 0; i < 40; i++) {  // the link appears once the File has rendered its new value
+                const a = document.querySelector('#chat-export a[download]');
+                if (a) { a.click(); return; }
+                await new Promise(r => setTimeout(r, 50));
+            }
+        }""")
 
     def on_refresh(request: gr.Request):
         return gr.update(choices=collection_choices(studio, owner(request)))

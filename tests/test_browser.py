@@ -73,6 +73,18 @@ def field(pg, label: str):
     return pg.get_by_label(label, exact=True).filter(visible=True).first
 
 
+def upload(pg, path: Path) -> None:
+    """Give a file to the first visible upload zone, as a user does: click it, pick the file."""
+    with pg.expect_file_chooser() as chooser:
+        visible(pg, "button").filter(has_text="Click to Upload").first.click()
+    chooser.value.set_files(str(path))
+
+
+def slider(pg, label: str):
+    """A gr.Slider's number box."""
+    return pg.get_by_label(f"number input for {label}", exact=True).filter(visible=True).first
+
+
 def wait_text(pg, pattern: str, timeout: float = 120) -> str:
     """Wait until the visible page's text matches `pattern` (a regex); return the match."""
     t0 = time.time()
@@ -107,7 +119,7 @@ def test_tinylm_first_try_draws_its_plot_and_a_reload_reattaches_with_its_params
     field(pg, "Folder of text or code on this machine").fill(str(corpus.parent))
     field(pg, "alibi").check()
     field(pg, "Max steps (0 = preset)").fill("100000")
-    pg.get_by_text("Model size (0 = preset)").filter(visible=True).first.click()
+    visible(pg, ".label-wrap").filter(has_text="Model size (0 = preset)").first.click()
     for label, value in (("Batch", 8), ("Context", 32), ("Layers", 2), ("Heads", 2), ("Width", 32)):
         field(pg, label).fill(str(value))  # a model that reaches its first eval (step 100) in seconds
     before = {j.id for j in studio.jobs(kind="tinylm")}
@@ -138,6 +150,7 @@ def test_tinylm_first_try_draws_its_plot_and_a_reload_reattaches_with_its_params
     assert studio.wait(job.id, 30).status is JobStatus.CANCELLED
 
     page2 = pg.context.new_page()  # a new page: the form is the last one used
+    page2.base = pg.base
     open_tab(page2, "tinylm")
     t0 = time.time()
     while not field(page2, "alibi").is_checked():
@@ -146,19 +159,141 @@ def test_tinylm_first_try_draws_its_plot_and_a_reload_reattaches_with_its_params
     assert field(page2, "Max steps (0 = preset)").input_value() == "100000"
 
 
-def test_jobs_and_header_fit_a_phone(browser, served, studio):
-    context = browser.new_context(viewport={"width": 400, "height": 800})
+def test_chat_over_an_ingested_folder_then_reload_stop_and_export(page, studio, tmp_path):
+    from rag_fixtures import GARDEN, SERVER
+
+    notes = tmp_path / "browser-notes"
+    notes.mkdir()
+    (notes / "garden.md").write_text(GARDEN)
+    (notes / "backup.py").write_text(SERVER)
+    pg = open_tab(page, "chat")
+    visible(pg, "button[role=tab]").filter(has_text="Collections").first.click()
+    field(pg, "Collection").fill("browser-notes")
+    field(pg, "…or a folder on this machine").fill(str(notes))
+    button(pg, "Ingest").click()  # the default embedder is the packaged one: no download
+    wait_text(pg, r"rag_ingest job \S+ — DONE", timeout=180)
+    shot(pg, "chat-ingested")
+
+    visible(pg, "button[role=tab]").filter(has_text=re.compile(r"^\s*Chat\s*$")).last.click()
+    collection = field(pg, "Answer over collection")
+    collection.click()  # its choices refresh on focus
+    visible(pg, "ul.option-list li").filter(has_text="browser-notes").first.click()
+    visible(pg, "textarea[placeholder^='Ask about your notes']").first.fill("Which port does the backup server use?")
+    button(pg, "Send").click()  # the default model: the packaged gemma GGUF
+    wait_text(pg, r"tok/s", timeout=240)
+    assert "backup.py" in pg.locator("body").inner_text()  # the retrieved source is shown
+    shot(pg, "chat-answered")
+
+    pg.reload()  # the conversation is listed after a reload, and the model chosen stays
+    pg.wait_for_selector("button[role=tab]")
+    conv = field(pg, "Conversation")
+    t0 = time.time()
+    while True:
+        conv.click()
+        options = visible(pg, "ul.option-list li").all_inner_texts()
+        if any("backup server" in o for o in options):
+            break
+        if time.time() - t0 > 30:
+            shot(pg, "chat-reload-failed")
+            raise AssertionError(f"the conversation is not listed after a reload: {options}, "
+                                 f"the box holds {conv.input_value()!r}")
+        pg.keyboard.press("Escape")
+        time.sleep(0.5)
+    visible(pg, "ul.option-list li").filter(has_text="backup server").first.click()
+    with pg.expect_download(timeout=30_000) as download:  # Export downloads at once
+        button(pg, "Export .md").click()
+    assert download.value.suggested_filename.endswith(".md")
+    assert "backup server" in Path(download.value.path()).read_text()
+
+    # Stop resolves: a long answer is stopped and the status says so, with what was kept
+    visible(pg, ".label-wrap").filter(has_text="Settings").first.click()  # the accordion, not the Settings tab
+    slider(pg, "Max tokens").fill("4096")
+    visible(pg, "textarea[placeholder^='Ask about your notes']").first.fill("Write a very long story about servers.")
+    button(pg, "Send").click()
+    wait_text(pg, r"tok/s|tokens", timeout=240)
+    button(pg, "Stop").click()
+    wait_text(pg, r"stopped after \d+ tokens|finished before Stop|stopped before the answer began", timeout=60)
+    shot(pg, "chat-stopped")
+
+
+def test_key_controls_fit_a_phone(browser, served):
+    context = browser.new_context(viewport={"width": 400, "height": 900})
     pg = context.new_page()
     pg.base = served
     try:
-        open_tab(pg, "jobs")
-        wait_text(pg, r"tinylm")
+        open_tab(pg, "chat")
+        model = field(pg, "Model (a preset, a .gguf file or a transformers folder)").bounding_box()
+        send = button(pg, "Send").bounding_box()
+        assert model["y"] < send["y"] and model["x"] + model["width"] <= 400  # the model is picked before Send
         header = pg.locator("#studio-meter").bounding_box()
-        assert header["height"] < 200, header
-        for column in ("id", "kind", "status"):
-            cell = visible(pg, "th").filter(has_text=re.compile(rf"^\s*{column}\s*$")).first
-            box = cell.bounding_box()
-            assert box and box["x"] + box["width"] <= 400, (column, box)
-        shot(pg, "jobs-400px")
+        assert header["height"] < 200
+        shot(pg, "chat-400px")
+        open_tab(pg, "tinylm")
+        for name in ("Train", "Cancel", "Resume"):
+            box = button(pg, name).bounding_box()
+            assert box and box["x"] + box["width"] <= 400, name
+        shot(pg, "tinylm-400px")
     finally:
         context.close()
+
+
+@pytest.mark.skipif(not (shutil.which("espeak-ng") and shutil.which("sox")),
+                    reason="espeak-ng and sox make the test speech (python app.py test installs them)")
+def test_transcribe_a_spoken_clip_with_the_default_model(page, studio, tmp_path):
+    import subprocess
+
+    raw, clip = tmp_path / "raw.wav", tmp_path / "hello.wav"
+    subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(raw),
+                    "The quick brown fox jumps over the lazy dog."], check=True)
+    subprocess.run(["sox", str(raw), "-r", "16000", "-c", "1", str(clip)], check=True)
+    pg = open_tab(page, "transcribe")
+    upload(pg, clip)
+    wait_text(pg, r"hello\.wav")
+    before = {j.id for j in studio.jobs(kind="transcribe")}
+    button(pg, "Transcribe").click()  # the default model: the packaged tiny.en, no download
+    job = live_job(studio, "transcribe", before)
+    wait_text(pg, rf"{job.id}\s*—\s*DONE", timeout=240)
+    transcript = field(pg, "Transcript").input_value().lower()
+    assert "quick" in transcript and "lazy dog" in transcript, transcript
+    shot(pg, "transcribe-done")
+    wait_text(pg, r"hello\s*\.srt", timeout=30)  # outputs named after the source
+
+
+def test_detect_train_predict_and_export_from_scratch(page, studio, tmp_path):
+    from detect_fixtures import make_shapes
+
+    data = make_shapes(tmp_path / "shapes", n=30, size=96)
+    pg = open_tab(page, "detect")
+    visible(pg, "button[role=tab]").filter(has_text=re.compile(r"^\s*Train\s*$")).first.click()
+    field(pg, "…or a folder / data.yaml on this machine").fill(str(data / "data.yaml"))
+    field(pg, "Epochs").fill("3")
+    field(pg, "Image size").fill("64")
+    field(pg, "Batch (-1: what fits)").fill("8")
+    before = {j.id for j in studio.jobs(kind="detect_train")}
+    button(pg, "Train").click()  # the default base: yolov8n.yaml (random weights, no download)
+    job = live_job(studio, "detect_train", before)
+    wait_text(pg, rf"{job.id}\s*—\s*DONE", timeout=400)
+    t0 = time.time()
+    while stroked_lines(pg) < 2:  # losses and mAP drawn as lines over the three epochs
+        assert time.time() - t0 < 30, "the Detect training plots drew no lines"
+        time.sleep(0.5)
+    shot(pg, "detect-trained")
+
+    visible(pg, "button[role=tab]").filter(has_text=re.compile(r"^\s*Predict\s*$")).first.click()
+    model = field(pg, "Model")
+    model.click()
+    visible(pg, "ul.option-list li").filter(has_text=job.id).first.click()  # the model just trained is offered
+    upload(pg, next((data / "images" / "val").glob("*.jpg")))
+    button(pg, "Detect").click()
+    wait_text(pg, r"detect_predict job \S+ — DONE", timeout=180)
+    shot(pg, "detect-predicted")
+
+    visible(pg, "button[role=tab]").filter(has_text=re.compile(r"^\s*Export\s*$")).first.click()
+    model = field(pg, "Model")
+    model.click()
+    visible(pg, "ul.option-list li").filter(has_text=job.id).first.click()
+    field(pg, "Image size").fill("64")
+    button(pg, "Export and time").click()
+    wait_text(pg, r"detect_export job \S+ — DONE", timeout=300)
+    assert "onnx" in pg.locator("body").inner_text().lower()
+    shot(pg, "detect-exported")
