@@ -535,6 +535,7 @@ TABS = (
     ("chat", "Chat (RAG)", "tabs.chat_rag"),
     ("transcribe", "Transcribe", "tabs.transcribe"),
     ("detect", "Detect", "tabs.detect"),
+    ("finetune", "Fine-tune", "tabs.finetune"),
     ("tinylm", "Tiny LM", "tabs.tinylm"),
     ("jobs", "Jobs", "tabs.jobs"),
     ("models", "Models", "tabs.models"),
@@ -556,15 +557,20 @@ def build_ui(studio, auth: bool = False):
     with gr.Blocks(title="Studio") as demo:
         ui = {"header": header.build(studio, auth), "first_run": firstrun.build(studio, auth)}
         firstrun.wire(demo, studio, ui["first_run"], auth)
+        links = []
         with gr.Tabs() as tabs:
             for tab_id, label, name in TABS:
                 module = importlib.import_module(name)
+                if hasattr(module, "link"):  # wiring that reaches into another tab, done once every tab is built
+                    links.append(module.link)
                 with gr.Tab(label, id=tab_id):
                     ui[tab_id] = module.build(studio, auth)
                 common.fill_on_load(demo, studio, tab_id, ui[tab_id], getattr(module, "fill", None), auth)
                 common.reattach(demo, studio, tab_id, ui[tab_id], getattr(module, "KINDS", {}), auth,
                                 getattr(module, "FORMS", {}))
         header.deep_link(demo, tabs, TAB_IDS)
+        for link in links:
+            link(demo, tabs, ui, studio, auth)
     demo.studio_ui = ui  # named components, for tests and scripts
     return demo
 

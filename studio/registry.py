@@ -36,6 +36,7 @@ register("detect_predict",  "workers.detect.predict")
 register("detect_export",   "workers.detect.export")
 register("detect_stream",   "workers.detect.stream")
 register("finetune",        "workers.finetune.train")
+register("finetune_check",  "workers.finetune.check",        lane="io")
 register("finetune_merge",  "workers.finetune.merge")
 
 

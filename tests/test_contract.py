@@ -101,6 +101,11 @@ class Inputs:
         return str(self._once("adapter", lambda: make_adapter(make_tiny_hf_llm(self.tmp / "ft-base"),
                                                                self.tmp / "ft-adapter")))
 
+    def ft_data(self):
+        from finetune_fixtures import write_qa
+
+        return str(self._once("ft_data", lambda: write_qa(self.tmp / "qa.jsonl")))
+
     def stream_session(self):
         import numpy as np
         from PIL import Image
@@ -132,6 +137,8 @@ EXAMPLES = {
     "detect_export": lambda i: {"model": "yolov8n.yaml", "imgsz": 64, "runs": 1, "warmup": 1},
     "detect_stream": lambda i: {"model": "yolov8n.yaml", "session": i.stream_session(), "imgsz": 64, "idle_s": 0.5},
     "finetune_merge": lambda i: {"adapter": i.adapter(), "dtype": "float32"},
+    "finetune_check": lambda i: {"base": str(Path(i.adapter()).parent / "ft-base"), "data": i.ft_data(),
+                                 "max_seq_len": 64},
 }
 # kinds whose example cannot finish here (no network): they must still end once, FAILED with a plain reason
 ENDS_FAILED = {"model_download": "hub cannot be reached|offline|not in the Hugging Face cache"}
@@ -151,6 +158,7 @@ BAD = {
     "detect_export": ({"model": "yolov99z"}, "neither a preset"),
     "detect_stream": ({"model": "yolov8n.yaml", "session": "../etc"}, "session"),
     "finetune_merge": ({"adapter": "/nonexistent/adapter"}, "does not exist"),
+    "finetune_check": ({"data": ""}, "no data given"),
 }
 NEEDS_OPENCV = {"detect_train", "detect_predict", "detect_export", "detect_stream"}
 KINDS = sorted(k for k in registry.WORKERS if not k.startswith("test_"))

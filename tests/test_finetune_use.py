@@ -2,6 +2,7 @@
 anywhere (and the GGUF route), and the Fine-tune tab through gradio_client. A tiny Llama and a LoRA made with PEFT
 stand in for a trained run (tests/test_finetune.py trains real ones)."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,98 @@ def test_merge_writes_a_folder_that_loads_and_answers_as_base_plus_adapter(studi
     assert chat.status is JobStatus.DONE, chat.error
     with pytest.raises(ValueError, match="not an empty folder"):  # nothing is overwritten
         studio.submit("finetune_merge", {"adapter": str(adapter), "out": str(out)})
+
+
+# ---- the Fine-tune tab through gradio_client ------------------------------------------------------------------------
+def _core(module: str):
+    """The finetune kind's core (tests/test_finetune.py tests it); the tab's tests that drive it need it there."""
+    import importlib.util
+
+    if importlib.util.find_spec(f"workers.finetune.{module}") is None:
+        pytest.skip(f"workers/finetune/{module}.py (the finetune kind's core) is not there yet")
+
+
+@pytest.fixture(scope="module")
+def served(studio):
+    from conftest import serve
+
+    url, demo = serve(studio, show_error=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory):
+    """(a tiny Llama with a chat template that marks turns, twelve question/answer pairs as Alpaca JSONL)."""
+    _core("data")
+    from finetune_fixtures import make_tiny_llama, write_qa
+
+    d = tmp_path_factory.mktemp("ft-tab")
+    return make_tiny_llama(d / "llama"), write_qa(d / "qa.jsonl")
+
+
+def test_check_data_shows_the_report_and_the_masked_preview(served, qa, tmp_path):
+    from gradio_client import Client, handle_file
+
+    base, data = qa
+    client = Client(served, verbose=False)
+    shown = client.predict(data_files=[handle_file(str(data))], data_path="", eval_file=None, eval_path="",
+                           base=str(base), max_seq_len=64, train_on_prompt=False, seed=42, api_name="/finetune_check")
+    assert "12 examples" in shown and "Alpaca 12" in shown and "answers only" in shown
+    # the preview: three examples, the prompt masked (grey) and the answer trained (green), the answer's own words
+    assert shown.count("ft-example") == 3 and "ft-masked" in shown and "ft-trained" in shown
+    trained = re.findall(r'class="ft-trained"[^>]*>([^<]*)<', shown)
+    masked = re.findall(r'class="ft-masked"[^>]*>([^<]*)<', shown)
+    assert "4417" in "".join(trained) and "4417" not in "".join(masked)
+    assert "What is the code" in "".join(masked) and "What is the code" not in "".join(trained)
+    # a malformed file says which line
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    with pytest.raises(Exception, match="line 2"):
+        client.predict(data_files=[handle_file(str(bad))], data_path="", eval_file=None, eval_path="",
+                       base=str(base), max_seq_len=64, train_on_prompt=False, seed=42, api_name="/finetune_check")
+
+
+def test_chat_with_it_opens_the_chat_on_base_plus_adapter_and_merge(served, studio, tuned):
+    from gradio_client import Client
+
+    base, adapter, job_id = tuned
+    client = Client(served, verbose=False)
+    model, adapter_box, four_bit = client.predict(run=job_id, api_name="/finetune_chat_with_it")
+    assert (model, adapter_box, four_bit) == (str(base), job_id, False)  # the CPU: plain, not 4-bit
+    # the Chat tab's Send with what Chat with it filled in: the tuned model answers
+    chatbot, *_ = client.predict(message=QUESTION, conversation=None, model=model, collection="", system=DEFAULT_SYSTEM,
+                                 temperature=0.0, top_p=1.0, max_tokens=16, n_ctx=2048, top_k=4, reranker="",
+                                 tools=False, load_in_4bit=four_bit, chat_format="auto", top_k_tokens=1,
+                                 repeat_penalty=1.0, adapter=adapter_box, api_name="/chat")
+    assert chatbot[-1]["content"][0]["text"] == greedy(base, adapter, MESSAGES, 16)
+    merged = client.predict(run=job_id, gguf=True, quant="Q4_K_M", api_name="/finetune_merge")
+    assert "Merged into" in merged and "convert_hf_to_gguf.py" in merged and "Q4_K_M" in merged
+    path = re.search(r"Merged into `([^`]+)`", merged).group(1)
+    assert (Path(path) / "config.json").exists()
+
+
+def test_train_streams_the_loss_and_the_form_comes_back(served, studio, qa):
+    _core("train")
+    from gradio_client import Client, handle_file
+
+    base, data = qa
+    client = Client(served, verbose=False)
+    form = dict(data_path="", eval_file=None, eval_path="", base=str(base), method="lora", lora_r=8, lora_alpha=16,
+                lora_dropout=0.0, target_modules="all-linear", max_seq_len=64, micro_batch=2, grad_accum=1, epochs=1,
+                max_steps=6, lr=0.01, scheduler="constant", warmup=0, packing=False, train_on_prompt=False,
+                gradient_checkpointing=False, seed=7, eval_every=3)
+    status, plot, stats, report, evaluation, run = client.predict(
+        data_files=[handle_file(str(data))], **form, api_name="/finetune_train")
+    job_id = run["value"]  # the finished run becomes the one Chat with it and Merge use
+    assert job_id in [c[1] for c in run["choices"]]
+    job = studio.job(job_id)
+    assert job.status is JobStatus.DONE, job.error
+    assert "DONE" in status and "dev loss" in stats and "12 examples" in report
+    series = {row["series"] for row in plot["value"]["data"]} if isinstance(plot, dict) and "value" in plot else \
+        {row[2] for row in plot["data"]}
+    assert {"train_loss", "dev_loss"} <= series
+    assert job.params["max_steps"] == 6 and job.params["lora_r"] == 8 and job.params["method"] == "lora"
+    # a reload puts the last-used settings back (the uploaded file is not kept): the base, rank and steps
+    restored = json.dumps(Client(served, verbose=False).predict(api_name="/finetune_attach"))
+    assert str(base) in restored and "lora" in restored
