@@ -101,6 +101,11 @@ class Inputs:
         return str(self._once("adapter", lambda: make_adapter(make_tiny_hf_llm(self.tmp / "ft-base"),
                                                                self.tmp / "ft-adapter")))
 
+    def ft_llama(self):
+        from finetune_fixtures import make_tiny_llama
+
+        return str(self._once("ft_llama", lambda: make_tiny_llama(self.tmp / "ft-llama")))
+
     def ft_data(self):
         from finetune_fixtures import write_qa
 
@@ -136,6 +141,8 @@ EXAMPLES = {
     "detect_predict": lambda i: {"model": "yolov8n.yaml", "source": i.image(), "imgsz": 64},
     "detect_export": lambda i: {"model": "yolov8n.yaml", "imgsz": 64, "runs": 1, "warmup": 1},
     "detect_stream": lambda i: {"model": "yolov8n.yaml", "session": i.stream_session(), "imgsz": 64, "idle_s": 0.5},
+    "finetune": lambda i: {"base": i.ft_llama(), "data": i.ft_data(), "max_seq_len": 64, "micro_batch": 2,
+                           "grad_accum": 1, "max_steps": 3, "eval_every": 2, "threads": 2},
     "finetune_merge": lambda i: {"adapter": i.adapter(), "dtype": "float32"},
     "finetune_check": lambda i: {"base": str(Path(i.adapter()).parent / "ft-base"), "data": i.ft_data(),
                                  "max_seq_len": 64},
@@ -157,6 +164,7 @@ BAD = {
     "detect_predict": ({"model": "yolov8n.yaml", "source": "/nonexistent.jpg"}, "not found"),
     "detect_export": ({"model": "yolov99z"}, "neither a preset"),
     "detect_stream": ({"model": "yolov8n.yaml", "session": "../etc"}, "session"),
+    "finetune": ({"data": "/nonexistent/qa.jsonl", "base": "Phi-3-mini-4k-instruct"}, "data file not found"),
     "finetune_merge": ({"adapter": "/nonexistent/adapter"}, "does not exist"),
     "finetune_check": ({"data": ""}, "no data given"),
 }
