@@ -50,8 +50,8 @@ def report_html(report: dict) -> str:
         f"<div style='display:inline-block;height:10px;width:{160 * b['count'] / peak:.0f}px;background:"
         f"{'#e45756' if b['hi'] is None else '#4c78a8'}'></div> {b['count']}</td></tr>"
         for b in report["histogram"] if b["count"] or b["hi"] is not None)
-    dev = (f"{report['dev']} dev examples from {'your dev file' if report['dev_source'] == 'file' else 'a seeded split'}"
-           f", {report['train']} to train on")
+    source = "your dev file" if report["dev_source"] == "file" else "a seeded split"
+    dev = f"{report['dev']} dev examples from {source}, {report['train']} to train on"
     template = "" if report.get("chat_template") == "own" else \
         "<br>The base has no chat template: the plain '### Instruction / ### Response' format is used."
     return (f"<div class='ft-report'><b>{report['examples']} examples</b> in {', '.join(report['files'])}: {shapes}."

@@ -92,6 +92,7 @@ def main() -> None:
                     "through the worker's library path: cuBLAS 12 beside torch's CUDA 13, torch's cuDNN)")
     ap.add_argument("--whisper", default="tiny.en-packaged", help="whisper preset or CTranslate2 folder")
     ap.add_argument("--detect-epochs", type=int, default=2, help="YOLO training epochs at 640 px (0: skip Detect)")
+    ap.add_argument("--finetune-steps", type=int, default=6, help="8B-shape QLoRA optimizer steps (0: skip)")
     args = ap.parse_args()
 
     import torch
@@ -221,6 +222,23 @@ def main() -> None:
         res = run_kind(rag_eval, {"collection": "check", "evalset": str(make_evalset(data_dir / "eval.jsonl")),
                                   "k": 4}, data_dir / "runs" / "rag-eval", data_dir, device, cache, reading)
         record("rag_eval/retrieval", *res, hit_at_4=res[0]["hit@4"], mrr=res[0]["mrr"])
+
+        # Fine-tune: QLoRA at the Llama-3.1-8B shape (random weights from the preset's config), seq 2048, r 16 on all
+        # linear layers, micro-batch 1: the studio's memory path under the cap (tests/benchmarks/finetune.py has the
+        # comparison with the usual recipe)
+        if device == "cuda" and args.finetune_steps:
+            from tests.benchmarks.finetune import _params, long_examples, random_8b, studio_path
+
+            base = str(random_8b(data_dir / "llama-8b-random"))
+            logs = str(long_examples(data_dir / "logs.jsonl", n=32, words=1200))
+            p = _params(base, logs, method="qlora", max_seq_len=2048, micro_batch=1, grad_accum=4,
+                        max_steps=args.finetune_steps, eval_every=0, save_every=10_000, eval_data=logs)
+            row = studio_path(p, data_dir / "runs" / "finetune-8b", data_dir, reading)
+            summary["kinds"]["finetune/llama-3.1-8b-shape-qlora"] = row
+            print("finetune/llama-3.1-8b-shape-qlora", json.dumps(row), flush=True)
+        elif args.finetune_steps:
+            print("finetune/llama-3.1-8b-shape-qlora: skipped (needs CUDA: bitsandbytes' 4-bit training path and the "
+                  "fused loss run there)", flush=True)
 
     # the gate against the real device, with the target card's budget
     budget = int((args.cap_gib - 1.0) * GiB)
