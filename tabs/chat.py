@@ -142,8 +142,17 @@ def _shown(convs: Conversations, job: Job, events: list[dict]) -> tuple[list[dic
     return to_chatbot({"messages": [{"meta": {}, **m} for m in keep]}), prefix
 
 
-def _info(job: Job) -> str:
+def stopped_line(job: Job, tokens: int) -> str:
+    """How a cancelled chat ended, said the same by Stop and by the stream that was following it (both write the
+    status line; whichever arrives last must not undo the other)."""
+    return ("⏹ stopped after {} tokens; the answer so far is kept".format(tokens) if tokens else
+            "⏹ stopped before the answer began; the question is back in the box") + f" · job `{job.id}`"
+
+
+def _info(job: Job, tokens: int = 0) -> str:
     """The status line under the chat once the job is final: speed, the model and its chat format, citations."""
+    if job.status.value == "CANCELLED":
+        return stopped_line(job, tokens)
     if job.status.value != "DONE":
         return progress_html(job)
     r = job.result
@@ -155,6 +164,10 @@ def _info(job: Job) -> str:
     if r.get("citations"):
         info += " · cites " + ", ".join(f"[{c['n']}] {c['where']}" for c in r["citations"])
     return info
+
+
+def _tokens(evs: list[dict]) -> int:
+    return sum(e["type"] == "token" for e in evs)
 
 
 def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
@@ -185,14 +198,14 @@ def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
     taken = any(e["type"] == "token" for e in evs) or current.status.value == "DONE"
     if taken:  # the exchange as the worker stored it (or, kept nowhere, as it streamed)
         final = _messages(convs, cid) or shown + steps + [{"role": "assistant", "content": prefix + answer}]
-        yield final, typed, _info(current), sources_md(srcs), job.id, choices
+        yield final, typed, _info(current, _tokens(evs)), sources_md(srcs), job.id, choices
         return
     # nothing was stored: the conversation as it was, the question back in the textbox to send again
     if mode == "" and cid and not _messages(convs, cid):
         convs.delete(cid)  # the new conversation Send made for it would stay empty
         cid, choices = "", gr.update(choices=conversation_choices(convs, owner), value=None)
     back = job.params.get("prompt") or "" if mode in ("", "edit") else gr.skip()
-    yield _messages(convs, cid), back, _info(current), sources_md(srcs), job.id, choices
+    yield _messages(convs, cid), back, _info(current, _tokens(evs)), sources_md(srcs), job.id, choices
 
 
 KINDS = {"chat": Follow(follow, OUTPUTS, form=tuple(n for n in SETTINGS if n not in ("model", "sampler")),
@@ -372,10 +385,9 @@ def build(studio, auth: bool = False) -> dict:
                 yield (f"Stop requested: job `{job.id}` is still {job.status.value}; it stops at its next token "
                        "(a model load or a long prompt can take a while).")
                 return
-        n = sum(e["type"] == "token" for e in evs)
+        n = _tokens(evs)
         if job.status.value == "CANCELLED":
-            yield (f"⏹ stopped after {n} tokens; the answer so far is kept" if n else
-                   "⏹ stopped before the answer began; the question is back in the box") + f" · job `{job.id}`"
+            yield stopped_line(job, n)
         else:
             yield f"finished before Stop ({job.status.value}, {n} tokens) · job `{job.id}`"
 

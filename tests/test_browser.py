@@ -92,7 +92,9 @@ def wait_text(pg, pattern: str, timeout: float = 120) -> str:
         text = pg.locator("body").inner_text()
         if m := re.search(pattern, text):
             return m.group(0)
-        assert time.time() - t0 < timeout, f"{pattern!r} did not appear; the page says:\n{text[-3000:]}"
+        if time.time() - t0 > timeout:
+            shot(pg, "failed-wait")
+            raise AssertionError(f"{pattern!r} did not appear; the page says:\n{text[-3000:]}")
         time.sleep(0.3)
 
 
@@ -193,10 +195,13 @@ def test_chat_over_an_ingested_folder_then_reload_stop_and_export(page, studio, 
         options = visible(pg, "ul.option-list li").all_inner_texts()
         if any("backup server" in o for o in options):
             break
-        if time.time() - t0 > 30:
+        if time.time() - t0 > 90:  # the page's load events fill it (slow only on a loaded machine)
             shot(pg, "chat-reload-failed")
+            from studio.conversations import Conversations
+
+            stored = [c["title"] for c in Conversations(studio.config.data_dir / "chat.db").list()]
             raise AssertionError(f"the conversation is not listed after a reload: {options}, "
-                                 f"the box holds {conv.input_value()!r}")
+                                 f"the box holds {conv.input_value()!r}; stored: {stored}")
         pg.keyboard.press("Escape")
         time.sleep(0.5)
     visible(pg, "ul.option-list li").filter(has_text="backup server").first.click()
@@ -208,9 +213,15 @@ def test_chat_over_an_ingested_folder_then_reload_stop_and_export(page, studio, 
     # Stop resolves: a long answer is stopped and the status says so, with what was kept
     visible(pg, ".label-wrap").filter(has_text="Settings").first.click()  # the accordion, not the Settings tab
     slider(pg, "Max tokens").fill("4096")
+    slider(pg, "Max tokens").press("Tab")  # a slider's box takes its value when it loses focus
     visible(pg, "textarea[placeholder^='Ask about your notes']").first.fill("Write a very long story about servers.")
+    before = {j.id for j in studio.jobs(kind="chat")}
     button(pg, "Send").click()
-    wait_text(pg, r"tok/s|tokens", timeout=240)
+    job = live_job(studio, "chat", before)
+    t0 = time.time()
+    while not any(e["type"] == "token" for e in studio.events(job.id)[0]):  # it is answering
+        assert time.time() - t0 < 240 and not studio.job(job.id).status.final, studio.job(job.id).error
+        time.sleep(0.2)
     button(pg, "Stop").click()
     wait_text(pg, r"stopped after \d+ tokens|finished before Stop|stopped before the answer began", timeout=60)
     shot(pg, "chat-stopped")
