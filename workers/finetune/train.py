@@ -61,6 +61,8 @@ class Params:
     dev_fraction: float = 0.05  # share of `data` held out as the dev set when eval_data is empty
     dev_max: int = 200  # at most this many dev examples from the split
     threads: int = 0  # CPU threads; 0 uses every core
+    eval_prompts: int = 5  # dev prompts the base and the tuned model answer side by side (ROUGE-L); 0: none
+    eval_new_tokens: int = 96  # at most this many tokens per answer (greedy)
     resume_from: str = ""  # a finetune job id whose checkpoint this run continues (set by Resume; also extends a finished run)
 
     def __post_init__(self):
@@ -69,7 +71,7 @@ class Params:
                              ("epochs", 0.01, 1000.0), ("max_steps", 0, 10_000_000), ("lr", 1e-8, 1.0),
                              ("warmup", 0.0, 100_000.0), ("seed", 0, 2**31 - 1), ("eval_every", 0, 10_000_000),
                              ("save_every", 1, 10_000_000), ("dev_fraction", 0.0, 0.5), ("dev_max", 1, 100_000),
-                             ("threads", 0, 1024)]:
+                             ("threads", 0, 1024), ("eval_prompts", 0, 100), ("eval_new_tokens", 1, 1024)]:
             v = getattr(self, name)
             if not lo <= v <= hi:
                 raise ValueError(f"{name} must be between {lo} and {hi}; got {v}")
@@ -263,6 +265,8 @@ def run(p: Params, ctx) -> dict:
                 "format (saved with the adapter, so Chat uses it too)")
     data_hash = data.file_hash(p.data)
     dev_hash = data.file_hash(p.eval_data) if p.eval_data else None
+    prompts = eval_set(dev_ex, tok, p.max_seq_len, p.eval_prompts)
+    base_answers = None  # answered before training (kept in the checkpoint's state, so a resume has them too)
 
     micro_batch, grad_accum = p.micro_batch, p.grad_accum
     resume_ckpt, resumed_step = None, 0
@@ -274,6 +278,7 @@ def run(p: Params, ctx) -> dict:
         micro_batch = state.get("micro_batch", micro_batch)
         grad_accum = state.get("grad_accum", grad_accum)
         resumed_step = state["step"]
+        base_answers = state.get("eval_base")
         ctx.log(f"resuming job {p.resume_from} from step {resumed_step}"
                 + (f" (micro_batch {micro_batch}, grad_accum {grad_accum} after an out-of-memory error)"
                    if micro_batch != p.micro_batch else ""))
@@ -315,8 +320,13 @@ def run(p: Params, ctx) -> dict:
     ckpt_root = ctx.run_dir / "checkpoint"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     extra = lambda: {"micro_batch": micro_batch, "grad_accum": grad_accum, "data_hash": data_hash,  # noqa: E731
-                     "dev_hash": dev_hash, "base": p.base, "method": p.method, "params": asdict(p)}
+                     "dev_hash": dev_hash, "base": p.base, "method": p.method, "params": asdict(p),
+                     "dev_loss_start": callback.start_dev, "eval_base": base_answers}
     callback = _make_callback(ctx, cuda, ckpt_root, extra, resumed_step)
+    if resume_ckpt is not None:
+        callback.start_dev = state.get("dev_loss_start")  # the dev loss before the first of the runs
+    if prompts and base_answers is None and resume_ckpt is None:  # the base as loaded (a new LoRA changes nothing)
+        base_answers = _base_answers(model, tok, prompts, ctx, p.eval_new_tokens, cuda)
     ooms = 0
     result_metrics: dict = {}
     while True:
@@ -380,6 +390,17 @@ def run(p: Params, ctx) -> dict:
         if base_revision:
             cfg["revision"] = base_revision
         cfg_path.write_text(json.dumps(cfg, indent=2))
+    side_by_side = []
+    if prompts:
+        if base_answers is None and p.method != "full":  # a checkpoint from before the evaluation: adapter off
+            base_answers = _base_answers(model, tok, prompts, ctx, p.eval_new_tokens, cuda)
+        tuned = answers(model, tok, prompts, ctx, "tuned", p.eval_new_tokens, cuda)
+        side_by_side = score(prompts, base_answers, tuned)
+        (ctx.run_dir / "evaluation.json").write_text(json.dumps(side_by_side, indent=1, ensure_ascii=False))
+        ctx.artifact(ctx.run_dir / "evaluation.json", "base vs tuned answers (ROUGE-L)")
+    rouge_base, rouge_tuned = (_mean(r[k] for r in side_by_side) for k in ("rouge_l_base", "rouge_l_tuned"))
+    if side_by_side:
+        ctx.log(f"ROUGE-L on {len(side_by_side)} dev prompts: base {_fmt(rouge_base)}, tuned {_fmt(rouge_tuned)}")
     hashes = {str(f.relative_to(ctx.run_dir)): sha256(f) for f in sorted(out_dir.rglob("*.safetensors"))}
     ctx.card(result=str(out_dir.relative_to(ctx.run_dir)), result_sha256=hashes, micro_batch=micro_batch,
              grad_accum=grad_accum, out_of_memory_restarts=ooms)
@@ -393,6 +414,12 @@ def run(p: Params, ctx) -> dict:
         "train_loss": result_metrics.get("train_loss"),
         "dev_loss_start": callback.start_dev,
         "dev_loss": final_dev,
+        "dev_loss_before": callback.start_dev,
+        "dev_loss_after": final_dev,
+        "perplexity_before": _ppl(callback.start_dev),
+        "side_by_side": side_by_side,
+        "rouge_l_base": rouge_base,
+        "rouge_l_tuned": rouge_tuned,
         "perplexity": _ppl(final_dev),
         "tokens_per_s": callback.tokens_per_s,
         "seconds": round(callback.seconds, 2),
@@ -403,11 +430,115 @@ def run(p: Params, ctx) -> dict:
         "result": str(out_dir),
         "checkpoint_step": state["step"] if state else None,
         "device": ctx.device,
+        "train_examples": len(train_enc),
+        "dev_examples": len(dev_enc),
     }
 
 
 def _ppl(loss):
     return math.exp(min(loss, 50)) if loss is not None else None
+
+
+# ---- evaluation: the base and the tuned model on dev prompts ---------------------------------------------------------
+def eval_set(examples, tok, max_seq_len: int, n: int) -> list[dict]:
+    """The first n dev examples with an answer, each as {prompt (the last question, as shown), reference (the last
+    answer), ids (the token ids before that answer exactly as training renders them: the chat template with the
+    generation prompt, earlier turns included)}. Plain-text examples have no question and are left out."""
+    from workers.finetune import data
+
+    out = []
+    for ex in examples:
+        if len(out) >= n:
+            break
+        if ex.shape == "text" or ex.empty_answer():
+            continue
+        last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+        parts = data.pieces(data.Example(ex.where, ex.shape, ex.messages[: last + 1]), tok)
+        ids = [t for text, _ in parts[:-1] for t in tok(text, add_special_tokens=False)["input_ids"]]
+        if not ids or len(ids) >= max_seq_len:  # training never saw this answer
+            continue
+        asked = next((m["content"] for m in reversed(ex.messages[:last]) if m["role"] == "user"), "")
+        out.append({"prompt": str(asked), "reference": str(ex.messages[last]["content"]), "ids": ids})
+    return out
+
+
+def answers(model, tok, prompts: list[dict], ctx, who: str, max_new_tokens: int, cuda: bool) -> list[str]:
+    """Greedy answers to each prompt; every generated token is a cancel point."""
+    import contextlib
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    n = len(prompts)
+
+    class CancelPoint(StoppingCriteria):
+        def __init__(self, i: int, start: int):
+            self.i, self.start = i, start
+
+        def __call__(self, input_ids, scores, **kw):
+            k = input_ids.shape[1] - self.start
+            ctx.progress(self.i + k / max_new_tokens, n, f"dev prompt {self.i + 1}/{n}: the {who} model's answer, "
+                                                         f"{k} tokens")
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    was_training = model.training
+    model.eval()
+    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    out = []
+    try:
+        for i, pr in enumerate(prompts):
+            ctx.progress(i, n, f"dev prompt {i + 1}/{n}: the {who} model's answer")
+            ids = torch.tensor([pr["ids"]], device=model.device)
+            new = min(max_new_tokens, limit - ids.shape[1]) if limit else max_new_tokens
+            if new < 1:
+                out.append("")
+                continue
+            amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+            with torch.no_grad(), amp:
+                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                     do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id,
+                                     stopping_criteria=StoppingCriteriaList([CancelPoint(i, ids.shape[1])]))
+            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _base_answers(model, tok, prompts, ctx, max_new_tokens: int, cuda: bool) -> list[str]:
+    """The base model's answers: with LoRA, the adapter switched off (the same weights in memory)."""
+    import contextlib
+
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    with off:
+        return answers(model, tok, prompts, ctx, "base", max_new_tokens, cuda)
+
+
+def score(prompts: list[dict], base: list[str] | None, tuned: list[str]) -> list[dict]:
+    """Each prompt with its reference and both answers, and their ROUGE-L F1 against the reference (rouge-score,
+    stemmed, as the RAG evaluation scores answers)."""
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+
+    def rouge(answer, ref):
+        return round(scorer.score(ref, answer)["rougeL"].fmeasure, 4) if answer is not None else None
+
+    rows = []
+    for k, pr in enumerate(prompts):
+        ref = pr["reference"]
+        b = base[k] if base and k < len(base) else None
+        rows.append({"prompt": pr["prompt"], "reference": ref, "base": b, "tuned": tuned[k],
+                     "rouge_l_base": rouge(b, ref), "rouge_l_tuned": rouge(tuned[k], ref)})
+    return rows
+
+
+def _mean(values):
+    vals = [v for v in values if v is not None]
+    return round(sum(vals) / len(vals), 4) if vals else None
+
+
+def _fmt(v):
+    return "—" if v is None else f"{v:.3f}"
 
 
 def _save(trainer, ckpt_root: Path, extra, callback) -> dict | None:
