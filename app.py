@@ -557,7 +557,7 @@ def build_ui(studio, auth: bool = False):
     with gr.Blocks(title="Studio") as demo:
         ui = {"header": header.build(studio, auth), "first_run": firstrun.build(studio, auth)}
         firstrun.wire(demo, studio, ui["first_run"], auth)
-        links = []
+        links, followers = [], []
         with gr.Tabs() as tabs:
             for tab_id, label, name in TABS:
                 module = importlib.import_module(name)
@@ -566,11 +566,16 @@ def build_ui(studio, auth: bool = False):
                 with gr.Tab(label, id=tab_id):
                     ui[tab_id] = module.build(studio, auth)
                 common.fill_on_load(demo, studio, tab_id, ui[tab_id], getattr(module, "fill", None), auth)
-                common.reattach(demo, studio, tab_id, ui[tab_id], getattr(module, "KINDS", {}), auth,
-                                getattr(module, "FORMS", {}))
+                follow = common.reattach(demo, studio, tab_id, ui[tab_id], getattr(module, "KINDS", {}), auth,
+                                         getattr(module, "FORMS", {}))
+                if follow is not None and tab_id != "jobs":
+                    followers.append(follow)
         header.deep_link(demo, tabs, TAB_IDS)
         for link in links:
             link(demo, tabs, ui, studio, auth)
+        for follow in followers:  # a job resumed in the Jobs tab streams into its own tab too
+            ui["jobs"]["job_id"].change(follow, ui["jobs"]["job_id"], follow.outputs, show_progress="hidden",
+                                        api_visibility="private")
     demo.studio_ui = ui  # named components, for tests and scripts
     return demo
 

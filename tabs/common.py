@@ -194,14 +194,15 @@ def job_form(job: Job, follow: Follow) -> dict:
 
 
 def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth: bool,
-             forms: dict[str, tuple[str, ...]] | None = None) -> None:
+             forms: dict[str, tuple[str, ...]] | None = None) -> Callable | None:
     """On page load, put the user's last-used settings back into the tab's forms (`forms`: {form key: input names},
     saved by `bind(..., remember=key)`), then stream the newest unfinished job of the tab's kinds into the tab with
     the same code its Run button uses, its own params in the form, so a reload (or a second browser) picks up where
-    the first page was."""
+    the first page was. Returns the listener that makes the tab follow a job resumed elsewhere on the page (its
+    `outputs` attribute names the components), for the Jobs tab's Resume."""
     forms = forms or {}
     if not kinds and not forms:
-        return
+        return None
     form_names = [n for names in forms.values() for n in names] + [n for f in kinds.values() for n in f.form]
     names = list(dict.fromkeys([n for f in kinds.values() for n in f.outputs] + form_names))  # each once, in order
     names = [n for n in names if type(ui[n]).__name__ not in FILE_LIKE or n in
@@ -230,6 +231,27 @@ def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth
             yield tuple(out.get(n, gr.skip()) for n in names)  # another kind's components stay as they are
 
     demo.load(on_load, None, [ui[n] for n in names], api_name=f"{tab_id}_attach", show_progress="hidden")
+
+    def on_resumed(job_id: str, request: gr.Request):
+        """A job resumed elsewhere on the page (the Jobs tab): this tab follows it when it is one of its kinds."""
+        owner = user_of(request, auth)
+        try:
+            job = studio.job((job_id or "").strip())
+        except KeyError:
+            job = None
+        if job is None or job.kind not in kinds or not job.resume_of or job.status.final or \
+                (owner is not None and job.owner != owner):
+            yield tuple(gr.skip() for _ in names)
+            return
+        follow = kinds[job.kind]
+        if follow.form or follow.to_form:
+            yield shown(job_form(job, follow))
+        for row in follow.stream(studio, job, owner):
+            out = dict(zip(follow.outputs, row, strict=True))
+            yield tuple(out.get(n, gr.skip()) for n in names)
+
+    on_resumed.outputs = [ui[n] for n in names]
+    return on_resumed
 
 
 def bind(handler: Callable, studio, auth: bool, remember: str | None = None) -> Callable:

@@ -151,6 +151,36 @@ def test_tinylm_first_try_draws_its_plot_and_a_reload_reattaches_with_its_params
     wait_text(pg, rf"{job.id}\s*—\s*CANCELLED", timeout=60)
     assert studio.wait(job.id, 30).status is JobStatus.CANCELLED
 
+    button(pg, "↻").click()  # Generate from the run just stopped: its checkpoint is offered
+    checkpoint = field(pg, "Trained model (a job, or a run folder path)")
+    t0 = time.time()
+    while True:
+        checkpoint.click()
+        if visible(pg, "ul.option-list li").filter(has_text=job.id).count():
+            break
+        assert time.time() - t0 < 60, "the stopped run's checkpoint is not offered for Generate"
+        pg.keyboard.press("Escape")
+        time.sleep(0.5)
+    visible(pg, "ul.option-list li").filter(has_text=job.id).first.click()
+    field(pg, "Prompt").fill("The ")
+    button(pg, "Generate").click()
+    wait_text(pg, r"tokens/s · \d+ tokens", timeout=120)
+    assert len(field(pg, "Output").input_value()) > 20
+    shot(pg, "tinylm-generated")
+
+    # Resume from the Jobs tab: the Tiny LM tab follows the new job without a reload
+    visible(pg, "button[role=tab]").filter(has_text=re.compile(r"^\s*Jobs\s*$")).first.click()
+    field(pg, "Job id").fill(job.id)
+    button(pg, "Resume from checkpoint").click()
+    t0 = time.time()
+    while not (resumed := [j for j in studio.jobs(kind="tinylm") if j.resume_of == job.id]):
+        assert time.time() - t0 < 60, "Resume in the Jobs tab started no job"
+        time.sleep(0.2)
+    visible(pg, "button[role=tab]").filter(has_text="Tiny LM").first.click()
+    wait_text(pg, rf"{resumed[0].id}\s*—\s*(QUEUED|RUNNING)", timeout=60)
+    studio.cancel(resumed[0].id)
+    wait_text(pg, rf"{resumed[0].id}\s*—\s*CANCELLED", timeout=60)
+
     page2 = pg.context.new_page()  # a new page: the form is the last one used
     page2.base = pg.base
     open_tab(page2, "tinylm")
