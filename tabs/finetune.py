@@ -18,7 +18,7 @@ from .common import (Follow, LivePlot, bind, eta, gib, owned_job, progress_html,
 # the training params the form sets, each an input of the same name (so a re-attached job fills them by name)
 PARAMS = ("base", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_seq_len", "micro_batch",
           "grad_accum", "epochs", "max_steps", "lr", "scheduler", "warmup", "packing", "train_on_prompt",
-          "gradient_checkpointing", "seed", "eval_every")
+          "gradient_checkpointing", "seed", "eval_every", "eval_prompts")
 # the Train button's inputs: the /finetune_train endpoint's parameters, in this order
 TRAIN_INPUTS = ("data_files", "data_path", "eval_file", "eval_path", *PARAMS)
 CHECK_INPUTS = ("data_files", "data_path", "eval_file", "eval_path", "base", "max_seq_len", "train_on_prompt",
@@ -94,9 +94,43 @@ def evaluation_rows(result: dict | None) -> list[list]:
     for r in (result or {}).get("side_by_side") or (result or {}).get("samples") or []:
         ref = str(r.get("reference", ""))
         base, tuned = str(r.get("base", "")), str(r.get("tuned", ""))
-        rb = r.get("rouge_l_base", rouge_l(base, ref))
-        rt = r.get("rouge_l_tuned", rouge_l(tuned, ref))
-        rows.append([str(r.get("prompt", "")), ref, base, tuned, round(float(rb), 3), round(float(rt), 3)])
+        base = "" if r.get("base") is None else str(r["base"])  # None: a resumed full fine-tune kept no base answers
+        rb = r["rouge_l_base"] if "rouge_l_base" in r else rouge_l(base, ref)
+        rt = r["rouge_l_tuned"] if "rouge_l_tuned" in r else rouge_l(tuned, ref)
+        rows.append([str(r.get("prompt", "")), ref, base, tuned, _round(rb), _round(rt)])
+    return rows
+
+
+def _round(v, digits: int = 3):
+    return None if v is None else round(float(v), digits)
+
+
+RUNS_HEADERS = ["job", "base", "method", "LoRA r", "data", "examples", "steps", "dev loss before → after",
+                "ROUGE-L base → tuned"]
+
+
+def _arrow(a, b) -> str:
+    if a is None and b is None:
+        return "—"
+    return f"{'—' if a is None else f'{a:.3f}'} → {'—' if b is None else f'{b:.3f}'}"
+
+
+def runs_table(studio, owner: str | None) -> list[list]:
+    """The user's finished fine-tunes side by side, newest first: what each changed (base, method, rank, data,
+    steps) and what it scored (dev loss before and after training, ROUGE-L of the base's and the tuned answers)."""
+    rows = []
+    for j in studio.jobs(limit=100, owner=owner, kind="finetune"):
+        if j.status is not JobStatus.DONE or not j.result:
+            continue
+        r, p = j.result, j.params
+        data = ", ".join(Path(x.strip()).name for x in str(p.get("data") or "").split(",") if x.strip())
+        n = r.get("train_examples")
+        rows.append([j.id, Path(str(p.get("base"))).name, p.get("method", "qlora"),
+                     p.get("lora_r", 16) if p.get("method") != "full" else "—", data or "—",
+                     f"{n} train · {r.get('dev_examples')} dev" if n is not None else "—", r.get("steps"),
+                     _arrow(r.get("dev_loss_before", r.get("dev_loss_start")),
+                            r.get("dev_loss_after", r.get("dev_loss"))),
+                     _arrow(r.get("rouge_l_base"), r.get("rouge_l_tuned"))])
     return rows
 
 
@@ -176,7 +210,8 @@ def _data(studio, owner: str | None, v: dict, files: str, path: str, what: str, 
 
 def train_params(studio, owner: str | None, v: dict) -> dict:
     params = {n: v[n] for n in PARAMS if v.get(n) not in (None, "")}
-    for n in ("lora_r", "lora_alpha", "max_seq_len", "micro_batch", "grad_accum", "max_steps", "seed", "eval_every"):
+    for n in ("lora_r", "lora_alpha", "max_seq_len", "micro_batch", "grad_accum", "max_steps", "seed", "eval_every",
+              "eval_prompts"):
         if n in params:
             params[n] = int(params[n])
     params["data"] = _data(studio, owner, v, "data_files", "data_path", "data", True)
@@ -275,10 +310,25 @@ def start_merge(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
 
 
 def fill(studio, owner: str | None) -> dict:
-    """Base models marked on disk or needing a download; server paths only for the admin."""
+    """Base models marked on disk or needing a download; the user's runs side by side and the newest one's base-vs-
+    tuned answers; server paths only for the admin."""
     admin = studio.user(owner).admin
+    newest = next((j for j in studio.jobs(limit=100, owner=owner, kind="finetune") if j.status is JobStatus.DONE),
+                  None)
     return {"base": gr.update(choices=base_choices(studio)), "run": gr.update(choices=run_choices(studio, owner)),
+            "runs": runs_table(studio, owner), "evaluation": evaluation_rows(newest.result if newest else None),
             "data_path": gr.update(visible=admin), "eval_path": gr.update(visible=admin)}
+
+
+def show_run(studio, owner: str | None, run: str) -> tuple[list, list]:
+    """A run picked (or just finished): its base-vs-tuned answers, and every run side by side."""
+    job = None
+    if (run or "").strip():
+        try:
+            job = finished(studio, owner, run)
+        except gr.Error:
+            job = None
+    return evaluation_rows(job.result if job else None), runs_table(studio, owner)
 
 
 def run_choices(studio, owner: str | None) -> list[tuple[str, str]]:
@@ -341,6 +391,8 @@ def build(studio, auth: bool = False) -> dict:
                     micro_batch = gr.Number(1, label="Micro-batch", precision=0, minimum=1)
                     grad_accum = gr.Number(16, label="Gradient accumulation", precision=0, minimum=1)
                     eval_every = gr.Number(50, label="Dev loss every (steps)", precision=0, minimum=0)
+                    eval_prompts = gr.Number(5, label="Dev prompts answered (base vs tuned)", precision=0,
+                                             minimum=0, maximum=100)
                 with gr.Row():
                     scheduler = gr.Dropdown(["cosine", "linear", "constant", "constant_with_warmup"], value="cosine",
                                             label="Schedule")
@@ -362,6 +414,7 @@ def build(studio, auth: bool = False) -> dict:
             report = gr.HTML(label="Data report")
     gr.Markdown("### Evaluation: the base and the tuned model on dev prompts")
     evaluation = gr.Dataframe(headers=EVAL_HEADERS, interactive=False, wrap=True, label="Base vs tuned")
+    runs = gr.Dataframe([], headers=RUNS_HEADERS, interactive=False, wrap=True, label="Runs side by side")
     with gr.Row():
         run = gr.Dropdown([], label="Fine-tuned run (empty: the newest)", allow_custom_value=True, scale=2)
         chat_with_it = gr.Button("Chat with it", variant="primary")
@@ -374,10 +427,11 @@ def build(studio, auth: bool = False) -> dict:
     ui = dict(base=base, data_files=data_files, eval_file=eval_file, data_path=data_path, eval_path=eval_path,
               check=check, method=method, max_seq_len=max_seq_len, epochs=epochs, max_steps=max_steps, lr=lr,
               lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules,
-              micro_batch=micro_batch, grad_accum=grad_accum, eval_every=eval_every, scheduler=scheduler,
+              micro_batch=micro_batch, grad_accum=grad_accum, eval_every=eval_every, eval_prompts=eval_prompts,
+              scheduler=scheduler,
               warmup=warmup, seed=seed, packing=packing, train_on_prompt=train_on_prompt,
               gradient_checkpointing=gradient_checkpointing, train=train, cancel=cancel, resume=resume,
-              status=status, plot=plot, stats=stats, report=report, evaluation=evaluation,
+              status=status, plot=plot, stats=stats, report=report, evaluation=evaluation, runs=runs,
               run=run, chat_with_it=chat_with_it, merge=merge, gguf=gguf, quant=quant, merge_status=merge_status,
               job_id=job_id)
 
@@ -400,6 +454,12 @@ def build(studio, auth: bool = False) -> dict:
                                      "Resume continues from it." if not job.status.final else "")
 
     cancel.click(on_cancel, job_id, status, api_name="finetune_cancel")
+
+    def on_run(run, request: gr.Request):
+        return show_run(studio, user_of(request, auth), run)
+
+    # a run picked, or one that just finished (Train and Resume set it): its answers, and the runs table refreshed
+    run.change(on_run, run, [evaluation, runs], api_name="finetune_runs", show_progress="hidden")
     merge.click(bind(start_merge, studio, auth), None, merge_status,
                 inputs_kwargs={n: ui[n] for n in MERGE_INPUTS}, api_name="finetune_merge", show_progress="hidden")
     return ui
