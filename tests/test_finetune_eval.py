@@ -91,6 +91,16 @@ def test_the_base_answers_are_the_base_models_own(memorised, base):
         assert tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip() == s["base"]
 
 
+def test_a_run_extended_from_a_checkpoint_keeps_the_base_answers_and_the_starting_dev_loss(studio, base, qa,
+                                                                                          memorised):
+    more = studio.wait(studio.submit("finetune", params(base, qa, max_steps=252, resume_from=memorised.id)).id, 600)
+    assert more.status is JobStatus.DONE, more.error
+    r, first = more.result, memorised.result
+    assert r["steps"] == 252 and r["dev_loss_before"] == first["dev_loss_before"]  # the first run's start
+    assert [s["base"] for s in r["side_by_side"]] == [s["base"] for s in first["side_by_side"]]
+    assert r["rouge_l_tuned"] >= 0.9
+
+
 def test_eval_prompts_are_rendered_as_training_sees_them(base, qa):
     from transformers import AutoTokenizer
 
@@ -163,7 +173,8 @@ def test_the_tab_shows_a_runs_answers_and_the_runs_side_by_side(served, memorise
     assert [row[:4] for row in rows] == [[s["prompt"], s["reference"], s["base"], s["tuned"]] for s in side]
     assert [row[4:] for row in rows] == [[round(s["rouge_l_base"], 3), round(s["rouge_l_tuned"], 3)] for s in side]
     table = {row[0]: row for row in _rows(runs)}
-    assert list(table)[:2] == [short.id, memorised.id]  # newest first
+    ids = list(table)
+    assert ids[0] == short.id and ids.index(short.id) < ids.index(memorised.id)  # newest first
     for job, r in ((memorised, 16), (short, 4)):
         row, res = table[job.id], job.result
         assert row[1] == "tiny-llama" and row[2] == "qlora" and int(row[3]) == r and row[4] == "qa.jsonl"
@@ -174,5 +185,5 @@ def test_the_tab_shows_a_runs_answers_and_the_runs_side_by_side(served, memorise
     # a page load fills both: every run side by side, and the newest run's answers
     filled = client.predict(api_name="/finetune_fill")
     tables = [x["data"] for x in filled if isinstance(x, dict) and "headers" in x]
-    assert any([row[0] for row in t][:2] == [short.id, memorised.id] for t in tables), filled
+    assert any([row[0] for row in t] == ids for t in tables), filled
     assert any(len(t) == 3 and t[0][0] == QA[0][0] for t in tables), filled  # the short run's 3 answers
