@@ -337,7 +337,7 @@ def build(studio, auth: bool = False) -> dict:
                                        allow_custom_value=True)
                 tools = gr.Checkbox(False, label="Tools (search, open file, calculator, date)")
                 load_in_4bit = gr.Checkbox(False, label="Load transformers models in 4-bit (bitsandbytes NF4)")
-                adapter = gr.Textbox(label="LoRA adapter (a fine-tune job id or an adapter folder; empty: none)",
+                adapter = gr.Textbox("", label="LoRA adapter (a fine-tune job id or an adapter folder; empty: none)",
                                      info="the Fine-tune tab's Chat with it sets it, with its base as the model")
             sources = gr.Markdown()
     job_id = gr.State("")
