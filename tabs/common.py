@@ -212,6 +212,15 @@ def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth
         return tuple(gr.update(value=values[n]) if n in values and n in form_names and _settable(ui[n], values[n])
                      else gr.skip() for n in names)
 
+    def stream(job: Job, owner: str | None):
+        """The job's own params into the form, then the job streamed with its tab's code."""
+        follow = kinds[job.kind]
+        if follow.form or follow.to_form:
+            yield shown(job_form(job, follow))
+        for row in follow.stream(studio, job, owner):
+            out = dict(zip(follow.outputs, row, strict=True))
+            yield tuple(out.get(n, gr.skip()) for n in names)  # another kind's components stay as they are
+
     def on_load(request: gr.Request):
         owner = user_of(request, auth)
         saved = saved_forms(studio, owner)
@@ -223,12 +232,7 @@ def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth
             if not last:
                 yield tuple(gr.skip() for _ in names)
             return
-        follow = kinds[job.kind]
-        if follow.form or follow.to_form:
-            yield shown(job_form(job, follow))
-        for row in follow.stream(studio, job, owner):
-            out = dict(zip(follow.outputs, row, strict=True))
-            yield tuple(out.get(n, gr.skip()) for n in names)  # another kind's components stay as they are
+        yield from stream(job, owner)
 
     demo.load(on_load, None, [ui[n] for n in names], api_name=f"{tab_id}_attach", show_progress="hidden")
 
@@ -243,15 +247,27 @@ def reattach(demo, studio, tab_id: str, ui: dict, kinds: dict[str, Follow], auth
                 (owner is not None and job.owner != owner):
             yield tuple(gr.skip() for _ in names)
             return
-        follow = kinds[job.kind]
-        if follow.form or follow.to_form:
-            yield shown(job_form(job, follow))
-        for row in follow.stream(studio, job, owner):
-            out = dict(zip(follow.outputs, row, strict=True))
-            yield tuple(out.get(n, gr.skip()) for n in names)
+        yield from stream(job, owner)
 
     on_resumed.outputs = [ui[n] for n in names]
     return on_resumed
+
+
+def resume_run(studio, owner: str | None, current: str, kind: str, nothing: str) -> Job:
+    """A tab's Resume button: its run (or, with none on the page, the user's newest `kind` run that stopped before
+    its end and left a checkpoint) continued from that checkpoint as a new job through the studio's resume. `nothing`
+    says what to do when there is none."""
+    if (current or "").strip():
+        job = owned_job(studio, current, owner)
+    else:
+        job = next((j for j in studio.jobs(limit=50, owner=owner, kind=kind) if j.status in
+                    (JobStatus.CANCELLED, JobStatus.INTERRUPTED, JobStatus.FAILED) and studio.checkpoint_of(j.id)), None)
+    if job is None:
+        raise gr.Error(nothing)
+    try:
+        return studio.resume(job.id, owner)
+    except (ValueError, KeyError) as e:
+        raise gr.Error(str(e)) from None
 
 
 def bind(handler: Callable, studio, auth: bool, remember: str | None = None) -> Callable:

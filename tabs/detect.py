@@ -13,7 +13,7 @@ from studio import Job, JobStatus
 from studio.presets import DOWNLOAD, availability, label
 from workers.detect.yolo import presets
 
-from .common import (Follow, LivePlot, admin_only, apply_fix, bind, eta, offer_fix, own_uploads, owned_job,
+from .common import (Follow, LivePlot, admin_only, apply_fix, bind, eta, offer_fix, own_uploads, resume_run,
                      progress_html, save_form, stash_uploads, user_of, watch)
 
 BASE_MODELS = ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml", "yolo11s.yaml"]
@@ -129,15 +129,6 @@ KINDS = {"detect_train": Follow(follow_train, TRAIN_OUTPUTS, to_form=train_form)
 # the Train form's last-used settings come back on page load; not the upload, nor the trust tick (a file to trust
 # is chosen each time)
 FORMS = {"detect_train": tuple(f"t_{n}" for n in TRAIN_INPUTS if n not in ("files", "trust"))}
-
-
-def resumable(studio, owner: str | None) -> Job | None:
-    """The user's newest detect_train job that stopped before its end and left a checkpoint (what Resume continues
-    when the page has no job of its own, e.g. after a reload)."""
-    for j in studio.jobs(limit=50, owner=owner, kind="detect_train"):
-        if j.status in (JobStatus.CANCELLED, JobStatus.INTERRUPTED, JobStatus.FAILED) and studio.checkpoint_of(j.id):
-            return j
-    return None
 
 
 def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
@@ -346,14 +337,8 @@ def build(studio, auth: bool = False) -> dict:
 
     def on_resume(job_id, request: gr.Request):
         who = owner(request)
-        job = owned_job(studio, job_id, who) if (job_id or "").strip() else resumable(studio, who)
-        if job is None:
-            raise gr.Error("Nothing to resume: no cancelled, interrupted or failed Detect training left a last.pt. "
-                           "Train one (Cancel keeps last.pt).")
-        try:
-            job = studio.resume(job.id, who)
-        except (ValueError, KeyError) as e:
-            raise gr.Error(str(e)) from None
+        job = resume_run(studio, who, job_id, "detect_train", "Nothing to resume: no cancelled, interrupted or failed "
+                         "Detect training left a last.pt. Train one (Cancel keeps last.pt).")
         yield from follow_train(studio, job, who)
 
     t_resume.click(on_resume, t_job, [ui[n] for n in TRAIN_OUTPUTS], api_name="detect_resume",

@@ -13,7 +13,8 @@ import gradio as gr
 
 from studio import Job, JobStatus
 
-from .common import (Follow, LivePlot, bind, eta, gib, owned_job, progress_html, stash_uploads, user_of, watch)
+from .common import (Follow, LivePlot, bind, eta, gib, owned_job, progress_html, resume_run, stash_uploads, user_of,
+                     watch)
 
 # the training params the form sets, each an input of the same name (so a re-attached job fills them by name)
 PARAMS = ("base", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_seq_len", "micro_batch",
@@ -246,23 +247,10 @@ def start_check(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
     yield report_html(job.result["report"])
 
 
-def resumable(studio, owner: str | None) -> Job | None:
-    for j in studio.jobs(limit=50, owner=owner, kind="finetune"):
-        if j.status in (JobStatus.CANCELLED, JobStatus.INTERRUPTED, JobStatus.FAILED) and studio.checkpoint_of(j.id):
-            return j
-    return None
-
-
 def start_resume(studio, owner: str | None, current: str) -> Iterator[tuple]:
     """Resume: continue the tab's run (or the newest one that stopped) from its last checkpoint, as a new job."""
-    job = owned_job(studio, current, owner) if (current or "").strip() else resumable(studio, owner)
-    if job is None:
-        raise gr.Error("Nothing to resume: no cancelled, interrupted or failed fine-tune left a checkpoint.")
-    try:
-        new = studio.resume(job.id, owner)
-    except (ValueError, KeyError) as e:
-        raise gr.Error(str(e)) from None
-    yield from follow(studio, new, owner)
+    yield from follow(studio, resume_run(studio, owner, current, "finetune", "Nothing to resume: no cancelled, "
+                                         "interrupted or failed fine-tune left a checkpoint."), owner)
 
 
 def finished(studio, owner: str | None, current: str) -> Job:

@@ -6,11 +6,11 @@ from typing import Any
 
 import gradio as gr
 
-from studio import Job, JobStatus
+from studio import Job
 from workers.tinylm.data import PYTHON_STDLIB
 from workers.tinylm.train import PRESETS
 
-from .common import (Follow, LivePlot, apply_fix, bind, eta, gib, offer_fix, owned_job, progress_html, stash_uploads,
+from .common import (Follow, LivePlot, apply_fix, bind, eta, gib, offer_fix, progress_html, resume_run, stash_uploads,
                      user_of, watch)
 
 # the Data radio's values (what the API takes and forms remember); labels come from data_choices()
@@ -121,27 +121,14 @@ def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]
     yield from follow(studio, job, owner)  # a refusal shows in the status line; Apply offers its fitting change
 
 
-def resumable(studio, owner: str | None) -> Job | None:
-    """The user's newest Tiny LM run that stopped before its end and left a checkpoint (what Resume continues when
-    the page has no job of its own: after a reload, or after a restart)."""
-    for j in studio.jobs(limit=50, owner=owner, kind="tinylm"):
-        if j.status in (JobStatus.CANCELLED, JobStatus.INTERRUPTED, JobStatus.FAILED) and studio.checkpoint_of(j.id):
-            return j
-    return None
+NOTHING_TO_RESUME = ("Nothing to resume: no cancelled, interrupted or failed Tiny LM run left a checkpoint. "
+                     "Train one (Cancel keeps a checkpoint).")
 
 
 def start_resume(studio, owner: str | None, current: str) -> Iterator[tuple]:
     """The Resume button: continue the tab's run (or the newest one that stopped) from its checkpoint, as a new job
     through the studio's resume, and follow that job in the tab."""
-    job = owned_job(studio, current, owner) if (current or "").strip() else resumable(studio, owner)
-    if job is None:
-        raise gr.Error("Nothing to resume: no cancelled, interrupted or failed Tiny LM run left a checkpoint. "
-                       "Train one (Cancel keeps a checkpoint).")
-    try:
-        new = studio.resume(job.id, owner)
-    except (ValueError, KeyError) as e:
-        raise gr.Error(str(e)) from None
-    yield from follow(studio, new, owner)
+    yield from follow(studio, resume_run(studio, owner, current, "tinylm", NOTHING_TO_RESUME), owner)
 
 
 def start_generate(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:

@@ -18,6 +18,8 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+from studio.hashing import sha256
+
 
 def setup(data_dir: Path) -> Path:
     """Point Ultralytics at the studio's folders before it is imported; returns its weights folder."""
@@ -48,14 +50,6 @@ def presets() -> dict[str, dict]:
     from studio.presets import presets as all_presets
 
     return all_presets()["yolo"]
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def record_weights(run_dir: Path, *paths: Path) -> dict[str, str]:

@@ -16,7 +16,6 @@ for the run folder's layout.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
+from studio.hashing import sha256
 from studio.gate import Estimate
 from workers.finetune import estimate as est
 
@@ -132,14 +132,6 @@ def base_source(base: str) -> str:
 
 
 # ---- checkpoints the studio wrote ------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _hashes(folder: Path) -> dict[str, str]:
     return {str(f.relative_to(folder)): sha256(f) for f in sorted(folder.rglob("*")) if f.is_file()}
 
