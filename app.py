@@ -536,6 +536,7 @@ TABS = (
     ("transcribe", "Transcribe", "tabs.transcribe"),
     ("detect", "Detect", "tabs.detect"),
     ("finetune", "Fine-tune", "tabs.finetune"),
+    ("paint", "Paint", "tabs.paint"),
     ("tinylm", "Tiny LM", "tabs.tinylm"),
     ("jobs", "Jobs", "tabs.jobs"),
     ("models", "Models", "tabs.models"),

@@ -38,6 +38,7 @@ register("detect_stream",   "workers.detect.stream")
 register("finetune",        "workers.finetune.train")
 register("finetune_check",  "workers.finetune.check",        lane="io")
 register("finetune_merge",  "workers.finetune.merge")
+register("paint",           "workers.paint.generate")
 
 
 def module_for(kind: str) -> ModuleType:

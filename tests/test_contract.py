@@ -111,6 +111,11 @@ class Inputs:
 
         return str(self._once("ft_data", lambda: write_qa(self.tmp / "qa.jsonl")))
 
+    def tiny_sd(self):
+        from paint_fixtures import make_tiny_sd
+
+        return str(self._once("tiny_sd", lambda: make_tiny_sd(self.tmp / "paint-sd")))
+
     def stream_session(self):
         import numpy as np
         from PIL import Image
@@ -146,6 +151,8 @@ EXAMPLES = {
     "finetune_merge": lambda i: {"adapter": i.adapter(), "dtype": "float32"},
     "finetune_check": lambda i: {"base": str(Path(i.adapter()).parent / "ft-base"), "data": i.ft_data(),
                                  "max_seq_len": 64},
+    "paint": lambda i: {"model": i.tiny_sd(), "prompt": "a red square", "width": 64, "height": 64, "steps": 3,
+                        "seed": 1},
 }
 # kinds whose example cannot finish here (no network): they must still end once, FAILED with a plain reason
 ENDS_FAILED = {"model_download": "hub cannot be reached|offline|not in the Hugging Face cache"}
@@ -167,6 +174,7 @@ BAD = {
     "finetune": ({"data": "/nonexistent/qa.jsonl", "base": "Phi-3-mini-4k-instruct"}, "data file not found"),
     "finetune_merge": ({"adapter": "/nonexistent/adapter"}, "does not exist"),
     "finetune_check": ({"data": ""}, "no data given"),
+    "paint": ({"model": "/nonexistent/model.safetensors"}, "neither a preset"),
 }
 NEEDS_OPENCV = {"detect_train", "detect_predict", "detect_export", "detect_stream"}
 KINDS = sorted(k for k in registry.WORKERS if not k.startswith("test_"))

@@ -1,0 +1,239 @@
+"""Paint's Generate side (kind `paint`) on a tiny SD-1.5-shaped pipeline built offline (tests/paint_fixtures.py):
+deterministic for a seed with the settings in the PNG, every sampler, img2img, inpainting, LoRAs, the live preview
+and cancel, bad inputs, the gate's SDXL refusal from the preset config alone, and the tab through gradio_client."""
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from paint_fixtures import SIZE, make_image, make_mask, make_tiny_sd
+from studio import JobCancelled, JobContext, JobStatus
+from studio.config import GiB
+from studio.params import build
+from workers.paint import generate as G
+from workers.paint import pipeline as P
+from workers.paint.pngmeta import format_parameters, parse_parameters, read_png_parameters
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return make_tiny_sd(tmp_path_factory.mktemp("paint") / "tiny-sd")
+
+
+@pytest.fixture(scope="module")
+def pics(tmp_path_factory):
+    d = tmp_path_factory.mktemp("paint-pics")
+    bad = d / "notes.png"
+    bad.write_text("this is not an image")
+    Image.new("RGB", (1, 1)).save(d / "dot.png")
+    return {"init": make_image(d / "init.png", colour=(200, 40, 40)), "mask": make_mask(d / "mask.png"),
+            "not_image": bad, "one_px": d / "dot.png"}
+
+
+class Dirs:
+    def __init__(self, data_dir):
+        self.data_dir = data_dir
+
+
+def run(tiny, tmp_path, name="run", cancel_on=None, **params):
+    """Validate and run a paint job in this process; returns (result, run folder, events seen)."""
+    p = G.validate(build(G.Params, {"model": str(tiny), "prompt": "a red square", "width": SIZE, "height": SIZE,
+                                    "steps": 3, "seed": 7, **params}), Dirs(tmp_path))
+    flag, seen = threading.Event(), []
+    rd = tmp_path / name
+    rd.mkdir()
+
+    class Ctx(JobContext):
+        def emit(self, type, **data):
+            seen.append((type, data))
+            super().emit(type, **data)
+            if type == cancel_on:
+                flag.set()  # the user presses Cancel as the first preview shows
+
+    ctx = Ctx(job_id=name, kind="paint", run_dir=rd, data_dir=tmp_path, device="cpu", cancel_flag=flag)
+    return G.run(p, ctx), rd, seen
+
+
+def pixels(rd, result, i=0):
+    return np.asarray(Image.open(rd / result["images"][i]).convert("RGB"), dtype=np.int16)
+
+
+def test_a_seed_gives_the_same_image_and_the_png_carries_its_settings(tiny, tmp_path):
+    a, rda, _ = run(tiny, tmp_path, "a", negative_prompt="blurry, dark", cfg=5.5, sampler="Euler")
+    b, rdb, _ = run(tiny, tmp_path, "b", negative_prompt="blurry, dark", cfg=5.5, sampler="Euler")
+    c, rdc, _ = run(tiny, tmp_path, "c", negative_prompt="blurry, dark", cfg=5.5, sampler="Euler", seed=8)
+    assert (pixels(rda, a) == pixels(rdb, b)).all()
+    assert np.abs(pixels(rda, a) - pixels(rdc, c)).mean() > 1  # another seed, another image
+    got = parse_parameters(read_png_parameters(rda / a["images"][0]))
+    assert {k: got[k] for k in ("prompt", "negative_prompt", "steps", "sampler", "cfg", "seed", "width", "height")} \
+        == {"prompt": "a red square", "negative_prompt": "blurry, dark", "steps": 3, "sampler": "Euler", "cfg": 5.5,
+            "seed": 7, "width": SIZE, "height": SIZE}
+    assert got["model_name"] == "tiny-sd" and len(got["model_hash"]) == 10
+    # the parsed settings, given back as params, paint the same image
+    again, rdd, _ = run(tiny, tmp_path, "d", **{k: got[k] for k in ("prompt", "negative_prompt", "steps", "sampler",
+                                                                   "cfg", "seed", "width", "height")})
+    assert (pixels(rdd, again) == pixels(rda, a)).all()
+
+
+def test_random_seed_is_recorded_and_a_batch_uses_seed_plus_i(tiny, tmp_path):
+    r, rd, _ = run(tiny, tmp_path, seed=-1, batch=2)
+    assert r["seeds"] == [r["seed"], r["seed"] + 1] and len(r["images"]) == 2
+    one, rd1, _ = run(tiny, tmp_path, "one", seed=r["seed"] + 1)
+    assert (pixels(rd, r, 1) == pixels(rd1, one)).all()  # image 2 of the batch is seed + 1 painted alone
+    assert parse_parameters(read_png_parameters(rd / r["images"][1]))["seed"] == r["seed"] + 1
+
+
+def test_a1111_text_round_trips_with_loras_and_quotes():
+    text = format_parameters(prompt="a cat, b/w", negative_prompt="ugly", steps=20, sampler="DPM++ 2M Karras",
+                             cfg=7, seed=1234, width=512, height=768, model_name="sd15", model_hash="abcdef1234",
+                             loras=[("/x/my style.safetensors", "my style", 0.8, "0123456789ab")], strength=0.6)
+    assert text.splitlines()[0] == "a cat, b/w <lora:my style:0.8>"
+    got = parse_parameters(text)
+    assert got["prompt"] == "a cat, b/w" and got["negative_prompt"] == "ugly" and got["sampler"] == "DPM++ 2M Karras"
+    assert (got["width"], got["height"], got["seed"], got["strength"]) == (512, 768, 1234, 0.6)
+    assert got["loras"] == "/x/my style.safetensors:0.8"
+    a1111 = ("masterpiece <lora:add_detail:0.5>\nNegative prompt: lowres\nSteps: 30, Sampler: DPM++ 2M Karras, "
+             "Schedule type: Karras, CFG scale: 6.5, Seed: 99, Size: 640x448, Model hash: 1a2b3c4d5e, Model: x, "
+             'Lora hashes: "add_detail: 7c6bad76eb54", Version: v1.10.1')
+    got = parse_parameters(a1111)
+    assert got["prompt"] == "masterpiece" and got["loras"] == "add_detail:0.5" and got["cfg"] == 6.5
+    assert got["other"]["Schedule type"] == "Karras" and got["lora_hashes"] == "add_detail: 7c6bad76eb54"
+    with pytest.raises(ValueError, match="no generation settings"):
+        parse_parameters("just a caption")
+
+
+@pytest.mark.parametrize("sampler", list(P.SAMPLERS))
+def test_each_sampler_runs(tiny, tmp_path, sampler):
+    r, rd, _ = run(tiny, tmp_path, sampler=sampler, steps=2)
+    img = pixels(rd, r)
+    assert img.shape == (SIZE, SIZE, 3) and img.std() > 0
+    assert parse_parameters(read_png_parameters(rd / r["images"][0]))["sampler"] == sampler
+
+
+def test_img2img_and_inpainting_run_and_use_their_inputs(tiny, tmp_path, pics):
+    txt, rdt, _ = run(tiny, tmp_path, "txt", steps=4)
+    i2i, rdi, _ = run(tiny, tmp_path, "i2i", steps=4, init_image=str(pics["init"]), strength=0.5)
+    assert i2i["mode"] == "img2img" and i2i["steps"] == 2  # strength 0.5 runs half the steps, as A1111
+    assert np.abs(pixels(rdi, i2i) - pixels(rdt, txt)).mean() > 1
+    inp, rdp, _ = run(tiny, tmp_path, "inp", steps=4, init_image=str(pics["init"]), mask=str(pics["mask"]),
+                      strength=1.0)
+    assert inp["mode"] == "inpaint"
+    got = parse_parameters(read_png_parameters(rdp / inp["images"][0]))
+    assert got["strength"] == 1.0 and got["other"]["Mode"] == "inpaint"
+    out = pixels(rdp, inp)
+    init = np.asarray(Image.open(pics["init"]).convert("RGB"), dtype=np.int16)
+    q = SIZE // 4  # the kept border stays nearer the init image than the repainted middle
+    border = np.abs(out - init)[:q].mean()
+    middle = np.abs(out - init)[q + 4:3 * q - 4, q + 4:3 * q - 4].mean()
+    assert border < middle
+
+
+def test_preview_events_arrive_and_a_cancel_stops_the_run(tiny, tmp_path):
+    r, rd, seen = run(tiny, tmp_path, "full", steps=6, preview_every=2)
+    shown = [d for t, d in seen if t == "preview"]
+    assert [d["step"] for d in shown] == [2, 4, 6] and all((rd / d["path"]).exists() for d in shown)
+    assert Image.open(rd / shown[0]["path"]).size == (SIZE // 2, SIZE // 2)  # latent size: no VAE decode
+    assert [t for t, _ in seen][0] == "flags"
+    with pytest.raises(JobCancelled):
+        run(tiny, tmp_path, "cancelled", steps=20, preview_every=1, cancel_on="preview")
+    assert not (tmp_path / "cancelled" / "images").exists()
+    assert len(list((tmp_path / "cancelled" / "preview").glob("*.png"))) == 1  # it stopped at the next step
+
+
+def make_lora(tiny, out: Path) -> Path:
+    """A diffusers-format LoRA on the tiny UNet's attention, with random (non-zero) weights."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny))
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    StableDiffusionPipeline.save_lora_weights(str(out), unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                                              safe_serialization=True)
+    return out / "pytorch_lora_weights.safetensors"
+
+
+def test_a_lora_changes_the_image_and_weight_zero_does_not(tiny, tmp_path):
+    lora = make_lora(tiny, tmp_path / "lora")
+    plain, rd0, _ = run(tiny, tmp_path, "plain")
+    styled, rd1, _ = run(tiny, tmp_path, "styled", loras=f"{lora}:1")
+    zero, rd2, _ = run(tiny, tmp_path, "zero", loras=f"{lora}:0")
+    again, rd3, _ = run(tiny, tmp_path, "again")  # the cached pipeline is plain again after a LoRA job
+    assert np.abs(pixels(rd1, styled) - pixels(rd0, plain)).mean() > 1
+    assert np.abs(pixels(rd2, zero) - pixels(rd0, plain)).max() <= 1
+    assert (pixels(rd3, again) == pixels(rd0, plain)).all()
+    got = parse_parameters(read_png_parameters(rd1 / styled["images"][0]))
+    assert got["loras"] == f"{lora}:1" and "pytorch_lora_weights" in got["lora_hashes"]
+
+
+@pytest.mark.parametrize("params, says", [
+    ({"init_image": "NOT_IMAGE"}, "not an image PIL can read"),
+    ({"init_image": "ONE_PX"}, "1x1 pixels, too small"),
+    ({"init_image": "/nonexistent/cat.png"}, "not found"),
+    ({"mask": "MASK"}, "mask needs init_image"),
+    ({"width": 100}, "multiple of 8"),
+    ({"sampler": "Heun++"}, "sampler must be one of"),
+    ({"loras": "/nonexistent/style.safetensors:0.8"}, "neither a .safetensors file nor a paint_lora job"),
+    ({"model": "/nonexistent/model.safetensors"}, "neither a preset"),
+])
+def test_bad_inputs_are_refused_plainly(studio, tiny, pics, params, says):
+    names = {"NOT_IMAGE": pics["not_image"], "ONE_PX": pics["one_px"], "MASK": pics["mask"]}
+    params = {k: str(names.get(v, v)) if isinstance(v, str) else v for k, v in params.items()}
+    before = len(studio.jobs(limit=10_000))
+    with pytest.raises(ValueError, match=says) as e:
+        studio.submit("paint", {"model": str(tiny), "prompt": "x", **params})
+    assert len(str(e.value)) < 400
+    assert len(studio.jobs(limit=10_000)) == before
+
+
+def test_the_gate_refuses_sdxl_at_2048_on_a_small_card_with_a_change_that_fits():
+    """From the preset's config alone (nothing downloaded): SDXL 1024 fits a 12 GB card with its flags; 2048² does
+    not fit 8 GiB, and the refusal names a change that does."""
+    from conftest import FakeNvml
+
+    from studio.gate import Refused, full_estimate, gate
+
+    card = FakeNvml(total=12 * GiB, free=12 * GiB).read()
+    sdxl = build(G.Params, {"model": "sdxl-base-1.0"})
+    est = gate(sdxl, G.estimate, card, 11 * GiB, G.shrink)
+    assert 7.5 * GiB < est.total < 11 * GiB, est.describe()
+    assert "VAE tiling" in est.note and "text encoders off the GPU" in est.note and "fp16" in est.note
+    sd15 = full_estimate(build(G.Params, {"model": "sd15"}), G.estimate, card)
+    assert 3.4 * GiB < sd15.total < 4.6 * GiB, sd15.describe()  # measured ~3.9 GiB at 512 with CFG
+    big = build(G.Params, {"model": "sdxl-base-1.0", "width": 2048, "height": 2048})
+    with pytest.raises(Refused) as e:
+        gate(big, G.estimate, card, 8 * GiB, G.shrink)
+    change = e.value.suggestion
+    assert change and "Fits with" in e.value.reason
+    fitted = full_estimate(replace(big, **change), G.estimate, card)
+    assert fitted.total <= 8 * GiB and (change.get("width", 2048) < 2048 or change.get("memory") == "offload")
+
+
+def test_the_paint_tab_generates_restores_a_png_and_lists_past_images(studio, tiny, pics):
+    from conftest import serve
+    from gradio_client import Client, handle_file
+
+    url, demo = serve(studio, show_error=True)
+    try:
+        client = Client(url, verbose=False)
+        status, preview, images, info = client.predict(  # the job id is session State, not an API output
+            model=str(tiny), prompt="a blue circle", negative_prompt="red", width=SIZE, height=SIZE, steps=4,
+            cfg=6, sampler="DDIM", seed=11, batch=1, loras="", init_image=None, strength=0.75, mask=None,
+            memory="auto", api_name="/paint_generate")
+        assert "DONE" in status and len(images) == 1 and "memory flags" in info and "seed **11**" in info
+        job = studio.jobs(kind="paint", limit=1)[0]
+        assert job.params["seed"] == 11 and job.params["sampler"] == "DDIM"
+        png = studio.run_dir(job.id) / job.result["images"][0]
+        assert Path(preview).name == png.name and Path(images[0]["image"]).name == png.name
+        restored = client.predict(handle_file(str(png)), api_name="/paint_restore")
+        assert tuple(restored[:8]) == ("a blue circle", "red", SIZE, SIZE, 4, 6, "DDIM", 11)
+        with pytest.raises(Exception, match="carries no generation settings|not an image"):
+            client.predict(handle_file(str(pics["init"])), api_name="/paint_restore")
+        past = client.predict(api_name="/paint_history")
+        assert any(Path(item["image"]).name == png.name for item in past)
+    finally:
+        demo.close()
