@@ -82,7 +82,9 @@ def test_random_seed_is_recorded_and_a_batch_uses_seed_plus_i(tiny, tmp_path):
     r, rd, _ = run(tiny, tmp_path, seed=-1, batch=2)
     assert r["seeds"] == [r["seed"], r["seed"] + 1] and len(r["images"]) == 2
     one, rd1, _ = run(tiny, tmp_path, "one", seed=r["seed"] + 1)
-    assert (pixels(rd, r, 1) == pixels(rd1, one)).all()  # image 2 of the batch is seed + 1 painted alone
+    # image 2 of the batch is seed + 1 painted alone (up to float rounding of a batch of 2 against 1 on the CPU)
+    assert np.abs(pixels(rd, r, 1) - pixels(rd1, one)).max() <= 3
+    assert np.abs(pixels(rd, r, 0) - pixels(rd1, one)).mean() > 1
     assert parse_parameters(read_png_parameters(rd / r["images"][1]))["seed"] == r["seed"] + 1
 
 

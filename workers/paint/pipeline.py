@@ -3,7 +3,6 @@ from the preset table or from config.json / safetensors headers), the memory pla
 specs, the cheap latent->RGB preview and model hashes. No torch or diffusers at import time."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -194,12 +193,10 @@ def file_hash(path: Path, cache_dir: Path | None = None, n: int = 10) -> str:
             known = json.loads(store.read_text())
         except (OSError, json.JSONDecodeError):
             known = {}
-    if key not in known:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                h.update(block)
-        known[key] = h.hexdigest()
+    if key not in known:  # a 2-7 GB checkpoint takes seconds to hash: done once per file version
+        from studio.hashing import sha256
+
+        known[key] = sha256(path)
         if store:
             store.parent.mkdir(parents=True, exist_ok=True)
             store.write_text(json.dumps(known))
