@@ -113,3 +113,41 @@ def make_mask(path: Path, size: int = SIZE) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+def make_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """A tiny SDXL-shaped pipeline (two CLIP text encoders, the second with a projection; a UNet with SDXL's
+    text_time embedding), as diffusers' SDXL get_dummy_components; saved as a diffusers folder."""
+    folder = Path(folder)
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], sample_size=SIZE, norm_num_groups=32)
+    cfg = dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+               layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=520,
+               max_position_embeddings=77, hidden_act="gelu", projection_dim=32)
+    torch.manual_seed(seed)
+    te = CLIPTextModel(CLIPTextConfig(**cfg))
+    torch.manual_seed(seed + 1)
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(**cfg))
+    tok_dir = write_clip_tokenizer(folder.parent / (folder.name + "-tokenizer"))
+    tok = CLIPTokenizer.from_pretrained(str(tok_dir))
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return folder

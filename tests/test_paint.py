@@ -239,3 +239,23 @@ def test_the_paint_tab_generates_restores_a_png_and_lists_past_images(studio, ti
         assert any(Path(item["image"]).name == png.name for item in past)
     finally:
         demo.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(tmp_path_factory) -> Path:
+    from paint_fixtures import make_tiny_sdxl
+
+    return make_tiny_sdxl(tmp_path_factory.mktemp("paint-xl") / "tiny-sdxl")
+
+
+def test_an_sdxl_folder_paints_text_to_image_and_img2img_with_its_pooled_embeddings(tiny_xl, tmp_path, pics):
+    info = P.model_info(str(tiny_xl))
+    assert info["arch"] == "sdxl" and info["text"] > 0  # both text encoders counted
+    a, rda, seen = run(tiny_xl, tmp_path, "xl-a", steps=3, negative_prompt="dull")
+    b, rdb, _ = run(tiny_xl, tmp_path, "xl-b", steps=3, negative_prompt="dull")
+    assert (pixels(rda, a) == pixels(rdb, b)).all() and pixels(rda, a).std() > 0
+    assert any(t == "preview" for t, _ in seen)
+    i2i, rdi, _ = run(tiny_xl, tmp_path, "xl-i2i", steps=4, init_image=str(pics["init"]), strength=0.5)
+    assert i2i["mode"] == "img2img" and np.abs(pixels(rdi, i2i) - pixels(rda, a)).mean() > 1
+    unguided, rdu, _ = run(tiny_xl, tmp_path, "xl-cfg1", steps=3, cfg=1.0)  # no negative embeddings at all
+    assert np.abs(pixels(rdu, unguided) - pixels(rda, a)).mean() > 0
