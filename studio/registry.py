@@ -39,6 +39,7 @@ register("finetune",        "workers.finetune.train")
 register("finetune_check",  "workers.finetune.check",        lane="io")
 register("finetune_merge",  "workers.finetune.merge")
 register("paint",           "workers.paint.generate")
+register("paint_lora",      "workers.paint.lora_train")
 
 
 def module_for(kind: str) -> ModuleType:

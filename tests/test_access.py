@@ -16,7 +16,7 @@ from studio.conversations import Conversations
 ROOT = Path(__file__).resolve().parents[1]
 # a valid value for each required field a kind's Params has, so only the param under test decides
 REQUIRED = {"prompt": "hi", "collection": "bobs-notes", "path": "x", "evalset": "x", "audio": "x", "data": "x",
-            "checkpoint": "x", "model": "yolov8n.yaml", "source": "x", "session": "s1"}
+            "checkpoint": "x", "model": "yolov8n.yaml", "source": "x", "session": "s1", "images": "x"}
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def shared(tmp_path):
 
 
 # fields whose default (empty) is refused before the access check: a kind needs them given
-NEEDED = {"prompt", "data"}
+NEEDED = {"prompt", "data", "images"}
 
 
 def params_for(kind: str, **given) -> dict:

@@ -111,6 +111,16 @@ class Inputs:
 
         return str(self._once("ft_data", lambda: write_qa(self.tmp / "qa.jsonl")))
 
+    def lora_images(self):
+        from paint_fixtures import make_image
+
+        def make():
+            for n in range(3):
+                make_image(self.tmp / "lora-images" / f"{n}.png", seed=n, colour=(200, 40, 40))
+            return self.tmp / "lora-images"
+
+        return str(self._once("lora_images", make))
+
     def tiny_sd(self):
         from paint_fixtures import make_tiny_sd
 
@@ -153,6 +163,8 @@ EXAMPLES = {
                                  "max_seq_len": 64},
     "paint": lambda i: {"model": i.tiny_sd(), "prompt": "a red square", "width": 64, "height": 64, "steps": 3,
                         "seed": 1},
+    "paint_lora": lambda i: {"base": i.tiny_sd(), "images": i.lora_images(), "instance_prompt": "a photo of sks",
+                             "resolution": 64, "steps": 3, "sample_every": 2, "sample_steps": 2, "threads": 2},
 }
 # kinds whose example cannot finish here (no network): they must still end once, FAILED with a plain reason
 ENDS_FAILED = {"model_download": "hub cannot be reached|offline|not in the Hugging Face cache"}
@@ -175,6 +187,7 @@ BAD = {
     "finetune_merge": ({"adapter": "/nonexistent/adapter"}, "does not exist"),
     "finetune_check": ({"data": ""}, "no data given"),
     "paint": ({"model": "/nonexistent/model.safetensors"}, "neither a preset"),
+    "paint_lora": ({"images": "/nonexistent/images"}, "images not found"),
 }
 NEEDS_OPENCV = {"detect_train", "detect_predict", "detect_export", "detect_stream"}
 KINDS = sorted(k for k in registry.WORKERS if not k.startswith("test_"))
