@@ -237,6 +237,12 @@ def test_the_paint_tab_generates_restores_a_png_and_lists_past_images(studio, ti
             client.predict(handle_file(str(pics["init"])), api_name="/paint_restore")
         past = client.predict(api_name="/paint_history")
         assert any(Path(item["image"]).name == png.name for item in past)
+        # a reloaded page gets the form as it was last used (FORMS) and the user's past images (fill)
+        attached = [v.get("value") if isinstance(v, dict) else v
+                    for v in Client(url, verbose=False).predict(api_name="/paint_attach")]
+        assert "a blue circle" in attached and "DDIM" in attached and 11 in attached
+        filled = client.predict(api_name="/paint_fill")
+        assert any(Path(item["image"]).name == png.name for item in filled[0])
     finally:
         demo.close()
 
