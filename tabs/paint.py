@@ -14,6 +14,7 @@ from studio import Job
 from studio.presets import label, presets
 from workers.paint.pipeline import MEMORY, SAMPLERS
 
+from . import paint_lora
 from .common import Follow, bind, gib, progress_html, user_of, watch
 
 # the Generate button's inputs: names in build()'s dict and the endpoint's parameters, in this order
@@ -108,8 +109,9 @@ def lora_choices(studio, owner: str | None) -> list[tuple[str, str]]:
 
 
 def fill(studio, owner: str | None) -> dict:
-    """The user's past images and trained LoRAs, on page load."""
-    return {"history": history(studio, owner), "lora_pick": gr.update(choices=lora_choices(studio, owner))}
+    """The user's past images and trained LoRAs, on page load (and Train LoRA's own lists)."""
+    return {"history": history(studio, owner), "lora_pick": gr.update(choices=lora_choices(studio, owner))} | \
+        paint_lora.fill(studio, owner)
 
 
 def to_form(job: Job) -> dict:
@@ -117,9 +119,10 @@ def to_form(job: Job) -> dict:
 
 
 KINDS = {"paint": Follow(follow, GENERATE_OUTPUTS, form=tuple(n for n in GENERATE_INPUTS
-                                                             if n not in ("init_image", "mask")), to_form=to_form)}
+                                                             if n not in ("init_image", "mask")), to_form=to_form),
+         **paint_lora.KINDS}
 # the forms whose last-used settings come back on page load (tabs.common.bind(..., remember=key))
-FORMS = {"paint_generate": tuple(n for n in GENERATE_INPUTS if n not in ("init_image", "mask"))}
+FORMS = {"paint_generate": tuple(n for n in GENERATE_INPUTS if n not in ("init_image", "mask")), **paint_lora.FORMS}
 
 
 def build_generate(studio, auth: bool = False) -> dict:
@@ -215,18 +218,17 @@ def build_generate(studio, auth: bool = False) -> dict:
 
 
 def build_train(studio, auth: bool = False) -> dict:
-    """HOOK for the Train LoRA sub-tab (kind paint_lora): the LoRA helper fills this in; returns its named
-    components (merged into the tab's dict; name them t_… so they do not clash with Generate's)."""
-    gr.Markdown("Training a style LoRA (`paint_lora`) arrives here.")
-    return {}
+    """The Train LoRA sub-tab (kind paint_lora, tabs.paint_lora): its named components, all t_…"""
+    return paint_lora.build_train(studio, auth)
 
 
 def build(studio, auth: bool = False) -> dict:
     gr.Markdown("Stable Diffusion 1.5 and SDXL: generate images (text to image, img2img, inpainting, your LoRAs) and "
                 "train a style LoRA on your own images; the LoRA files work in A1111, Forge and ComfyUI.")
-    with gr.Tabs():
+    with gr.Tabs() as tabs:
         with gr.Tab("Generate", id="paint_generate"):
             ui = build_generate(studio, auth)
         with gr.Tab("Train LoRA", id="paint_train"):
             ui |= build_train(studio, auth)
+    paint_lora.wire_use(studio, ui, tabs, auth)  # Use in Paint: the trained LoRA into Generate
     return ui

@@ -318,3 +318,41 @@ def test_the_gate_refuses_a_run_that_does_not_fit_and_suggests_one_that_does():
     assert s and "Fits with" in r.value.reason, r.value.reason
     assert full_estimate(build(train.Params, {**big, **s}), train.estimate, cuda(8)).total <= 6 * GiB
     assert s["mixed_precision"] == "fp16" and s["gradient_checkpointing"] is True
+
+
+# ---- the Train LoRA sub-tab through gradio_client -----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(studio):
+    from conftest import serve
+
+    url, demo = serve(studio, show_error=True)
+    yield url
+    demo.close()
+
+
+def test_train_lora_tab_trains_shows_the_report_and_use_in_paint_fills_generate(served, studio, base, shots):
+    from gradio_client import Client, handle_file
+
+    client = Client(served, verbose=False)
+    files = [handle_file(str(f)) for f in sorted(shots.iterdir())]
+    form = dict(t_folder="", t_base=str(base), t_instance_prompt="a photo of sks", t_class_prompt="",
+                t_prior_preservation=False, t_num_class_images=10, t_name="tab-lora", t_rank=4, t_alpha=4, t_lr=1e-3,
+                t_steps=4, t_batch_size=1, t_resolution=SIZE, t_bucketing=True, t_train_text_encoder=False,
+                t_gradient_checkpointing=False, t_mixed_precision="fp16", t_optimizer="adamw", t_sample_every=2,
+                t_sample_prompts="a photo of sks", t_seed=3)
+    status, plot, samples, report, result, file = client.predict(t_files=files, **form,
+                                                                 api_name="/paint_lora_train")
+    assert "DONE" in status, status
+    assert "**5 images**" in report and f"`{SIZE}x{SIZE}` ×5" in report and "no .txt caption: `shot0.png`" in report
+    assert "tab-lora.safetensors" in result and "kohya" in result
+    assert file and str(file).endswith("tab-lora.safetensors") and len(samples) == 2
+    job = studio.jobs(limit=1, kind="paint_lora")[0]
+    assert job.status is JobStatus.DONE and job.params["rank"] == 4 and job.params["resolution"] == SIZE
+    loras = client.predict(loras="", api_name="/paint_lora_use")  # the Tabs switch has no value for a client
+    assert loras == f"{job.id}:1", loras
+    # Generate with what Use in Paint filled in: the paint kind loads the LoRA from the job
+    out = client.predict(model=str(base), prompt="a photo of sks", negative_prompt="", width=SIZE, height=SIZE,
+                         steps=2, cfg=5, sampler="Euler", seed=1, batch=1, loras=loras, init_image=None, strength=0.75,
+                         mask=None, memory="auto", api_name="/paint_generate")
+    painted = studio.jobs(limit=1, kind="paint")[0]
+    assert painted.status is JobStatus.DONE and job.id in painted.params["loras"], (painted.error, out)
