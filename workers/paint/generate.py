@@ -34,6 +34,7 @@ class Params:
     mask: str = ""  # inpainting: white where to repaint, black where to keep (needs init_image)
     memory: str = "auto"  # auto: the flags the gate chooses; offload: model CPU offload too; none: all on the GPU
     preview_every: int = 2  # steps between live previews (a cheap latent->RGB map, no VAE decode); 0: none
+    threads: int = 0  # CPU threads (on the CPU); 0 uses every core
 
     def __post_init__(self):
         for name in ("width", "height"):
@@ -54,6 +55,8 @@ class Params:
             raise ValueError(f"strength must be above 0 and at most 1; got {self.strength}")
         if self.memory not in P.MEMORY:
             raise ValueError(f"memory must be one of {', '.join(P.MEMORY)}; got {self.memory!r}")
+        if not 0 <= self.threads <= 1024:
+            raise ValueError(f"threads must be between 0 and 1024; got {self.threads}")
         if self.preview_every < 0:
             raise ValueError(f"preview_every must be 0 or more; got {self.preview_every}")
         if self.mask.strip() and not self.init_image.strip():
@@ -201,6 +204,8 @@ def _load_image(path: str, size: tuple[int, int], mode: str):
 
 
 def run(p: Params, ctx) -> dict:
+    import os
+
     import torch
     from PIL.PngImagePlugin import PngInfo
 
@@ -209,6 +214,8 @@ def run(p: Params, ctx) -> dict:
     ctx.progress(0, p.steps, "loading the model")
     info = P.model_info(p.model)
     cuda = ctx.device == "cuda"
+    if not cuda:
+        torch.set_num_threads(p.threads or os.cpu_count() or 1)
     width, height = size_of(p, info)
     flags = P.memory_plan(p.memory, info["arch"], width, height, p.batch, cuda)
     offload = "model CPU offload" in flags
@@ -281,7 +288,7 @@ def run(p: Params, ctx) -> dict:
             if p.preview_every and ((i + 1) % p.preview_every == 0 or i + 1 == total):
                 img = P.latent_preview(cb["latents"][0], info["arch"])
                 dst = previews / f"step{i + 1:03d}.png"
-                img.save(dst)
+                img.save(dst, compress_level=1)  # small and quick: the preview is replaced in a moment
                 ctx.emit("preview", step=i + 1, total=total, path=str(dst.relative_to(ctx.run_dir)))
             done = i + 1
             rate = done / (time.perf_counter() - t_start[0])
