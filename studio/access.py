@@ -75,7 +75,9 @@ def check(studio, kind: str, module: Any, params: dict[str, Any], user: User) ->
         value = params.get(name)
         if not isinstance(value, str) or not value.strip():
             continue
-        for item in [v for v in value.splitlines() if v.strip()] or [value]:
+        split = getattr(module, "path_items", None)  # a kind whose param lists several (paint's `loras`)
+        items = split(name, value) if split else value.splitlines()
+        for item in [v for v in items if v.strip()] or [value]:
             _check_value(studio, kind, name, item.strip(), who, roots)
     if params.get("collection"):
         _check_collection(studio, params["collection"], who)

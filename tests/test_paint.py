@@ -265,3 +265,28 @@ def test_an_sdxl_folder_paints_text_to_image_and_img2img_with_its_pooled_embeddi
     assert i2i["mode"] == "img2img" and np.abs(pixels(rdi, i2i) - pixels(rda, a)).mean() > 1
     unguided, rdu, _ = run(tiny_xl, tmp_path, "xl-cfg1", steps=3, cfg=1.0)  # no negative embeddings at all
     assert np.abs(pixels(rdu, unguided) - pixels(rda, a)).mean() > 0
+
+
+def test_a_remote_user_names_only_her_own_loras(tiny, tmp_path):
+    """Each LoRA of `loras` is checked (studio.access through paint.path_items), weights and commas included: one
+    of her uploads next to a server path is refused, and so is another user's paint_lora job id."""
+    from studio import Config, Studio
+    from studio.access import Forbidden, user_dir
+
+    s = Studio(Config.load(tmp_path / "d"))
+    s.admin = "ann"
+    s.store.set_paused(True)  # nothing runs
+    mine = user_dir(s.config.users_dir, "bob") / "up1" / "style.safetensors"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"x")
+    model = user_dir(s.config.users_dir, "bob") / "up2" / "tiny-sd"
+    import shutil
+
+    shutil.copytree(tiny, model)
+    for loras in (f"{mine}:0.8, /etc/hostname:1", f"{mine}:0.8\n../../../etc/hostname"):
+        with pytest.raises(Forbidden, match="not in your uploads"):
+            s.submit("paint", {"model": str(model), "prompt": "x", "loras": loras}, owner="bob")
+    anns = s.submit("paint", {"model": str(tiny), "prompt": "x"}, owner="ann")
+    with pytest.raises(Forbidden, match="not one of yours"):
+        s.submit("paint", {"model": str(model), "prompt": "x", "loras": f"{mine}:1, {anns.id}:0.5"}, owner="bob")
+    assert [j.owner for j in s.jobs()] == ["ann"]

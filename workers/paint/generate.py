@@ -59,12 +59,15 @@ class Params:
             raise ValueError(f"threads must be between 0 and 1024; got {self.threads}")
         if self.preview_every < 0:
             raise ValueError(f"preview_every must be 0 or more; got {self.preview_every}")
-        if self.mask.strip() and not self.init_image.strip():
-            raise ValueError("mask needs init_image: inpainting repaints the masked part of that image")
         if not self.model.strip():
             raise ValueError("model is empty: pick a preset (sd15, sdxl-base-1.0), a diffusers folder or a "
                              ".safetensors checkpoint")
         P.parse_loras(self.loras)
+
+
+def path_items(name: str, value: str) -> list[str]:
+    """The paths and job ids a param names, for studio.access: each LoRA of `loras` without its weight."""
+    return [spec for spec, _ in P.parse_loras(value)] if name == "loras" else value.splitlines()
 
 
 def check_image(path: str, what: str) -> tuple[int, int]:
@@ -90,6 +93,8 @@ def check_image(path: str, what: str) -> tuple[int, int]:
 
 def validate(p: Params, config) -> Params:
     """The model found (a folder or file as its absolute path), images checked, LoRAs resolved to files."""
+    if p.mask.strip() and not p.init_image.strip():
+        raise ValueError("mask needs init_image: inpainting repaints the masked part of that image")
     kind, where = P.resolve_model(p.model)
     info = P.model_info(p.model)
     if p.init_image.strip():
