@@ -29,7 +29,12 @@ def pics(tmp_path_factory):
     bad = d / "notes.png"
     bad.write_text("this is not an image")
     Image.new("RGB", (1, 1)).save(d / "dot.png")
-    return {"init": make_image(d / "init.png", colour=(200, 40, 40)), "mask": make_mask(d / "mask.png"),
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 32)},
+              str(d / "a-lora.safetensors"))
+    return {"lora_file": d / "a-lora.safetensors", "init": make_image(d / "init.png", colour=(200, 40, 40)), "mask": make_mask(d / "mask.png"),
             "not_image": bad, "one_px": d / "dot.png"}
 
 
@@ -181,13 +186,15 @@ def test_a_lora_changes_the_image_and_weight_zero_does_not(tiny, tmp_path):
     ({"sampler": "Heun++"}, "sampler must be one of"),
     ({"loras": "/nonexistent/style.safetensors:0.8"}, "neither a .safetensors file nor a paint_lora job"),
     ({"model": "/nonexistent/model.safetensors"}, "neither a preset"),
+    ({"model": "LORA_FILE"}, "holds no Stable Diffusion UNet"),
 ])
 def test_bad_inputs_are_refused_plainly(studio, tiny, pics, params, says):
-    names = {"NOT_IMAGE": pics["not_image"], "ONE_PX": pics["one_px"], "MASK": pics["mask"]}
+    names = {"NOT_IMAGE": pics["not_image"], "ONE_PX": pics["one_px"], "MASK": pics["mask"],
+             "LORA_FILE": pics["lora_file"]}
     params = {k: str(names.get(v, v)) if isinstance(v, str) else v for k, v in params.items()}
     before = len(studio.jobs(limit=10_000))
     with pytest.raises(ValueError, match=says) as e:
-        studio.submit("paint", {"model": str(tiny), "prompt": "x", **params})
+        studio.submit("paint", {"model": str(tiny), "prompt": "x"} | params)
     assert len(str(e.value)) < 400
     assert len(studio.jobs(limit=10_000)) == before
 

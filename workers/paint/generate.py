@@ -176,7 +176,13 @@ def load_pipeline(info: dict, device: str, offload: bool):
         pipe = DiffusionPipeline.from_pretrained(info["where"], dtype=dtype, **extra)
     else:
         cls = StableDiffusionXLPipeline if info["arch"] == "sdxl" else StableDiffusionPipeline
-        pipe = cls.from_single_file(info["where"], dtype=dtype, **extra)
+        try:
+            pipe = cls.from_single_file(info["where"], dtype=dtype, **extra)
+        except OSError as e:  # offline, and the architecture's config files (a few KB) are not in the HF cache
+            repo = P.table()["sdxl-base-1.0" if info["arch"] == "sdxl" else "sd15"]["repo"]
+            raise RuntimeError(f"a single-file checkpoint needs the {info['arch']} pipeline's config files from "
+                               f"{repo} on the Hugging Face Hub once (a few KB), and the hub cannot be reached: "
+                               f"connect once, or use a diffusers folder ({type(e).__name__})") from None
     pipe.set_progress_bar_config(disable=True)
     try:
         import xformers  # noqa: F401  (optional: today's wheel is built for an older torch)
