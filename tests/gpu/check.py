@@ -80,6 +80,38 @@ def stream_frames(module, frames: list[Path], data_dir: Path, device: str, cache
         stop.set()
 
 
+def random_sd15(folder: Path) -> Path:
+    """An SD 1.5-shaped diffusers folder with random weights (UNet, VAE and CLIP ViT-L text encoder from the sd15
+    preset's configs, fp16 on disk; the tests' character-level CLIP tokenizer): real shapes, no download."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from studio.presets import presets
+    from tests.paint_fixtures import write_clip_tokenizer
+
+    sd = presets()["sd"]["sd15"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**sd["unet"], out_channels=4, up_block_types=(
+        "UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(block_out_channels=sd["vae"]["block_out_channels"], layers_per_block=2, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        sample_size=512, scaling_factor=sd["vae"]["scaling_factor"])
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                      num_hidden_layers=sd["text_encoder"]["num_hidden_layers"], vocab_size=49408,
+                                      max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+                                      bos_token_id=0, eos_token_id=1, pad_token_id=1))  # the tokenizer's ids
+    sched = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                          steps_offset=1, clip_sample=False)
+    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder.parent / (folder.name + "-tokenizer"))))
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="TinyShakespeare input.txt (default: a synthetic corpus)")
@@ -93,6 +125,8 @@ def main() -> None:
     ap.add_argument("--whisper", default="tiny.en-packaged", help="whisper preset or CTranslate2 folder")
     ap.add_argument("--detect-epochs", type=int, default=2, help="YOLO training epochs at 640 px (0: skip Detect)")
     ap.add_argument("--finetune-steps", type=int, default=6, help="8B-shape QLoRA optimizer steps (0: skip)")
+    ap.add_argument("--lora-steps", type=int, default=20, help="SD 1.5-shape LoRA training steps (0: skip)")
+    ap.add_argument("--lora-resolution", type=int, default=512, help="SD 1.5 LoRA training size (64: CPU smoke run)")
     args = ap.parse_args()
 
     import torch
@@ -239,6 +273,29 @@ def main() -> None:
         elif args.finetune_steps:
             print("finetune/llama-3.1-8b-shape-qlora: skipped (needs CUDA: bitsandbytes' 4-bit training path and the "
                   "fused loss run there)", flush=True)
+
+        # Paint LoRA: SD 1.5 shape (random weights from the preset's configs), 20 images at 512, rank 8 on the UNet's
+        # attention, fp16, with and without gradient checkpointing (goal: <= 6 GiB at 512 with it)
+        if args.lora_steps:
+            from tests.paint_fixtures import make_image
+            from workers.paint import lora_train
+
+            base = str(random_sd15(data_dir / "sd15-random"))
+            for n in range(20):
+                make_image(data_dir / "lora-images" / f"{n:02d}.png", size=args.lora_resolution, seed=n,
+                           colour=(200, 40, 40))
+            for ckpt in (True, False):
+                name = f"paint_lora/sd15-shape-{args.lora_resolution}-{'ckpt' if ckpt else 'no-ckpt'}"
+                try:
+                    res = run_kind(lora_train, {
+                        "base": base, "images": str(data_dir / "lora-images"), "instance_prompt": "a photo of sks",
+                        "resolution": args.lora_resolution, "steps": args.lora_steps, "sample_every": 0,
+                        "gradient_checkpointing": ckpt, "checkpoint_every": 10_000, "seed": 0},
+                        data_dir / "runs" / name.replace("/", "-"), data_dir, device, cache, reading)
+                    record(name, *res, s_per_step=res[4] / args.lora_steps, loss=res[0]["loss"])
+                except Exception as e:  # an out-of-memory at the cap is a finding, not the end of the check
+                    summary["kinds"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(name, "failed:", e, flush=True)
 
     # the gate against the real device, with the target card's budget
     budget = int((args.cap_gib - 1.0) * GiB)

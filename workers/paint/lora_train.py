@@ -160,6 +160,14 @@ def _shape(base: str) -> dict:
             "te_layers": tcfg.get("num_hidden_layers", 12), "te_hidden": tcfg.get("hidden_size", 768)}
 
 
+def _file_bytes(base: str, s: dict) -> int:
+    """Bytes of the UNet, text encoder and VAE weight files (the preset's fp16 files when it is not a folder)."""
+    p = Path(base).expanduser()
+    if _preset(base) or not p.is_dir():
+        return 2 * (s["unet"] + s["text_encoder"] + s["vae"])
+    return sum(f.stat().st_size for sub in ("unet", "text_encoder", "vae") for f in (p / sub).glob("*.safetensors"))
+
+
 def _lora_count(s: dict, rank: int, text_encoder: bool) -> int:
     """LoRA parameters: r x (in + out) per adapted projection."""
     u = s["unet_config"]
@@ -231,6 +239,9 @@ def estimate(p: Params, device) -> Estimate:
     }
     if not cuda:
         parts["libraries"] = LIBRARIES_CPU
+        # loading on the CPU maps each weights file while its tensors are copied into the model (measured at the
+        # SD 1.5 shape: the resident peak is the fp32 weights plus the fp16 files, ~2 GiB over)
+        parts["weights"] += _file_bytes(p.base, s)
     note = (f"UNet {s['unet'] / 1e6:.0f} M params frozen in {'fp32' if half == 4 else p.mixed_precision}; "
             f"{lora / 1e6:.2f} M LoRA params (r {p.rank}{', + text encoder' if p.train_text_encoder else ''}); "
             f"{p.resolution}² x batch {p.batch_size}" + (", checkpointing" if p.gradient_checkpointing else "")
