@@ -100,7 +100,7 @@ def _info(kind: str, where: str, stamp: float) -> dict:
         base = table()["sdxl-base-1.0" if arch == "sdxl" else "sd15"]
         width = unet_cfg.get("block_out_channels", [320])[0] / 320
         attn_first = str(unet_cfg.get("down_block_types", ["CrossAttn"])[0]).startswith("CrossAttn")
-        act = int((90000 if attn_first else 46000) * width)
+        act = int((140000 if attn_first else 56000) * width)  # the presets' figures, by width
         return {"arch": arch, "name": root.name, "unet": counts.get("unet", 0), "vae": counts.get("vae", 0),
                 "text": counts.get("text_encoder", 0) + counts.get("text_encoder_2", 0), "act_per_px": act,
                 "decode_per_px": int(base["vae_decode_bytes_per_px"] * vae_cfg.get("block_out_channels", [128])[0]
