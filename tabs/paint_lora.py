@@ -5,8 +5,11 @@ tabs.paint mounts it: build_train() inside its Train LoRA tab, wire_use() once b
 FORMS merged into its own."""
 from __future__ import annotations
 
+import secrets
+import shutil
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -14,8 +17,8 @@ import gradio as gr
 from studio import Job
 from studio.presets import label, presets
 
-from .common import (Follow, LivePlot, apply_fix, bind, eta, gib, offer_fix, owned_job, progress_html, resume_run,
-                     stash_uploads, user_of, watch)
+from .common import (Follow, LivePlot, apply_fix, bind, eta, gib, offer_fix, own_uploads, owned_job, progress_html,
+                     resume_run, user_of, watch)
 
 # the Train button's inputs: names in build_train()'s dict (t_ + the job's param) and the endpoint's parameters
 PARAMS = ("base", "instance_prompt", "class_prompt", "prior_preservation", "num_class_images", "name", "rank", "alpha",
@@ -92,8 +95,19 @@ def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
 
 
 def _images_path(studio, files, folder: str, owner: str | None) -> str:
+    """The uploaded zip, or a folder of the uploaded images and captions (a single image too), or the admin's
+    folder."""
     if files:
-        return stash_uploads(studio, files, "paint-lora", owner)
+        paths = [Path(p) for p in own_uploads(studio, files, owner)]
+        if len(paths) == 1 and paths[0].suffix.lower() == ".zip":
+            return str(paths[0])
+        if owner is not None:
+            return str(paths[0].parent)  # own_uploads put them in a folder of their own
+        dest = studio.config.uploads_dir / f"paint-lora-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(4)}"
+        dest.mkdir(parents=True)
+        for p in paths:
+            shutil.copy(p, dest / p.name)
+        return str(dest)
     if (folder or "").strip():
         return folder.strip()
     raise gr.Error("Upload your images (and their .txt captions), or a zip of them; the admin may name a folder.")
@@ -109,6 +123,25 @@ def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]
     except ValueError as e:
         raise gr.Error(str(e))
     yield from follow(studio, job, owner)  # a refusal shows in the status line; Apply offers its fitting change
+
+
+CHECK_INPUTS = ("t_files", "t_folder", "t_instance_prompt", "t_resolution", "t_bucketing")
+
+
+def check_images(studio, owner: str | None, v: dict[str, Any]) -> str:
+    """The Check images button: the image-set report before any training (PIL only, in this process), with the same
+    access answer a job would get for that path."""
+    from studio import access
+    from workers.paint import images, lora_train
+
+    path = _images_path(studio, v["t_files"], v["t_folder"], owner)
+    try:
+        access.check(studio, "paint_lora", lora_train, {"images": path}, studio.user(owner))
+        found = images.read_set(path, v["t_instance_prompt"] or "", int(v["t_resolution"] or 512),
+                                bool(v["t_bucketing"]), studio.config.data_dir / "paint" / "datasets")
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    return report_md(found.report)
 
 
 def base_choices(studio) -> list[tuple[str, str]]:
@@ -172,6 +205,7 @@ def build_train(studio, auth: bool = False) -> dict:
                 cancel = gr.Button("Cancel", variant="stop")
                 resume = gr.Button("Resume")
                 use = gr.Button("Use in Paint")
+                check = gr.Button("Check images")
             fix = gr.Button("Apply", visible=False, size="sm")
         with gr.Column(scale=3):
             status = gr.HTML("No LoRA training yet.")
@@ -187,7 +221,7 @@ def build_train(studio, auth: bool = False) -> dict:
               t_alpha=alpha, t_lr=lr, t_steps=steps, t_resolution=resolution, t_batch_size=batch, t_seed=seed,
               t_bucketing=bucketing, t_train_text_encoder=te, t_gradient_checkpointing=ckpt,
               t_mixed_precision=precision, t_optimizer=optimizer, t_sample_every=sample_every,
-              t_sample_prompts=sample_prompts, t_train=train, t_cancel=cancel, t_resume=resume, t_use=use, t_fix=fix,
+              t_sample_prompts=sample_prompts, t_train=train, t_check=check, t_cancel=cancel, t_resume=resume, t_use=use, t_fix=fix,
               t_fix_change=fix_change, t_status=status, t_report=report, t_plot=plot, t_samples=samples,
               t_result=result, t_file=file, t_runs=runs, t_job_id=job_id)
 
@@ -199,6 +233,12 @@ def build_train(studio, auth: bool = False) -> dict:
                 inputs_kwargs={n: ui[n] for n in TRAIN_INPUTS}, api_name="paint_lora_train", show_progress="hidden"
                 ).then(on_fix_offer, job_id, [fix, fix_change], api_name="paint_lora_fix_offer",
                        show_progress="hidden")
+
+    def on_check(request: gr.Request, **values):
+        return check_images(studio, user_of(request, auth), values)
+
+    check.click(on_check, None, report, inputs_kwargs={n: ui[n] for n in CHECK_INPUTS}, api_name="paint_lora_check",
+                show_progress="hidden")
 
     def on_resume(current, request: gr.Request):
         owner = user_of(request, auth)

@@ -330,8 +330,10 @@ def served(studio):
     demo.close()
 
 
-def test_train_lora_tab_trains_shows_the_report_and_use_in_paint_fills_generate(served, studio, base, shots):
+def test_train_lora_tab_trains_shows_the_report_and_use_in_paint_fills_generate(served, studio, base, shots,
+                                                                                tmp_path):
     from gradio_client import Client, handle_file
+    from PIL import Image
 
     client = Client(served, verbose=False)
     files = [handle_file(str(f)) for f in sorted(shots.iterdir())]
@@ -340,6 +342,16 @@ def test_train_lora_tab_trains_shows_the_report_and_use_in_paint_fills_generate(
                 t_steps=4, t_batch_size=1, t_resolution=SIZE, t_bucketing=True, t_train_text_encoder=False,
                 t_gradient_checkpointing=False, t_mixed_precision="fp16", t_optimizer="adamw", t_sample_every=2,
                 t_sample_prompts="a photo of sks", t_seed=3)
+    checked = client.predict(t_files=files, t_folder="", t_instance_prompt="a photo of sks", t_resolution=SIZE,
+                             t_bucketing=True, api_name="/paint_lora_check")  # the report before any training
+    assert "**5 images**" in checked and "no .txt caption: `shot0.png`" in checked
+    assert not studio.jobs(limit=1, kind="paint_lora") or studio.jobs(limit=1, kind="paint_lora")[0].params.get(
+        "name") != "tab-lora"
+    dot = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1)).save(dot)
+    with pytest.raises(Exception, match="too small: 1x1"):
+        client.predict(t_files=[handle_file(str(dot))], t_folder="", t_instance_prompt="x", t_resolution=SIZE,
+                       t_bucketing=True, api_name="/paint_lora_check")
     status, plot, samples, report, result, file = client.predict(t_files=files, **form,
                                                                  api_name="/paint_lora_train")
     assert "DONE" in status, status

@@ -6,7 +6,8 @@ The loop is diffusers' train_text_to_image_lora / train_dreambooth_lora recipe, 
 and UNet; peft LoRA on the UNet's attention projections (to_q, to_k, to_v, to_out.0) and, with
 train_text_encoder, on CLIP's (q_proj, k_proj, v_proj, out_proj); epsilon- or v-prediction MSE at uniformly drawn
 timesteps. Latents are encoded once (kohya's cache_latents: each image's latent mean and std, a fresh sample every
-step), so the VAE leaves the device after that; so do the text encoder's outputs when it is not trained. Prior
+step), and so are the captions' embeddings when the text encoder is not trained (the VAE and text encoder stay for
+the samples, in fp16 they are ~0.4 GiB). Prior
 preservation (DreamBooth): class images generated with the base once, cached under the data folder by base, prompt
 and resolution, and reused by every later run (more are added when a run asks for more).
 
