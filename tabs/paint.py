@@ -15,13 +15,16 @@ from studio.presets import label, presets
 from workers.paint.pipeline import MEMORY, SAMPLERS
 
 from . import paint_lora
-from .common import Follow, bind, gib, progress_html, user_of, watch
+from .common import Follow, apply_fix, bind, gib, offer_fix, progress_html, user_of, watch
 
 # the Generate button's inputs: names in build()'s dict and the endpoint's parameters, in this order
 GENERATE_INPUTS = ("model", "prompt", "negative_prompt", "width", "height", "steps", "cfg", "sampler", "seed", "batch",
                    "loras", "init_image", "strength", "mask", "memory")
 GENERATE_OUTPUTS = ("status", "preview", "images", "info", "job_id")
 # what a dropped PNG's settings fill (pngmeta.parse_parameters's names)
+# params the gate's suggestion may change (workers.paint.generate.shrink) -> (the input, its label)
+FIX_INPUTS = {"batch": ("batch", "Batch"), "memory": ("memory", "Memory"), "width": ("width", "Width"),
+              "height": ("height", "Height")}
 RESTORED = ("prompt", "negative_prompt", "width", "height", "steps", "cfg", "sampler", "seed", "loras", "strength")
 
 
@@ -157,6 +160,7 @@ def build_generate(studio, auth: bool = False) -> dict:
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary")
                 cancel = gr.Button("Cancel", variant="stop")
+            fix = gr.Button("Apply", visible=False, size="sm")  # a refusal's change that fits, into the form
             png = gr.File(label="Drop a PNG to restore its settings", file_types=[".png", ".jpg", ".jpeg", ".webp"],
                           type="filepath", height=80)
         with gr.Column(scale=3):
@@ -166,16 +170,23 @@ def build_generate(studio, auth: bool = False) -> dict:
             info = gr.Markdown()
             history_gallery = gr.Gallery(label="Past images (select one to see its settings)", columns=6, height=220)
             history_info = gr.Textbox(label="Settings of the selected image", lines=4, interactive=False)
-    job_id = gr.State("")
+    job_id, fix_change = gr.State(""), gr.State({})
     ui = dict(model=model, prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, batch=batch,
               steps=steps, cfg=cfg, sampler=sampler, seed=seed, memory=memory, loras=loras, lora_pick=lora_pick,
               init_image=init_image, mask=mask, strength=strength, generate=generate, cancel=cancel, png=png,
               status=status, preview=preview, images=images, info=info, history=history_gallery,
-              history_info=history_info, job_id=job_id)
+              history_info=history_info, job_id=job_id, fix=fix, fix_change=fix_change)
+
+    def on_fix_offer(current, request: gr.Request):
+        return offer_fix(studio, current, user_of(request, auth), FIX_INPUTS)
 
     generate.click(bind(start_generate, studio, auth, remember="paint_generate"), None,
                    [ui[n] for n in GENERATE_OUTPUTS], inputs_kwargs={n: ui[n] for n in GENERATE_INPUTS},
-                   api_name="paint_generate", show_progress="hidden")
+                   api_name="paint_generate", show_progress="hidden"
+                   ).then(on_fix_offer, job_id, [fix, fix_change], api_name="paint_fix_offer", show_progress="hidden")
+    fix_names = tuple(name for name, _ in FIX_INPUTS.values())
+    fix.click(lambda change: apply_fix(change, fix_names, "Generate"), fix_change, [*(ui[n] for n in fix_names), fix],
+              api_name="paint_apply_fix", show_progress="hidden")
 
     def on_cancel(current):
         if not current:

@@ -297,3 +297,17 @@ def test_a_remote_user_names_only_her_own_loras(tiny, tmp_path):
     with pytest.raises(Forbidden, match="not one of yours"):
         s.submit("paint", {"model": str(model), "prompt": "x", "loras": f"{mine}:1, {anns.id}:0.5"}, owner="bob")
     assert [j.owner for j in s.jobs()] == ["ann"]
+
+
+def test_a_refused_paint_offers_its_fitting_change_in_the_form(studio):
+    """Over the budget (SDXL at 2048² on a 20 GiB budget — on the CPU: fp32 and no offload —, from the preset config:
+    nothing is downloaded), the tab's Apply button offers the gate's change in the form's words."""
+    from tabs.common import offer_fix
+    from tabs.paint import FIX_INPUTS
+
+    job = studio.submit("paint", {"model": "sdxl-base-1.0", "width": 2048, "height": 2048}, budget_bytes=20 * GiB)
+    assert job.status is JobStatus.REFUSED and "Fits with" in job.error
+    button, offered = offer_fix(studio, job.id, None, FIX_INPUTS)
+    assert button["visible"] and button["value"].startswith("Apply: ")
+    assert offered and offered["width"] < 2048 and offered["height"] < 2048
+    assert button["value"] == f"Apply: Width {offered['width']}, Height {offered['height']}"
