@@ -231,7 +231,6 @@ def start(studio, owner: str | None, v: dict[str, Any], mode: str = "") -> Itera
         raise gr.Error("Type a message first.")
     if mode and not v["conversation"]:
         raise gr.Error(f"Open a conversation first: {mode} works on its last exchange.")
-    save_form(studio, owner, "chat", {n: v[n] for n in SETTINGS if n in v})  # the settings, not the message
     convs = conversations(studio)
     cid = v["conversation"] or convs.create(message.strip()[:60], owner,
                                             {"model": v["model"], "collection": v["collection"]})
@@ -248,6 +247,7 @@ def start(studio, owner: str | None, v: dict[str, Any], mode: str = "") -> Itera
         if not v["conversation"]:
             convs.delete(cid)  # the new conversation would stay empty
         raise gr.Error(str(e))
+    save_form(studio, owner, "chat", {n: v[n] for n in SETTINGS if n in v})  # settings it took, not the message
     yield from follow(studio, job, owner)
 
 

@@ -173,8 +173,11 @@ def save_form(studio, owner: str | None, key: str, values: dict) -> None:
     def upload(v) -> bool:  # an uploaded file's path: uploads are not settings, and they are not kept
         return any(isinstance(x, str) and x.startswith(uploads) for x in (v if isinstance(v, list) else [v]))
 
-    keep = {k: v for k, v in values.items() if not upload(v) and (isinstance(v, (str, int, float, bool)) or
-            (isinstance(v, list) and all(isinstance(x, (str, int, float)) for x in v)))}
+    def plain(x) -> bool:  # what JSON and the page's messages hold (orjson refuses ints past 64 bits)
+        return isinstance(x, (str, float, bool)) or isinstance(x, int) and -2**63 <= x < 2**63
+
+    keep = {k: v for k, v in values.items() if not upload(v) and (plain(v) or
+            (isinstance(v, list) and all(plain(x) for x in v)))}
     path = _form_file(studio, owner)
     forms = saved_forms(studio, owner) | {key: keep}
     try:
@@ -279,9 +282,12 @@ def bind(handler: Callable, studio, auth: bool, remember: str | None = None) -> 
         raise TypeError(f"{handler.__name__} must be a generator: it streams the job it starts")
     def listener(request: gr.Request, **values):
         owner = user_of(request, auth)
-        if remember:
-            save_form(studio, owner, remember, values)
-        yield from handler(studio, owner, values)
+        kept = not remember
+        for out in handler(studio, owner, values):
+            if not kept:  # the job was taken (a refused submit raised before this): the form is worth keeping
+                save_form(studio, owner, remember, values)
+                kept = True
+            yield out
 
     return listener
 

@@ -135,12 +135,12 @@ def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]
     """The Train button, given its inputs by name (TRAIN_INPUTS): a detect_train job, streamed."""
     # kept under the inputs' t_ names, which FORMS and the page's re-attach use (the endpoint's names lack the t_)
     form = FORMS["detect_train"]
-    save_form(studio, owner, "detect_train", {f"t_{n}": v[n] for n in TRAIN_INPUTS if f"t_{n}" in form})
     job = _submit(studio, "detect_train", dict(
         data=_dataset_path(studio, v["files"], v["path"], owner), model=v["model"], epochs=int(v["epochs"]),
         imgsz=int(v["imgsz"]), batch=int(v["batch"]), mosaic=v["mosaic"], fliplr=v["fliplr"], flipud=v["flipud"],
         hsv_h=v["hsv_h"], hsv_s=v["hsv_s"], hsv_v=v["hsv_v"], amp=v["amp"], patience=int(v["patience"]),
         seed=int(v["seed"]), trust=v["trust"]), owner)
+    save_form(studio, owner, "detect_train", {f"t_{n}": v[n] for n in TRAIN_INPUTS if f"t_{n}" in form})  # valid
     yield from follow_train(studio, job, owner)
 
 

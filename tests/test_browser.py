@@ -163,6 +163,8 @@ def test_tinylm_first_try_draws_its_plot_and_a_reload_reattaches_with_its_params
         time.sleep(0.5)
     visible(pg, "ul.option-list li").filter(has_text=job.id).first.click()
     field(pg, "Prompt").fill("The ")
+    slider(pg, "Length (tokens)").fill("40")  # (the form holds the last settings used, here or by another test)
+    slider(pg, "Length (tokens)").press("Tab")
     button(pg, "Generate").click()
     wait_text(pg, r"tokens/s · \d+ tokens", timeout=120)
     assert len(field(pg, "Output").input_value()) > 20

@@ -54,7 +54,7 @@ def test_gate_cpu_preset_fits_and_bad_params_queue_nothing(tmp_path):
         with pytest.raises(ValueError, match=msg):
             studio.submit("tinylm", bad)
     with pytest.raises(ValueError, match="unknown job kind"):
-        studio.submit("paint", {})
+        studio.submit("sculpt", {})
     assert len(studio.jobs()) == 1
 
 

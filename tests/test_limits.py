@@ -300,7 +300,7 @@ def required(kind: str) -> dict:
     fields = dataclasses.fields(registry.module_for(kind).Params)
     return {f.name: "abc" for f in fields if f.default is dataclasses.MISSING
             and f.default_factory is dataclasses.MISSING
-            or f.name in ("prompt", "data") and f.default == ""}  # defaulted, but a job needs them
+            or f.name in ("prompt", "data", "images") and f.default == ""}  # defaulted, but a job needs them
 
 
 def test_the_kinds_with_a_seed_are_all_covered():
@@ -310,15 +310,17 @@ def test_the_kinds_with_a_seed_are_all_covered():
 @pytest.mark.parametrize("kind", SEEDED)
 def test_a_seed_beyond_what_the_libraries_take_is_refused_at_submit(studio, kind):
     before = len(studio.jobs(limit=10_000))
-    with pytest.raises(ValueError, match=r"seed must be between 0 and \d+; got 99999999999999999999") as e:
+    with pytest.raises(ValueError, match=r"seed must be (-1 \(random\) or )?between 0 and \d+; "
+                                         r"got 99999999999999999999") as e:
         studio.submit(kind, {**required(kind), "seed": 99999999999999999999})
     assert len(studio.jobs(limit=10_000)) == before
     top = int(re.search(r"between 0 and (\d+)", str(e.value)).group(1))
     assert 2**31 - 1 <= top < 2**32  # every library here takes a 32-bit seed
     params = build(registry.module_for(kind).Params, {**required(kind), "seed": top})  # the top itself is fine
     assert params.seed == top
-    with pytest.raises(ValueError, match="seed must be between"):
-        build(registry.module_for(kind).Params, {**required(kind), "seed": -1})
+    lowest = -1 if "-1 (random)" in str(e.value) else 0  # Paint takes -1 for a random seed, as A1111 does
+    with pytest.raises(ValueError, match="seed must be"):
+        build(registry.module_for(kind).Params, {**required(kind), "seed": lowest - 1})
 
 
 @pytest.mark.parametrize("kind, field, value", [
