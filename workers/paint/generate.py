@@ -82,9 +82,11 @@ def check_image(path: str, what: str) -> tuple[int, int]:
             im.verify()
         with Image.open(p) as im:
             size = im.size
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{what}: {p.name} is not an image PIL can read ({type(e).__name__}); give a PNG, JPEG "
-                         "or WebP") from None
+    # ImportError: once Ultralytics is imported (Detect ran in this process) its patched Image.open answers a file it
+    # cannot identify by trying the HEIF plugin, and raises ModuleNotFoundError('pi_heif') instead
+    except (UnidentifiedImageError, OSError, SyntaxError, ImportError) as e:
+        why = "" if isinstance(e, ImportError) else f" ({type(e).__name__})"
+        raise ValueError(f"{what}: {p.name} is not an image PIL can read{why}; give a PNG, JPEG or WebP") from None
     if min(size) < MIN_SIDE:
         raise ValueError(f"{what}: {p.name} is {size[0]}x{size[1]} pixels, too small; give an image at least "
                          f"{MIN_SIDE}x{MIN_SIDE} (it is resized to width x height)")

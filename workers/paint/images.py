@@ -136,8 +136,10 @@ def read_set(source: str, instance_prompt: str, resolution: int, bucketing: bool
                 im.verify()  # a truncated or corrupt file fails here, not in the middle of training
             with Image.open(f) as im:
                 size = im.size
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            skipped.append({"file": rel, "reason": f"unreadable: {str(e).splitlines()[0][:120]}"})
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, ImportError) as e:  # ImportError: see
+            # workers.paint.generate.check_image (Ultralytics' patched Image.open looks for pi_heif)
+            why = "not an image PIL can read" if isinstance(e, ImportError) else str(e).splitlines()[0][:120]
+            skipped.append({"file": rel, "reason": f"unreadable: {why}"})
             continue
         if min(size) < MIN_SIDE:
             too_small.append(rel)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from studio.gate import Estimate
+from studio.hashing import sha256
 
 PACKAGES = ("diffusers", "transformers", "peft", "bitsandbytes", "Pillow")  # versions for the run card
 PATHS = ("base", "images", "resume_from")  # params that name a server path or a job (studio.access)
@@ -279,14 +280,6 @@ def shrink(p: Params):
 
 
 # ---- checkpoints the studio wrote ------------------------------------------------------------------------------
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def save_checkpoint(ckpt: Path, step: int, lora: dict, optim, extra: dict) -> None:
     """The LoRA weights and optimizer state as safetensors, then state.json with their hashes (a crash leaves the
     last whole checkpoint)."""
