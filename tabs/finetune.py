@@ -229,13 +229,11 @@ def start_train(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]
     yield from follow(studio, job, owner)
 
 
-def start_check(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
-    """Check data: a finetune_check job (the base's tokenizer only, off the GPU); its report when it is done."""
-    params = {"base": v["base"], "max_seq_len": int(v["max_seq_len"]), "train_on_prompt": bool(v["train_on_prompt"]),
-              "seed": int(v["seed"]), "data": _data(studio, owner, v, "data_files", "data_path", "data", True),
-              "eval_data": _data(studio, owner, v, "eval_file", "eval_path", "dev file", False)}
+def _until_done(studio, kind: str, params: dict, owner: str | None):
+    """Submit a short job and stream its status line until it ends; returns the job when it is DONE, else None (its
+    final status line was the last thing yielded). Used with `job = yield from _until_done(...)`."""
     try:
-        job = studio.submit("finetune_check", params, owner=owner)
+        job = studio.submit(kind, params, owner=owner)
     except ValueError as e:
         raise gr.Error(str(e)) from None
     for job, _ in watch(studio, job, every=0.2):
@@ -243,8 +241,18 @@ def start_check(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
             yield progress_html(job)
     if job.status is not JobStatus.DONE:
         yield progress_html(job)
-        return
-    yield report_html(job.result["report"])
+        return None
+    return job
+
+
+def start_check(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
+    """Check data: a finetune_check job (the base's tokenizer only, off the GPU); its report when it is done."""
+    params = {"base": v["base"], "max_seq_len": int(v["max_seq_len"]), "train_on_prompt": bool(v["train_on_prompt"]),
+              "seed": int(v["seed"]), "data": _data(studio, owner, v, "data_files", "data_path", "data", True),
+              "eval_data": _data(studio, owner, v, "eval_file", "eval_path", "dev file", False)}
+    job = yield from _until_done(studio, "finetune_check", params, owner)
+    if job is not None:
+        yield report_html(job.result["report"])
 
 
 def start_resume(studio, owner: str | None, current: str) -> Iterator[tuple]:
@@ -277,16 +285,9 @@ def chat_target(studio, job: Job) -> dict:
 
 def start_merge(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
     job = finished(studio, owner, v["run"])
-    try:
-        merge = studio.submit("finetune_merge", {"adapter": job.id, "gguf": bool(v["gguf"]), "quant": v["quant"]},
-                              owner=owner)
-    except ValueError as e:
-        raise gr.Error(str(e)) from None
-    for merge, _ in watch(studio, merge, every=0.3):
-        if not merge.status.final:
-            yield progress_html(merge)
-    if merge.status is not JobStatus.DONE:
-        yield progress_html(merge)
+    merge = yield from _until_done(studio, "finetune_merge", {"adapter": job.id, "gguf": bool(v["gguf"]),
+                                                              "quant": v["quant"]}, owner)
+    if merge is None:
         return
     r = merge.result
     out = (f"Merged into `{r['merged']}` ({r['bytes'] / 2**30:.2f} GiB, {r['dtype']}): a transformers folder that "
