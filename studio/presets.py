@@ -38,8 +38,10 @@ def availability(table: str, name: str, data_dir: Path) -> str:
     try:
         from huggingface_hub import snapshot_download, try_to_load_from_cache
 
-        if p.get("file"):
-            return DOWNLOADED if isinstance(try_to_load_from_cache(p["repo"], p["file"]), str) else DOWNLOAD
+        if p.get("file"):  # one file, and a vision model's projector beside it
+            files = [p["file"]] + ([p["mmproj"]] if p.get("mmproj") else [])
+            found = all(isinstance(try_to_load_from_cache(p["repo"], f), str) for f in files)
+            return DOWNLOADED if found else DOWNLOAD
         snapshot_download(p["repo"], local_files_only=True)
         return DOWNLOADED
     except Exception:  # not in the cache (LocalEntryNotFoundError), or no hub library

@@ -40,6 +40,9 @@ register("finetune_check",  "workers.finetune.check",        lane="io")
 register("finetune_merge",  "workers.finetune.merge")
 register("paint",           "workers.paint.generate")
 register("paint_lora",      "workers.paint.lora_train")
+register("vision_chat",     "workers.vision.chat")
+register("vision_check",    "workers.vision.check",          lane="io")
+register("vision_finetune", "workers.vision.train")
 
 
 def module_for(kind: str) -> ModuleType:

@@ -12,7 +12,7 @@ from .common import Follow, progress_html, require_admin, user_of, watch
 # "on disk" third: at 1400 px the last columns scroll out of view
 HEADERS = ["kind", "name", "on disk", "size GB", "VRAM est. GB", "source", "file", "licence"]
 STATES = {DOWNLOADED: "yes", PACKAGED: "packaged", DOWNLOAD: "no (download)"}
-TABLES = ("llm", "embedder", "reranker", "whisper", "yolo")
+TABLES = ("llm", "vlm", "embedder", "reranker", "whisper", "yolo")
 
 
 def table(studio) -> list[list]:
@@ -21,7 +21,8 @@ def table(studio) -> list[list]:
         for name, p in presets()[kind].items():
             source = p.get("repo") or (f"PyPI {p['pypi']}" if p.get("pypi") else "Ultralytics assets")
             rows.append([kind, name, STATES[availability(kind, name, studio.config.data_dir)], p["size_gb"],
-                         p.get("vram_gb", "< 1" if kind == "yolo" else "—"), source, p.get("file", "(repo)"),
+                         p.get("vram_gb", "< 1" if kind == "yolo" else "—"), source,
+                         p.get("file", "(repo)") + (f" + {p['mmproj']}" if p.get("mmproj") else ""),
                          p["licence"]])
     return rows
 

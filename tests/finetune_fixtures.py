@@ -30,7 +30,8 @@ QA = [
 ]
 
 
-def make_tokenizer(out: Path, extra_text: str = ""):
+def make_tokenizer(out: Path, extra_text: str = "", extra_specials: tuple[str, ...] = ()):
+    """A byte-level BPE tokenizer trained on the Q/A text, with SPECIALS (and `extra_specials`, e.g. `<image>`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,10 +39,10 @@ def make_tokenizer(out: Path, extra_text: str = ""):
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
     corpus = [q + " " + a for q, a in QA] * 4 + [extra_text or "the quick brown fox jumps over the lazy dog"]
-    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS + list(extra_specials),
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                  additional_special_tokens=SPECIALS[3:])
+                                  additional_special_tokens=SPECIALS[3:] + list(extra_specials))
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(str(out))
     return tok

