@@ -31,6 +31,9 @@ HANDLER_HINTS = (("qwen2vl", "qwen2.5-vl"), ("qwen2.5-vl", "qwen2.5-vl"), ("qwen
                  ("llama-3-vision", "llama-3-vision-alpha"), ("llava-v1.6", "llava-1.6"), ("llava-1.6", "llava-1.6"),
                  ("llava1.6", "llava-1.6"))
 DEFAULT_IMAGE_TOKENS = 576  # LLaVA-1.5 at 336 px: (336 / 14)^2
+# modules bitsandbytes must leave unquantized in a LLaVA-style model (BitsAndBytesConfig.llm_int8_skip_modules):
+# transformers 5 matches full module names ("model.vision_tower"); a bare "vision_tower" quantizes the tower
+SKIP_4BIT = ["model.vision_tower", "model.multi_modal_projector", "lm_head", "vision_tower", "multi_modal_projector"]
 
 
 @dataclass(frozen=True)
