@@ -22,12 +22,13 @@ def recommend(device_kind: str, budget_bytes: int) -> dict[str, str]:
 
     def largest(table: str, room: float) -> str | None:
         fits = [(p.get("vram_gb", p["size_gb"]), n) for n, p in tables[table].items()
-                if not p.get("pypi") and p.get("vram_gb", p["size_gb"]) <= room]
+                if not p.get("pypi") and p.get("backend", "gguf") == "gguf" and p.get("vram_gb", p["size_gb"]) <= room]
         return max(fits)[1] if fits else None
 
     picks = {"llm": largest("llm", budget_gb - 0.7), "embedder": "bge-small-en-v1.5",
              "reranker": "bge-reranker-base" if budget_gb >= 6 else None,
-             "whisper": largest("whisper", budget_gb - 0.7), "yolo": "yolov8s" if budget_gb >= 6 else "yolov8n"}
+             "whisper": largest("whisper", budget_gb - 0.7), "yolo": "yolov8s" if budget_gb >= 6 else "yolov8n",
+             "vlm": largest("vlm", budget_gb - 0.7)}  # Vision chat's fast path: a GGUF with its projector
     return {t: n for t, n in picks.items() if n}
 
 

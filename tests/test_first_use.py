@@ -38,6 +38,7 @@ def test_defaults_are_on_disk_and_dropdowns_say_what_needs_a_download(tmp_path):
 
 def test_recommendations_follow_the_card():
     twelve = recommend("cuda", int(11.2e9))
+    assert twelve["vlm"] == "llava-1.5-7b-q4k" and recommend("cuda", int(5.5e9))["vlm"] == "qwen2-vl-2b-instruct-q4km"
     assert twelve["llm"] == "llama-3.1-8b-instruct-q4km" and twelve["whisper"] == "large-v3"
     small = recommend("cuda", int(5.5e9))  # an 8 GB card with the desktop on it
     assert small["llm"] == "phi-3-mini-4k-instruct-q4" and "reranker" not in small
