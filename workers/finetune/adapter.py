@@ -115,10 +115,11 @@ def run_card(folder: Path) -> dict:
 
 
 def adapter_base(folder: Path, cfg: dict | None = None) -> str:
-    """The base model the adapter was trained on, as a `model` param names it: the finetune job's `base` (a preset or
-    a local folder) from its run card, else PEFT's `base_model_name_or_path` (a folder or a hub repo)."""
+    """The base model the adapter was trained on, as a `model` param names it: the finetune (or vision_finetune)
+    job's `base` (a preset or a local folder) from its run card, else PEFT's `base_model_name_or_path` (a folder or a
+    hub repo)."""
     card = run_card(folder)
-    base = (card.get("params") or {}).get("base") if card.get("kind") == "finetune" else None
+    base = (card.get("params") or {}).get("base") if card.get("kind") in ("finetune", "vision_finetune") else None
     if isinstance(base, str) and base.strip():
         return base.strip()
     cfg = cfg if cfg is not None else read_adapter(folder)
