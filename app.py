@@ -537,6 +537,7 @@ TABS = (
     ("detect", "Detect", "tabs.detect"),
     ("finetune", "Fine-tune", "tabs.finetune"),
     ("paint", "Paint", "tabs.paint"),
+    ("vision", "Vision chat", "tabs.vision"),
     ("tinylm", "Tiny LM", "tabs.tinylm"),
     ("jobs", "Jobs", "tabs.jobs"),
     ("models", "Models", "tabs.models"),
