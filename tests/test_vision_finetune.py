@@ -330,8 +330,11 @@ def served(studio):
     demo.close()
 
 
-def test_the_sub_tab_checks_trains_live_resumes_compares_and_chats(served, studio, base, tmp_path):
+def test_the_sub_tab_checks_trains_live_resumes_compares_chats_and_applies_the_gates_change(served, studio, base, tmp_path):
     from gradio_client import Client, handle_file
+
+    from tabs.common import offer_fix
+    from tabs.vision_finetune import FIX_INPUTS
 
     client = Client(served, verbose=False)
     imgs = write_images(tmp_path)
@@ -370,3 +373,17 @@ def test_the_sub_tab_checks_trains_live_resumes_compares_and_chats(served, studi
     assert all(row[2] in {a for _, a in COLOURS.values()} for row in table)  # each dev image with its reference
     model, adapter = client.predict(picked="", api_name="/vision_ft_chat")  # the Tabs switch has no value for a client
     assert (model, adapter) == (str(base), resumed.id)
+    # over the budget: refused, and Apply offers the gate's change that fits (the 7B preset, 4096 tokens, batch 64)
+    huge = {**form, "vf_base": "llava-1.5-7b-hf", "vf_max_seq_len": 4096, "vf_micro_batch": 64}
+    status, *_ = client.predict(**data_in, **huge, api_name="/vision_ft_train")
+    refused = studio.jobs(limit=1, kind="vision_finetune")[0]
+    assert refused.status is JobStatus.REFUSED and "REFUSED" in status, status
+    change = next(e["suggestion"] for e in studio.events(refused.id)[0] if e["type"] == "end")
+    button, offered = offer_fix(studio, refused.id, None, FIX_INPUTS)  # what /vision_ft_fix_offer shows
+    assert button["visible"] and button["value"].startswith("Apply: Micro-batch 1, Accumulation 64"), button
+    client.predict(api_name="/vision_ft_fix_offer")  # the page runs it after Train (a Button is not an API output)
+    shown = dict(zip(FIX_INPUTS, client.predict(api_name="/vision_ft_apply_fix")))
+    assert offered == {FIX_INPUTS[k][0]: v for k, v in change.items()} and "Fits with" in status
+    assert {k: v["value"] for k, v in shown.items() if "value" in v} == change  # into the form; the rest stays
+    fitted = build(train.Params, {**refused.params, **change})
+    assert full_estimate(fitted, train.estimate, studio.device.read()).total < refused.estimate_bytes
