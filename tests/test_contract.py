@@ -126,6 +126,21 @@ class Inputs:
 
         return str(self._once("tiny_sd", lambda: make_tiny_sd(self.tmp / "paint-sd")))
 
+    def tiny_llava(self):
+        from vision_fixtures import make_tiny_llava
+
+        return str(self._once("tiny_llava", lambda: make_tiny_llava(self.tmp / "tiny-llava")))
+
+    def vision_pairs(self):
+        from vision_fixtures import write_images, write_pairs
+
+        def make():
+            write_images(self.tmp / "vision" / "images")
+            images = {p.stem: p for p in (self.tmp / "vision" / "images").glob("*.png")}
+            return write_pairs(self.tmp / "vision" / "pairs.jsonl", images, repeat=2)
+
+        return str(self._once("vision_pairs", make))
+
     def stream_session(self):
         import numpy as np
         from PIL import Image
@@ -165,6 +180,11 @@ EXAMPLES = {
                         "seed": 1},
     "paint_lora": lambda i: {"base": i.tiny_sd(), "images": i.lora_images(), "instance_prompt": "a photo of sks",
                              "resolution": 64, "steps": 3, "sample_every": 2, "sample_steps": 2, "threads": 2},
+    "vision_chat": lambda i: {"model": i.tiny_llava(), "image": i.image(), "prompt": "What is it?", "max_tokens": 4,
+                              "n_ctx": 512, "threads": 2},
+    "vision_check": lambda i: {"base": i.tiny_llava(), "data": i.vision_pairs(), "max_seq_len": 64},
+    "vision_finetune": lambda i: {"base": i.tiny_llava(), "data": i.vision_pairs(), "max_seq_len": 64,
+                                  "grad_accum": 1, "max_steps": 3, "eval_every": 2, "eval_prompts": 1, "threads": 2},
 }
 # kinds whose example cannot finish here (no network): they must still end once, FAILED with a plain reason
 ENDS_FAILED = {"model_download": "hub cannot be reached|offline|not in the Hugging Face cache"}
@@ -188,6 +208,9 @@ BAD = {
     "finetune_check": ({"data": ""}, "no data given"),
     "paint": ({"model": "/nonexistent/model.safetensors"}, "neither a preset"),
     "paint_lora": ({"images": "/nonexistent/images"}, "images not found"),
+    "vision_chat": ({"prompt": "hi", "image": "/nonexistent.png", "model": "llava-1.5-7b-q4k"}, "does not exist"),
+    "vision_check": ({"data": ""}, "no data given"),
+    "vision_finetune": ({"data": "/nonexistent/pairs.jsonl"}, "not found"),
 }
 NEEDS_OPENCV = {"detect_train", "detect_predict", "detect_export", "detect_stream"}
 KINDS = sorted(k for k in registry.WORKERS if not k.startswith("test_"))
