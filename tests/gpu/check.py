@@ -112,6 +112,93 @@ def random_sd15(folder: Path) -> Path:
     return folder
 
 
+def vision_checks(args, data_dir: Path, device: str, cache: ModelCache, reading, record, summary: dict) -> None:
+    """Vision chat and its fine-tuning at the LLaVA-1.5-7B shape (random weights from the vlm preset's config, built
+    by tests/benchmarks/vision.py): vision_chat through transformers + bitsandbytes NF4 (128 tokens after a 336 px
+    image; the model never says its end token, so every answer is 128 tokens), through llama.cpp with
+    --vlm-gguf/--vlm-mmproj, and the vision_finetune QLoRA step at seq 1024 (576 image tokens + text), r 16,
+    micro-batch 1, for --vision-steps steps. --vision-base FOLDER runs the same on another LLaVA folder (a small one
+    smoke-runs this block on the CPU)."""
+    if device != "cuda" and not args.vision_base:
+        print("vision/llava-1.5-7b-shape: skipped (needs CUDA: the 7B shape's NF4 inference and QLoRA are sized for "
+              "the GPU)", flush=True)
+        return
+    import gc
+    import shutil
+
+    import torch
+
+    from tests.benchmarks.vision import PROMPT, long_pairs, random_llava_7b, write_image
+    from workers.vision import chat as vision_chat
+    from workers.vision import train as vision_train
+    from workers.vision.model import config_of
+
+    label = Path(args.vision_base).name if args.vision_base else "llava-1.5-7b-shape"
+    t0 = time.time()
+    base = str(args.vision_base or random_llava_7b(data_dir / "llava-7b-random"))
+    print(f"vision: {label} at {base} ({time.time() - t0:.0f} s to build)", flush=True)
+    image = str(write_image(data_dir / "vision" / "picture.png", 336))
+
+    def free() -> None:  # earlier kinds' cached models out of this process: each peak is the kind's own
+        cache.clear()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    def attempt(name: str, fn) -> None:
+        try:
+            fn()
+        except Exception as e:  # an out-of-memory at the cap is a finding, not the end of the check
+            summary["kinds"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(name, "failed:", e, flush=True)
+        free()
+
+    def chat_twice(name: str, params: dict, **extra) -> None:
+        """The first answer loads the model (estimate vs peak); the second reuses it (tokens/s once warm)."""
+        first = run_kind(vision_chat, params, data_dir / "runs" / f"{name}-1".replace("/", "-"), data_dir, device,
+                         cache, reading)
+        again = run_kind(vision_chat, params, data_dir / "runs" / f"{name}-2".replace("/", "-"), data_dir, device,
+                         cache, reading)
+        r = again[0]
+        record(name, *first, tokens_per_s=r["tokens_per_s"], first_tokens_per_s=first[0]["tokens_per_s"],
+               tokens=r["tokens"], ttft_ms=r["ttft_ms"], load_s=first[0]["load_s"], backend=r["backend"], **extra)
+
+    free()
+    chat = {"model": base, "image": image, "prompt": PROMPT, "max_tokens": 128, "temperature": 0.0}
+    name = f"vision_chat/{label}-hf-nf4"
+    attempt(name, lambda: chat_twice(name, {**chat, "load_in_4bit": True}))
+    if args.vlm_gguf:  # llama.cpp's fast path, as many layers as the gate fits in the capped budget
+        def gguf() -> None:
+            p = vision_chat.fit(build(vision_chat.Params, {"prompt": PROMPT, "model": args.vlm_gguf,
+                                                          "mmproj": args.vlm_mmproj or ""}),
+                                reading, int((args.cap_gib - 1.0) * GiB))
+            chat_twice("vision_chat/gguf", {**chat, "model": args.vlm_gguf, "mmproj": args.vlm_mmproj or "",
+                                            "n_gpu_layers": p.n_gpu_layers}, n_gpu_layers=p.n_gpu_layers)
+            hf, gg = summary["kinds"].get(f"vision_chat/{label}-hf-nf4", {}), summary["kinds"]["vision_chat/gguf"]
+            if hf.get("tokens_per_s") and gg.get("tokens_per_s"):
+                summary["vision_fast_path_ratio"] = gg["tokens_per_s"] / hf["tokens_per_s"]
+
+        attempt("vision_chat/gguf", gguf)
+    if args.vision_steps:
+        max_pos = int(config_of(base)["text_config"].get("max_position_embeddings") or 1024)
+        seq = min(1024, max_pos)
+        name = f"vision_finetune/{label}-qlora-seq{seq}"
+
+        def qlora() -> None:
+            data = long_pairs(data_dir / "vision-pairs", n=16, words=500)
+            res = run_kind(vision_train, {"base": base, "data": str(data), "max_seq_len": seq, "micro_batch": 1,
+                                          "grad_accum": 1, "lora_r": 16, "max_steps": args.vision_steps,
+                                          "eval_every": 0, "save_every": 10_000, "eval_prompts": 0, "lr": 1e-4},
+                           data_dir / "runs" / name.replace("/", "-"), data_dir, device, cache, reading)
+            r, est, peak = res[0], res[1], res[2]
+            record(name, *res, s_per_step=r["seconds"] / max(1, r["steps"]), steps=r["steps"],
+                   tokens_per_s=r["tokens_per_s"], train_loss=r["train_loss"], estimate_error=(est - peak) / peak)
+
+        attempt(name, qlora)
+    if not args.vision_base:
+        shutil.rmtree(base, ignore_errors=True)  # 14 GB of disk back
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="TinyShakespeare input.txt (default: a synthetic corpus)")
@@ -127,6 +214,10 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=6, help="8B-shape QLoRA optimizer steps (0: skip)")
     ap.add_argument("--lora-steps", type=int, default=20, help="SD 1.5-shape LoRA training steps (0: skip)")
     ap.add_argument("--lora-resolution", type=int, default=512, help="SD 1.5 LoRA training size (64: CPU smoke run)")
+    ap.add_argument("--vision-steps", type=int, default=5, help="LLaVA-1.5-7B-shape QLoRA steps at seq 1024 (0: skip)")
+    ap.add_argument("--vlm-gguf", default=None, help="a LLaVA GGUF to run vision_chat's llama.cpp path with")
+    ap.add_argument("--vlm-mmproj", default=None, help="its projector (mmproj) GGUF; default: the one beside it")
+    ap.add_argument("--vision-base", default=None, help=argparse.SUPPRESS)  # a small LLaVA folder: CPU smoke run
     args = ap.parse_args()
 
     import torch
@@ -296,6 +387,9 @@ def main() -> None:
                 except Exception as e:  # an out-of-memory at the cap is a finding, not the end of the check
                     summary["kinds"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                     print(name, "failed:", e, flush=True)
+
+        # Vision chat and QLoRA at the LLaVA-1.5-7B shape (goals: QLoRA peak <= 8 GiB, estimate within +-10%)
+        vision_checks(args, data_dir, device, cache, reading, record, summary)
 
     # the gate against the real device, with the target card's budget
     budget = int((args.cap_gib - 1.0) * GiB)
