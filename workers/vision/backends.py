@@ -165,6 +165,10 @@ class HFVision:
                 if piece:
                     yield piece
             if errors:
+                if isinstance(errors[0], AssertionError) and "divisible" in str(errors[0]):
+                    raise RuntimeError(f"bitsandbytes' CPU 4-bit kernels cannot run this model's layer sizes "
+                                       f"({errors[0]}): set load_in_4bit=false on the CPU (4-bit is for the GPU)") \
+                        from None
                 raise errors[0]
         finally:  # the consumer stopped (Stop pressed): end generation at the next token
             stop.set()
