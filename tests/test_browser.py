@@ -340,3 +340,27 @@ def test_detect_train_predict_and_export_from_scratch(page, studio, tmp_path):
     wait_text(pg, r"detect_export job \S+ — DONE", timeout=300)
     assert "onnx" in pg.locator("body").inner_text().lower()
     shot(pg, "detect-exported")
+
+
+def test_vision_chat_about_an_uploaded_image(page, studio, tmp_path):
+    from vision_fixtures import QUESTION, make_tiny_llava, write_images
+
+    tiny = make_tiny_llava(tmp_path / "tiny-llava")
+    red = write_images(tmp_path / "images", size=(96, 72))["red"]
+    pg = open_tab(page, "vision")
+    model = field(pg, "Model (a preset, a .gguf with its mmproj beside it, or a LLaVA folder)")
+    model.fill(str(tiny))  # a folder on this machine: the dropdown takes a custom value
+    model.press("Enter")
+    upload(pg, red)
+    visible(pg, "textarea[placeholder^='Ask about the image']").first.fill(QUESTION)
+    before = {j.id for j in studio.jobs(kind="vision_chat")}
+    button(pg, "Send").click()
+    job = live_job(studio, "vision_chat", before)
+    wait_text(pg, r"tok/s|tokens · hf", timeout=180)
+    assert studio.job(job.id).status.value == "DONE" and studio.job(job.id).params["model"] == str(tiny)
+    # the image is in the conversation and beside it
+    t0 = time.time()
+    while visible(pg, ".message img, [data-testid='bot'] img, [data-testid='user'] img").count() < 1:
+        assert time.time() - t0 < 30, "the uploaded image is not shown in the conversation"
+        time.sleep(0.3)
+    shot(pg, "vision-answered")
