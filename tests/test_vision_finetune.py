@@ -70,6 +70,7 @@ def test_the_report_names_missing_unreadable_and_malformed_lines_and_counts_imag
     assert job.status is JobStatus.DONE, job.error
     r = job.result["report"]
     assert json.loads((studio.run_dir(job.id) / "data_report.json").read_text()) == r
+    assert [e["report"] for e in studio.events(job.id)[0] if e["type"] == "data_report"] == [r]
     assert r["pairs"] == 6 and r["usable"] == 4 and r["per_shape"] == {"pair": 6}
     assert [(m["where"], m["image"]) for m in r["missing_images"]] == [("bad.jsonl line 5", "gone.png")]
     assert [(u["where"], u["image"]) for u in r["unreadable_images"]] == [("bad.jsonl line 6", "broken.png")]
@@ -262,6 +263,21 @@ def test_resume_after_cancel_continues_at_the_saved_step(studio, base, pairs):
     after = losses(resumed.id)
     assert sorted(after) == list(range(saved + 1, 41)) and resumed.result["steps"] == 40
     assert after[40] < first[1]  # the same run, further down its curve
+
+
+def test_out_of_memory_halves_the_micro_batch_doubles_accumulation_and_finishes(studio, base, pairs):
+    from studio import registry
+
+    if "test_vision_oom" not in registry.WORKERS:
+        registry.register("test_vision_oom", "helpers_vision")
+    job = studio.wait(studio.submit("test_vision_oom", fast(base, pairs, max_steps=6, save_every=100, eval_every=0,
+                                                            eval_prompts=0, grad_accum=2, oom_at=3, oom_from=4)).id,
+                      300)
+    assert job.status is JobStatus.DONE, job.error
+    ooms = [e for e in studio.events(job.id)[0] if e["type"] == "oom"]
+    assert [(e["step"], e["micro_batch"], e["grad_accum"]) for e in ooms] == [(3, 2, 4)]
+    assert job.result["micro_batch"] == 2 and job.result["grad_accum"] == 4 and job.result["steps"] == 6
+    assert sorted(m["step"] for m in metrics(studio, job.id) if "train_loss" in m) == list(range(1, 7))
 
 
 # ---- the gate ----------------------------------------------------------------------------------------------------

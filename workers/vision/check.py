@@ -71,6 +71,7 @@ def run(p: Params, ctx) -> dict:
     images = data.Images(p.data, p.images, ctx.data_dir / "vision" / "datasets", confined=ctx.owner is not None)
     report = data.report(p.data, images, enc, p.max_seq_len, p.eval_data, p.dev_fraction, p.dev_max, p.seed)
     (ctx.run_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    ctx.emit("data_report", report=report)
     ctx.artifact(ctx.run_dir / "data_report.json", "data report")
     ctx.progress(2, 2, f"{report['pairs']} pairs checked, {report['usable']} usable")
     return {"report": report}
