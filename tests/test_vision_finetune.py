@@ -241,6 +241,13 @@ def test_a_qlora_run_learns_each_image_and_its_reloaded_adapter_answers(studio, 
     for c, (_, answer) in COLOURS.items():
         assert after[c] == answer, after
         assert answer not in before[c], before
+    # and through Vision chat, as "Chat with it" runs it: the job id as adapter, the model left empty (its base)
+    images = {p.stem: p for p in pairs.parent.rglob("*.png")}
+    chat = studio.wait(studio.submit("vision_chat", {"adapter": job.id, "image": str(images["blue"]),
+                                                     "prompt": QUESTION, "temperature": 0, "max_tokens": 32,
+                                                     "n_ctx": 512}).id, 300)
+    assert chat.status is JobStatus.DONE, chat.error
+    assert chat.result["answer"].strip() == COLOURS["blue"][1] and chat.params["adapter"] == job.id
 
 
 def test_resume_after_cancel_continues_at_the_saved_step(studio, base, pairs):
