@@ -231,7 +231,6 @@ def run(p: Params, ctx) -> dict:
     ctx.progress(0, None, "reading the data")
     import torch
 
-    from studio.context import JobCancelled
     from workers.finetune import data
 
     cuda = ctx.device == "cuda"
@@ -311,7 +310,8 @@ def run(p: Params, ctx) -> dict:
     dev_ds = Dataset.from_list(dev_enc) if dev_enc else None
     ckpt_root = ctx.run_dir / "checkpoint"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    extra = lambda: {"micro_batch": micro_batch, "grad_accum": grad_accum, "data_hash": data_hash,  # noqa: E731
+    sizes = {"micro_batch": micro_batch, "grad_accum": grad_accum}  # halved / doubled by an out-of-memory restart
+    extra = lambda: {**sizes, "data_hash": data_hash,  # noqa: E731
                      "dev_hash": dev_hash, "base": p.base, "method": p.method, "params": asdict(p),
                      "dev_loss_start": callback.start_dev, "eval_base": base_answers}
     callback = _make_callback(ctx, cuda, ckpt_root, extra, resumed_step)
@@ -319,58 +319,14 @@ def run(p: Params, ctx) -> dict:
         callback.start_dev = state.get("dev_loss_start")  # the dev loss before the first of the runs
     if prompts and base_answers is None and resume_ckpt is None:  # the base as loaded (a new LoRA changes nothing)
         base_answers = _base_answers(model, tok, prompts, ctx, p.eval_new_tokens, cuda)
-    ooms = 0
-    result_metrics: dict = {}
-    while True:
-        trainer = _trainer(p, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callback,
-                           trl, transformers)
-        try:
-            if resume_ckpt is None and dev_ds is not None and callback.start_dev is None:
-                callback.evaluating = "start"
-                m = trainer.evaluate()
-                callback.evaluating = None
-                callback.start_dev = m.get("eval_loss")
-                ctx.metric(0, dev_loss=callback.start_dev, perplexity=_ppl(callback.start_dev))
-            out = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
-            result_metrics = dict(out.metrics)
-            break
-        except JobCancelled:
-            _save(trainer, ckpt_root, extra, callback)
-            ctx.log(f"cancelled at step {trainer.state.global_step}; the checkpoint is kept and Resume continues "
-                    "from it")
-            raise
-        except torch.OutOfMemoryError:
-            step = trainer.state.global_step
-            model.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.empty_cache()
-            saved = _save(trainer, ckpt_root, extra, callback) if step > 0 else None
-            ooms += 1
-            if micro_batch == 1:
-                where = f" Its checkpoint at step {step} is kept." if saved else ""
-                raise OutOfMemoryAtMicroBatch1(
-                    f"Out of memory at step {step + 1} with micro_batch 1 (grad_accum {grad_accum}). Lower "
-                    f"max_seq_len (now {p.max_seq_len}; try {max(256, p.max_seq_len // 2)}), lora_r, or pick a "
-                    f"smaller base; close other programs using the GPU.{where}") from None
-            micro_batch, grad_accum = micro_batch // 2, grad_accum * 2
-            if saved:
-                saved = record_checkpoint(ckpt_root, saved["step"], extra())  # the new sizes go into the state
-            msg = (f"out of memory at step {step + 1}: saved a checkpoint at step {step}, micro_batch now "
-                   f"{micro_batch}, grad_accum {grad_accum} (same effective batch); continuing")
-            ctx.emit("oom", step=step, micro_batch=micro_batch, grad_accum=grad_accum, message=msg)
-            ctx.log(msg)
-            resume_ckpt = (ckpt_root / saved["dir"]) if saved else None
-            callback.resumed_step = step
-            del trainer
-
-    state = _save(trainer, ckpt_root, extra, callback)
-    final_dev = None
-    if dev_ds is not None:
-        callback.evaluating = "end"
-        m = trainer.evaluate()
-        callback.evaluating = None
-        final_dev = m.get("eval_loss")
-        ctx.metric(trainer.state.global_step, dev_loss=final_dev, perplexity=_ppl(final_dev))
+    trainer, result_metrics, ooms = train_loop(
+        lambda mb, ga: _trainer(p, model, tok, train_ds, dev_ds, ckpt_root, mb, ga, cuda, callback, trl,
+                                transformers),
+        ctx, model, ckpt_root, extra, callback, sizes, resume_ckpt, dev_ds is not None, cuda,
+        lambda: f"Lower max_seq_len (now {p.max_seq_len}; try {max(256, p.max_seq_len // 2)}), lora_r, or pick a "
+                "smaller base")
+    micro_batch, grad_accum = sizes["micro_batch"], sizes["grad_accum"]
+    state, final_dev = finish(trainer, ctx, ckpt_root, extra, callback, dev_ds is not None)
     out_dir = ctx.run_dir / ("model" if p.method == "full" else "adapter")
     ctx.progress(trainer.state.global_step, trainer.state.max_steps, "saving the result")
     trainer.save_model(str(out_dir))
@@ -429,6 +385,71 @@ def run(p: Params, ctx) -> dict:
 
 def _ppl(loss):
     return math.exp(min(loss, 50)) if loss is not None else None
+
+
+# ---- the loop every studio trainer runs (finetune, vision_finetune) -------------------------------------------------
+def train_loop(make_trainer, ctx, model, ckpt_root: Path, extra, callback, sizes: dict, resume_ckpt, has_dev: bool,
+               cuda: bool, advice):
+    """Train to the end: the dev loss first (unless resuming), then the Trainer from `resume_ckpt`. Cancel saves a
+    checkpoint and re-raises. Out of memory saves one, halves sizes["micro_batch"], doubles sizes["grad_accum"] (the
+    same effective batch) and continues from it with a new trainer (make_trainer(micro_batch, grad_accum)); at
+    micro-batch 1 it stops with `advice()` (what to lower). Returns (trainer, its train metrics, OOM restarts)."""
+    import torch
+
+    from studio.context import JobCancelled
+
+    ooms = 0
+    while True:
+        trainer = make_trainer(sizes["micro_batch"], sizes["grad_accum"])
+        try:
+            if resume_ckpt is None and has_dev and callback.start_dev is None:
+                callback.evaluating = "start"
+                m = trainer.evaluate()
+                callback.evaluating = None
+                callback.start_dev = m.get("eval_loss")
+                ctx.metric(0, dev_loss=callback.start_dev, perplexity=_ppl(callback.start_dev))
+            out = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
+            return trainer, dict(out.metrics), ooms
+        except JobCancelled:
+            _save(trainer, ckpt_root, extra, callback)
+            ctx.log(f"cancelled at step {trainer.state.global_step}; the checkpoint is kept and Resume continues "
+                    "from it")
+            raise
+        except torch.OutOfMemoryError:
+            step = trainer.state.global_step
+            model.zero_grad(set_to_none=True)
+            if cuda:
+                torch.cuda.empty_cache()
+            saved = _save(trainer, ckpt_root, extra, callback) if step > 0 else None
+            ooms += 1
+            mb, ga = sizes["micro_batch"], sizes["grad_accum"]
+            if mb == 1:
+                where = f" Its checkpoint at step {step} is kept." if saved else ""
+                raise OutOfMemoryAtMicroBatch1(
+                    f"Out of memory at step {step + 1} with micro_batch 1 (grad_accum {ga}). {advice()}; close other "
+                    f"programs using the GPU.{where}") from None
+            sizes.update(micro_batch=mb // 2, grad_accum=ga * 2)
+            if saved:
+                saved = record_checkpoint(ckpt_root, saved["step"], extra())  # the new sizes go into the state
+            msg = (f"out of memory at step {step + 1}: saved a checkpoint at step {step}, micro_batch now "
+                   f"{sizes['micro_batch']}, grad_accum {sizes['grad_accum']} (same effective batch); continuing")
+            ctx.emit("oom", step=step, micro_batch=sizes["micro_batch"], grad_accum=sizes["grad_accum"], message=msg)
+            ctx.log(msg)
+            resume_ckpt = (ckpt_root / saved["dir"]) if saved else None
+            callback.resumed_step = step
+            del trainer
+
+
+def finish(trainer, ctx, ckpt_root: Path, extra, callback, has_dev: bool) -> tuple[dict | None, float | None]:
+    """The last checkpoint (its state) and the final dev loss, reported at the last step."""
+    state = _save(trainer, ckpt_root, extra, callback)
+    final_dev = None
+    if has_dev:
+        callback.evaluating = "end"
+        final_dev = trainer.evaluate().get("eval_loss")
+        callback.evaluating = None
+        ctx.metric(trainer.state.global_step, dev_loss=final_dev, perplexity=_ppl(final_dev))
+    return state, final_dev
 
 
 # ---- evaluation: the base and the tuned model on dev prompts ---------------------------------------------------------

@@ -229,10 +229,9 @@ def run(p: Params, ctx) -> dict:
     ctx.progress(0, None, "reading the data")
     import torch
 
-    from studio.context import JobCancelled
     from workers.finetune.data import split
-    from workers.finetune.train import (OutOfMemoryAtMicroBatch1, _fmt, _make_callback, _mean, _peak_bytes, _ppl,
-                                        _save, checked_copy, record_checkpoint, score)
+    from workers.finetune.train import (_fmt, _make_callback, _mean, _peak_bytes, _ppl, checked_copy, finish, score,
+                                        train_loop)
     from workers.vision import data
     from workers.vision.model import config_of, source_of
 
@@ -317,7 +316,8 @@ def run(p: Params, ctx) -> dict:
     dev_ds = PairDataset(dev_rows, enc) if dev_rows else None
     ckpt_root = ctx.run_dir / "checkpoint"
     ckpt_root.mkdir(parents=True, exist_ok=True)
-    extra = lambda: {"micro_batch": micro_batch, "grad_accum": grad_accum, "data_hash": data_hash,  # noqa: E731
+    sizes = {"micro_batch": micro_batch, "grad_accum": grad_accum}  # halved / doubled by an out-of-memory restart
+    extra = lambda: {**sizes, "data_hash": data_hash,  # noqa: E731
                      "dev_hash": dev_hash, "base": p.base, "method": "qlora", "params": asdict(p),
                      "dev_loss_start": callback.start_dev, "eval_base": base_answers}
     callback = _make_callback(ctx, cuda, ckpt_root, extra, resumed_step)
@@ -325,59 +325,14 @@ def run(p: Params, ctx) -> dict:
         callback.start_dev = state.get("dev_loss_start")
     if prompts and base_answers is None and resume_ckpt is None:  # a new LoRA is zero, the projector a copy: the base
         base_answers = answers(model, enc, prompts, ctx, "base", p.eval_new_tokens, cuda)
-    ooms = 0
-    result_metrics: dict = {}
     pad = enc.tokenizer.pad_token_id
-    while True:
-        trainer = _trainer(p, model, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callback, pad,
-                           transformers)
-        try:
-            if resume_ckpt is None and dev_ds is not None and callback.start_dev is None:
-                callback.evaluating = "start"
-                m = trainer.evaluate()
-                callback.evaluating = None
-                callback.start_dev = m.get("eval_loss")
-                ctx.metric(0, dev_loss=callback.start_dev, perplexity=_ppl(callback.start_dev))
-            out = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
-            result_metrics = dict(out.metrics)
-            break
-        except JobCancelled:
-            _save(trainer, ckpt_root, extra, callback)
-            ctx.log(f"cancelled at step {trainer.state.global_step}; the checkpoint is kept and Resume continues "
-                    "from it")
-            raise
-        except torch.OutOfMemoryError:
-            step = trainer.state.global_step
-            model.zero_grad(set_to_none=True)
-            if cuda:
-                torch.cuda.empty_cache()
-            saved = _save(trainer, ckpt_root, extra, callback) if step > 0 else None
-            ooms += 1
-            if micro_batch == 1:
-                where = f" Its checkpoint at step {step} is kept." if saved else ""
-                raise OutOfMemoryAtMicroBatch1(
-                    f"Out of memory at step {step + 1} with micro_batch 1 (grad_accum {grad_accum}). Lower "
-                    f"max_seq_len (now {p.max_seq_len}, {enc.image_tokens} of them the image's), lora_r, or set "
-                    f"train_projector=false; close other programs using the GPU.{where}") from None
-            micro_batch, grad_accum = micro_batch // 2, grad_accum * 2
-            if saved:
-                saved = record_checkpoint(ckpt_root, saved["step"], extra())  # the new sizes go into the state
-            msg = (f"out of memory at step {step + 1}: saved a checkpoint at step {step}, micro_batch now "
-                   f"{micro_batch}, grad_accum {grad_accum} (same effective batch); continuing")
-            ctx.emit("oom", step=step, micro_batch=micro_batch, grad_accum=grad_accum, message=msg)
-            ctx.log(msg)
-            resume_ckpt = (ckpt_root / saved["dir"]) if saved else None
-            callback.resumed_step = step
-            del trainer
-
-    state = _save(trainer, ckpt_root, extra, callback)
-    final_dev = None
-    if dev_ds is not None:
-        callback.evaluating = "end"
-        m = trainer.evaluate()
-        callback.evaluating = None
-        final_dev = m.get("eval_loss")
-        ctx.metric(trainer.state.global_step, dev_loss=final_dev, perplexity=_ppl(final_dev))
+    trainer, result_metrics, ooms = train_loop(
+        lambda mb, ga: _trainer(p, model, train_ds, dev_ds, ckpt_root, mb, ga, cuda, callback, pad, transformers),
+        ctx, model, ckpt_root, extra, callback, sizes, resume_ckpt, dev_ds is not None, cuda,
+        lambda: f"Lower max_seq_len (now {p.max_seq_len}, {enc.image_tokens} of them the image's), lora_r, or set "
+                "train_projector=false")
+    micro_batch, grad_accum = sizes["micro_batch"], sizes["grad_accum"]
+    state, final_dev = finish(trainer, ctx, ckpt_root, extra, callback, dev_ds is not None)
     out_dir = ctx.run_dir / "adapter"
     ctx.progress(trainer.state.global_step, trainer.state.max_steps, "saving the adapter")
     trainer.save_model(str(out_dir))
