@@ -223,7 +223,7 @@ def calibrate(d: Path) -> None:
     print(f"sentence means: same voice {pct(same)}")
     print("median distance between sentence means, voice by voice:")
     for i, a in enumerate(names):
-        row = [np.median([1 - mean(x) @ mean(y) for x in voices[a] for y in voices[b]]) for b in names]
+        row = [np.median([1 - mean(x) @ mean(y) for x in voices[a] for y in voices[b] if x is not y]) for b in names]
         print(f"{i:2d} " + " ".join(f"{r:.2f}" for r in row), a)
     real = {f: windows(decode_audio(str(GRADIO_AUDIO / f))) for f in
             ("cate_blanch.mp3", "cate_blanch_2.mp3", "heath_ledger.mp3")}
