@@ -475,8 +475,10 @@ def eval_set(examples, tok, max_seq_len: int, n: int) -> list[dict]:
     return out
 
 
-def answers(model, tok, prompts: list[dict], ctx, who: str, max_new_tokens: int, cuda: bool) -> list[str]:
-    """Greedy answers to each prompt; every generated token is a cancel point."""
+def answers(model, tok, prompts: list[dict], ctx, who: str, max_new_tokens: int, cuda: bool, inputs=None,
+            what: str = "dev prompt") -> list[str]:
+    """Greedy answers to each prompt; every generated token is a cancel point. `inputs(prompt, device)` adds to what
+    generate takes (a vision model's pixel_values)."""
     import contextlib
 
     import torch
@@ -490,18 +492,20 @@ def answers(model, tok, prompts: list[dict], ctx, who: str, max_new_tokens: int,
 
         def __call__(self, input_ids, scores, **kw):
             k = input_ids.shape[1] - self.start
-            ctx.progress(self.i + k / max_new_tokens, n, f"dev prompt {self.i + 1}/{n}: the {who} model's answer, "
+            ctx.progress(self.i + k / max_new_tokens, n, f"{what} {self.i + 1}/{n}: the {who} model's answer, "
                                                          f"{k} tokens")
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     was_training = model.training
     model.eval()
-    limit = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    cfg = getattr(model.config, "text_config", None) or model.config
+    limit = int(getattr(cfg, "max_position_embeddings", 0) or 0)
+    device = next(model.parameters()).device
     out = []
     try:
         for i, pr in enumerate(prompts):
-            ctx.progress(i, n, f"dev prompt {i + 1}/{n}: the {who} model's answer")
-            ids = torch.tensor([pr["ids"]], device=model.device)
+            ctx.progress(i, n, f"{what} {i + 1}/{n}: the {who} model's answer")
+            ids = torch.tensor([pr["ids"]], device=device)
             new = min(max_new_tokens, limit - ids.shape[1]) if limit else max_new_tokens
             if new < 1:
                 out.append("")
@@ -510,7 +514,8 @@ def answers(model, tok, prompts: list[dict], ctx, who: str, max_new_tokens: int,
             with torch.no_grad(), amp:
                 gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
                                      do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id,
-                                     stopping_criteria=StoppingCriteriaList([CancelPoint(i, ids.shape[1])]))
+                                     stopping_criteria=StoppingCriteriaList([CancelPoint(i, ids.shape[1])]),
+                                     **(inputs(pr, device) if inputs else {}))
             out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
     finally:
         model.train(was_training)
@@ -568,10 +573,12 @@ def _save(trainer, ckpt_root: Path, extra, callback) -> dict | None:
     return record_checkpoint(ckpt_root, step, extra())
 
 
-def _trainer(p: Params, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callback, trl,
-             transformers):
-    evaluate = dev_ds is not None and p.eval_every > 0
-    args = trl.SFTConfig(
+def trainer_args(p, ckpt_root: Path, micro_batch: int, grad_accum: int, cuda: bool, has_dev: bool) -> dict:
+    """The Trainer arguments every studio trainer shares (from a Params with epochs, max_steps, lr, warmup, seed,
+    eval_every, save_every): logging every step for the live plot, checkpoints the studio records, bf16 on CUDA, no
+    reporting, no progress bars."""
+    evaluate = has_dev and p.eval_every > 0
+    return dict(
         output_dir=str(ckpt_root),
         per_device_train_batch_size=micro_batch,
         per_device_eval_batch_size=micro_batch,
@@ -579,7 +586,6 @@ def _trainer(p: Params, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, gr
         num_train_epochs=p.epochs,
         max_steps=p.max_steps if p.max_steps > 0 else -1,
         learning_rate=p.lr,
-        lr_scheduler_type=p.scheduler,
         warmup_steps=p.warmup,
         logging_steps=1,
         eval_strategy="steps" if evaluate else "no",
@@ -590,16 +596,24 @@ def _trainer(p: Params, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, gr
         data_seed=p.seed,
         bf16=cuda,
         use_cpu=not cuda,
-        optim=("paged_adamw_8bit" if p.method != "full" else "adamw_torch_fused") if cuda else "adamw_torch",
-        gradient_checkpointing=p.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
-        max_length=p.max_seq_len,
-        packing=p.packing,
         report_to="none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
         save_only_model=False,
+    )
+
+
+def _trainer(p: Params, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callback, trl,
+             transformers):
+    args = trl.SFTConfig(
+        **trainer_args(p, ckpt_root, micro_batch, grad_accum, cuda, dev_ds is not None),
+        lr_scheduler_type=p.scheduler,
+        optim=("paged_adamw_8bit" if p.method != "full" else "adamw_torch_fused") if cuda else "adamw_torch",
+        gradient_checkpointing=p.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
+        max_length=p.max_seq_len,
+        packing=p.packing,
     )
     transformers.logging.set_verbosity_error()
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,

@@ -388,36 +388,16 @@ def run(p: Params, ctx) -> dict:
 
 def _trainer(p: Params, model, train_ds, dev_ds, ckpt_root: Path, micro_batch: int, grad_accum: int, cuda: bool,
              callback, pad_id: int, transformers):
-    evaluate = dev_ds is not None and p.eval_every > 0
+    from workers.finetune.train import trainer_args
+
     args = transformers.TrainingArguments(
-        output_dir=str(ckpt_root),
-        per_device_train_batch_size=micro_batch,
-        per_device_eval_batch_size=micro_batch,
-        gradient_accumulation_steps=grad_accum,
-        num_train_epochs=p.epochs,
-        max_steps=p.max_steps if p.max_steps > 0 else -1,
-        learning_rate=p.lr,
+        **trainer_args(p, ckpt_root, micro_batch, grad_accum, cuda, dev_ds is not None),
         lr_scheduler_type="cosine",
-        warmup_steps=p.warmup,
-        logging_steps=1,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=p.eval_every if evaluate else None,
-        save_strategy="steps",
-        save_steps=p.save_every,
-        seed=p.seed,
-        data_seed=p.seed,
-        bf16=cuda,
-        use_cpu=not cuda,
         optim="paged_adamw_8bit" if cuda else "adamw_torch",
         activation_checkpointing=p.gradient_checkpointing,  # transformers 5's name for gradient checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
-        report_to="none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
         remove_unused_columns=False,  # pixel_values go to the model as they are
         prediction_loss_only=True,  # the dev loss only: no (batch x seq x vocab) logits gathered
-        include_num_input_tokens_seen="non_padding",
-        save_only_model=False,
     )
     transformers.logging.set_verbosity_error()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
@@ -444,44 +424,16 @@ def eval_set(found: list, enc, max_seq_len: int, n: int) -> list[dict]:
 
 
 def answers(model, enc, prompts: list[dict], ctx, who: str, max_new_tokens: int, cuda: bool) -> list[str]:
-    """Greedy answers about each dev image; every generated token is a cancel point."""
-    import contextlib
-
+    """Greedy answers about each dev image (Fine-tune's, with the image's pixel values); each token a cancel point."""
     import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
 
+    from workers.finetune.train import answers as text_answers
     from workers.vision.data import load_image
 
-    n = len(prompts)
-
-    class CancelPoint(StoppingCriteria):
-        def __init__(self, i: int, start: int):
-            self.i, self.start = i, start
-
-        def __call__(self, input_ids, scores, **kw):
-            k = input_ids.shape[1] - self.start
-            ctx.progress(self.i + k / max_new_tokens, n, f"dev image {self.i + 1}/{n}: the {who} model's answer, "
-                                                         f"{k} tokens")
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
     dtype = torch.bfloat16 if cuda else torch.float32
-    tok = enc.tokenizer
-    out = []
-    try:
-        for i, pr in enumerate(prompts):
-            ctx.progress(i, n, f"dev image {i + 1}/{n}: the {who} model's answer")
-            ids = torch.tensor([pr["ids"]], device=device)
-            pixels = enc.pixel_values(load_image(Path(pr["image"])))[None].to(device, dtype)
-            amp = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
-            with torch.no_grad(), amp:
-                gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=pixels,
-                                     max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                     pad_token_id=tok.pad_token_id,
-                                     stopping_criteria=StoppingCriteriaList([CancelPoint(i, ids.shape[1])]))
-            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True).strip())
-    finally:
-        model.train(was_training)
-    return out
+
+    def pixels(pr: dict, device) -> dict:
+        return {"pixel_values": enc.pixel_values(load_image(Path(pr["image"])))[None].to(device, dtype)}
+
+    return text_answers(model, enc.tokenizer, prompts, ctx, who, max_new_tokens, cuda, inputs=pixels,
+                        what="dev image")
