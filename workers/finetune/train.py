@@ -85,20 +85,36 @@ def validate(p: Params, config) -> None:
     """Bad input fails here, before anything is queued: the base's config, every data line, the checkpoint."""
     from workers.finetune import data
 
-    cfg = est.model_config(p.base)
-    max_pos = int(cfg.get("max_position_embeddings") or 0)
-    if max_pos and p.max_seq_len > max_pos:
-        raise ValueError(f"max_seq_len {p.max_seq_len} is longer than {Path(p.base).name} was trained for "
-                         f"({max_pos}); use at most {max_pos}")
+    check_seq_len(p.max_seq_len, est.model_config(p.base), p.base)
     examples = data.read(p.data)
     if p.eval_data:
         data.read(p.eval_data)
     elif len(examples) < 2:
         raise ValueError(f"{len(examples)} example: a dev split needs at least 2 (or give eval_data)")
-    if p.resume_from:
-        state = config.runs_dir / p.resume_from / "checkpoint" / "state.json"
-        if not state.exists():
-            raise ValueError(f"job {p.resume_from} has no fine-tuning checkpoint to resume from")
+    check_resume(config, p.resume_from, "fine-tuning")
+
+
+def check_seq_len(max_seq_len: int, text_config: dict, base: str) -> None:
+    """A max_seq_len past the positions the model was trained for is refused, naming the most it takes."""
+    max_pos = int(text_config.get("max_position_embeddings") or 0)
+    if max_pos and max_seq_len > max_pos:
+        raise ValueError(f"max_seq_len {max_seq_len} is longer than {Path(base).name} was trained for "
+                         f"({max_pos}); use at most {max_pos}")
+
+
+def check_resume(config, resume_from: str, what: str) -> None:
+    if resume_from and not (config.runs_dir / resume_from / "checkpoint" / "state.json").exists():
+        raise ValueError(f"job {resume_from} has no {what} checkpoint to resume from")
+
+
+def distinct(p, changes):
+    """The gate's changes to try, each naming only what it changes, never the same twice."""
+    seen = []
+    for change in changes:
+        change = {k: v for k, v in change.items() if getattr(p, k) != v}
+        if change and change not in seen:
+            seen.append(change)
+            yield change
 
 
 def estimate(p: Params, device) -> Estimate:
@@ -108,12 +124,7 @@ def estimate(p: Params, device) -> Estimate:
 
 def shrink(p: Params):
     """Changes to try when over budget (the gate takes the first that fits), each naming only what changes."""
-    seen = []
-    for change in est.shrinks(p, est.smaller_presets()):
-        change = {k: v for k, v in change.items() if getattr(p, k) != v}
-        if change and change not in seen:
-            seen.append(change)
-            yield change
+    yield from distinct(p, est.shrinks(p, est.smaller_presets()))
 
 
 # ---- paths other kinds use ----------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from studio.gate import Estimate
 from studio.hashing import sha256
+from workers.finetune.train import check_resume, check_seq_len, distinct
 
 PACKAGES = ("transformers", "peft", "bitsandbytes", "accelerate", "pillow")  # versions for the run card
 PATHS = ("base", "data", "images", "eval_data", "resume_from")  # params that name a server path or a job
@@ -86,20 +87,14 @@ def validate(p: Params, config) -> None:
     if p.max_seq_len <= n_img + 8:
         raise ValueError(f"max_seq_len {p.max_seq_len} leaves no room for text after the image's {n_img} tokens; "
                          f"use at least {n_img + 64}")
-    max_pos = int(cfg["text_config"].get("max_position_embeddings") or 0)
-    if max_pos and p.max_seq_len > max_pos:
-        raise ValueError(f"max_seq_len {p.max_seq_len} is longer than {Path(p.base).name} was trained for "
-                         f"({max_pos}); use at most {max_pos}")
+    check_seq_len(p.max_seq_len, cfg["text_config"], p.base)
     data.check_images_source(p.images)
     pairs, _ = data.read(p.data)  # strict: the first malformed record is named (Check data lists them all)
     if p.eval_data:
         data.read(p.eval_data)
     elif len(pairs) < 2:
         raise ValueError(f"{len(pairs)} pair: a dev split needs at least 2 (or give eval_data)")
-    if p.resume_from:
-        state = config.runs_dir / p.resume_from / "checkpoint" / "state.json"
-        if not state.exists():
-            raise ValueError(f"job {p.resume_from} has no vision fine-tuning checkpoint to resume from")
+    check_resume(config, p.resume_from, "vision fine-tuning")
 
 
 def estimate(p: Params, device) -> Estimate:
@@ -113,12 +108,7 @@ def shrink(p: Params):
     """Changes to try when over budget (the gate takes the first that fits), each naming only what changes."""
     from workers.vision import train_estimate
 
-    seen = []
-    for change in train_estimate.shrinks(p):
-        change = {k: v for k, v in change.items() if getattr(p, k) != v}
-        if change and change not in seen:
-            seen.append(change)
-            yield change
+    yield from distinct(p, train_estimate.shrinks(p))
 
 
 # ---- the model ----------------------------------------------------------------------------------------------------
