@@ -273,6 +273,21 @@ def finished(studio, owner: str | None, current: str) -> Job:
     raise gr.Error("No finished fine-tune yet: train one (or wait for this one to finish).")
 
 
+def start_extend(studio, owner: str | None, run: str, more_epochs: float) -> Iterator[tuple]:
+    """Train more: a finished run continues from its last checkpoint for `more_epochs` more passes over the same data
+    (the same params, a new job), its loss curve and base answers carried on."""
+    job = finished(studio, owner, run)
+    if not more_epochs or more_epochs <= 0:
+        raise gr.Error("Give how many more epochs to train (e.g. 1).")
+    done = float((job.result or {}).get("epochs") or job.params.get("epochs") or 0)
+    params = {**job.params, "resume_from": job.id, "max_steps": 0, "epochs": round(done + float(more_epochs), 4)}
+    try:
+        new = studio.submit("finetune", params, owner=owner)
+    except ValueError as e:
+        raise gr.Error(str(e))
+    yield from follow(studio, new, owner)
+
+
 def chat_target(studio, job: Job) -> dict:
     """What Chat with it puts in the Chat tab: the base and the job as its adapter (a full fine-tune: its own model
     folder), in 4-bit on a GPU (the HF backend; on the CPU plain)."""
@@ -407,6 +422,8 @@ def build(studio, auth: bool = False) -> dict:
     with gr.Row():
         run = gr.Dropdown([], label="Fine-tuned run (empty: the newest)", allow_custom_value=True, scale=2)
         chat_with_it = gr.Button("Chat with it", variant="primary")
+        more_epochs = gr.Number(1, label="More epochs", minimum=0.1, step=0.5, min_width=90)
+        extend = gr.Button("Train more")
         merge = gr.Button("Merge")
         gguf = gr.Checkbox(False, label="…and export GGUF")
         quant = gr.Dropdown(["Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16"], value="Q4_K_M", label="GGUF type")
@@ -421,7 +438,8 @@ def build(studio, auth: bool = False) -> dict:
               warmup=warmup, seed=seed, packing=packing, train_on_prompt=train_on_prompt,
               gradient_checkpointing=gradient_checkpointing, train=train, cancel=cancel, resume=resume,
               status=status, plot=plot, stats=stats, report=report, evaluation=evaluation, runs=runs,
-              run=run, chat_with_it=chat_with_it, merge=merge, gguf=gguf, quant=quant, merge_status=merge_status,
+              run=run, chat_with_it=chat_with_it, more_epochs=more_epochs, extend=extend, merge=merge, gguf=gguf,
+              quant=quant, merge_status=merge_status,
               job_id=job_id)
 
     check.click(bind(start_check, studio, auth), None, report, inputs_kwargs={n: ui[n] for n in CHECK_INPUTS},
@@ -433,6 +451,12 @@ def build(studio, auth: bool = False) -> dict:
         yield from start_resume(studio, user_of(request, auth), current)
 
     resume.click(on_resume, job_id, [ui[n] for n in TRAIN_OUTPUTS], api_name="finetune_resume",
+                 show_progress="hidden")
+
+    def on_extend(run, more, request: gr.Request):
+        yield from start_extend(studio, user_of(request, auth), run, more)
+
+    extend.click(on_extend, [run, more_epochs], [ui[n] for n in TRAIN_OUTPUTS], api_name="finetune_extend",
                  show_progress="hidden")
 
     def on_cancel(current, request: gr.Request):

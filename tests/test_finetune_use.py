@@ -203,3 +203,9 @@ def test_train_streams_the_loss_and_the_form_comes_back(served, studio, qa):
     # a reload puts the last-used settings back (the uploaded file is not kept): the base, rank and steps
     restored = json.dumps(Client(served, verbose=False).predict(api_name="/finetune_attach"))
     assert str(base) in restored and "lora" in restored
+    # Train more: the finished run goes on for another epoch from its last checkpoint, as a new job
+    status, *_ = client.predict(run=job_id, more=1, api_name="/finetune_extend")
+    more = studio.jobs(kind="finetune")[0]
+    assert more.params["resume_from"] == job_id and more.status is JobStatus.DONE, more.error
+    assert more.result["steps"] == 2 * job.result["steps"] and more.result["epochs"] == 2 * job.result["epochs"]
+    assert "DONE" in status
