@@ -52,7 +52,9 @@ def label(table: str, name: str, data_dir: Path) -> str:
     """The preset's name as a dropdown shows it: whether using it needs a download first."""
     state = availability(table, name, data_dir)
     if state == DOWNLOAD:
-        return f"{name} · needs download ({presets()[table][name].get('size_gb', '?')} GB)"
+        p = presets()[table][name]
+        size = round(p["size_gb"] + p.get("mmproj_gb", 0), 2) if "size_gb" in p else "?"  # a projector comes along
+        return f"{name} · needs download ({size} GB)"
     return f"{name} · {'on disk' if state == DOWNLOADED else 'packaged, on disk'}"
 
 
