@@ -1,5 +1,6 @@
 """GPU checks: every job kind at real shape on CUDA, capped at 12 GiB like the target card (chat and transcribe
-need --gguf and --audio; Detect's kinds run unless --detect-epochs 0).
+need --gguf and --audio; Detect's kinds run unless --detect-epochs 0; Paint's SD 1.5 512 and SDXL 1024 generate
+unless --paint-steps 0).
 
     python tests/gpu/check.py [--data input.txt] [--cap-gib 12] [--max-steps 5000]
 
@@ -112,6 +113,104 @@ def random_sd15(folder: Path) -> Path:
     return folder
 
 
+def random_sdxl(folder: Path) -> Path:
+    """An SDXL-base-1.0-shaped diffusers folder with random weights: the UNet from the sdxl preset's config (text_time
+    embedding, 10 transformer layers in the last block), the two CLIP text encoders (ViT-L, and bigG with its
+    projection), the VAE, fp16 on disk; the tests' character-level CLIP tokenizer for both. ~6.9 GB, no download."""
+    if (folder / "model_index.json").exists():
+        return folder
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from studio.presets import presets
+    from tests.paint_fixtures import write_clip_tokenizer
+
+    xl = presets()["sd"]["sdxl-base-1.0"]
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**xl["unet"], out_channels=4, use_linear_projection=True,
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+    vae = AutoencoderKL(block_out_channels=xl["vae"]["block_out_channels"], layers_per_block=2, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+                        sample_size=1024, scaling_factor=xl["vae"]["scaling_factor"], force_upcast=True)
+    ids = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    te = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
+                                      num_hidden_layers=xl["text_encoder"]["num_hidden_layers"], projection_dim=768,
+                                      hidden_act="quick_gelu", **ids))
+    te2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_attention_heads=20, projection_dim=1280, hidden_act="gelu",
+        num_hidden_layers=xl["text_encoder_2"]["num_hidden_layers"], **ids))
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   num_train_timesteps=1000, steps_offset=1, timestep_spacing="leading")
+    tok = CLIPTokenizer.from_pretrained(str(write_clip_tokenizer(folder.parent / (folder.name + "-tokenizer"))))
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=te, text_encoder_2=te2, tokenizer=tok, tokenizer_2=tok,
+                                     unet=unet, scheduler=sched)
+    pipe.to(torch.float16).save_pretrained(str(folder), safe_serialization=True)
+    return folder
+
+
+def paint_checks(args, data_dir: Path, device: str, cache: ModelCache, reading, record, summary: dict) -> None:
+    """Paint at real shapes with random weights from the sd presets' configs: SD 1.5 at 512x512 with CFG, batch 1,
+    and SDXL at 1024x1024 with memory=auto (the flags the plan picks -- VAE tiling, text encoders off the GPU -- are
+    recorded), --paint-steps steps each: estimate vs peak, it/s, and the gate's answer at the target card's budget.
+    A hidden --paint-base FOLDER runs the same on the tests' tiny SD (built there) and tiny SDXL: a CPU smoke run."""
+    if not args.paint_steps:
+        return
+    if device != "cuda" and not args.paint_base:
+        for name in ("paint/sd15-shape-512", "paint/sdxl-shape-1024"):
+            print(f"{name}: skipped (needs CUDA: building ~9 GB of random weights and {args.paint_steps} steps at "
+                  "real shape take too long on the CPU)", flush=True)
+        return
+    import gc
+    import shutil
+
+    import torch
+
+    from workers.paint import generate as paint
+
+    def free() -> None:  # earlier kinds' cached models out of this process: each peak is the kind's own
+        cache.clear()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+    if args.paint_base:
+        from tests.paint_fixtures import make_tiny_sd, make_tiny_sdxl
+
+        base = Path(args.paint_base)
+        models = {"paint/tiny-sd": (make_tiny_sd(base), 0), "paint/tiny-sdxl": (make_tiny_sdxl(Path(f"{base}-xl")), 0)}
+    else:
+        t0 = time.time()
+        models = {"paint/sd15-shape-512": (random_sd15(data_dir / "sd15-random"), 512)}
+        models["paint/sdxl-shape-1024"] = (random_sdxl(data_dir / "sdxl-random"), 1024)
+        print(f"paint: random SD 1.5 and SDXL folders built in {time.time() - t0:.0f} s", flush=True)
+    budget = int((args.cap_gib - 1.0) * GiB)
+    for name, (folder, side) in models.items():
+        params = {"model": str(folder), "prompt": "a watercolor painting of a lighthouse at dawn", "width": side,
+                  "height": side, "steps": args.paint_steps, "cfg": 7.0, "batch": 1, "seed": 0, "memory": "auto",
+                  "preview_every": 5}
+        free()
+        try:
+            p = paint.validate(build(paint.Params, params), type("Dirs", (), {"data_dir": data_dir})())
+            try:
+                decision = f"accepted ({gate(p, paint.estimate, reading, budget, paint.shrink).total / GiB:.2f} GiB)"
+            except Refused as e:
+                decision = e.reason
+            res = run_kind(paint, params, data_dir / "runs" / name.replace("/", "-"), data_dir, device, cache,
+                           reading)
+            r, est, peak = res[0], res[1], res[2]
+            record(name, *res, it_per_s=r["steps_per_s"], steps=r["steps"], size=f"{r['width']}x{r['height']}",
+                   flags=r["flags"], gate=decision, estimate_error=(est - peak) / peak)
+        except Exception as e:  # an out-of-memory at the cap is a finding, not the end of the check
+            summary["kinds"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(name, "failed:", e, flush=True)
+    free()
+    if not args.paint_base:
+        for folder, _ in models.values():
+            shutil.rmtree(folder, ignore_errors=True)  # 9 GB of disk back
+
+
 def vision_checks(args, data_dir: Path, device: str, cache: ModelCache, reading, record, summary: dict) -> None:
     """Vision chat and its fine-tuning at the LLaVA-1.5-7B shape (random weights from the vlm preset's config, built
     by tests/benchmarks/vision.py): vision_chat through transformers + bitsandbytes NF4 (128 tokens after a 336 px
@@ -214,6 +313,8 @@ def main() -> None:
     ap.add_argument("--finetune-steps", type=int, default=6, help="8B-shape QLoRA optimizer steps (0: skip)")
     ap.add_argument("--lora-steps", type=int, default=20, help="SD 1.5-shape LoRA training steps (0: skip)")
     ap.add_argument("--lora-resolution", type=int, default=512, help="SD 1.5 LoRA training size (64: CPU smoke run)")
+    ap.add_argument("--paint-steps", type=int, default=25, help="SD 1.5 512 / SDXL 1024 generate steps (0: skip)")
+    ap.add_argument("--paint-base", default=None, help=argparse.SUPPRESS)  # tiny SD built there: CPU smoke run
     ap.add_argument("--vision-steps", type=int, default=5, help="LLaVA-1.5-7B-shape QLoRA steps at seq 1024 (0: skip)")
     ap.add_argument("--vlm-gguf", default=None, help="a LLaVA GGUF to run vision_chat's llama.cpp path with")
     ap.add_argument("--vlm-mmproj", default=None, help="its projector (mmproj) GGUF; default: the one beside it")
@@ -387,6 +488,10 @@ def main() -> None:
                 except Exception as e:  # an out-of-memory at the cap is a finding, not the end of the check
                     summary["kinds"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                     print(name, "failed:", e, flush=True)
+
+        # Paint at real shapes: SD 1.5 512 with CFG (issue's figure ~3.9 GiB), SDXL 1024 with the flags memory=auto
+        # picks (goal: under the 12 GiB cap; estimate within +-10%)
+        paint_checks(args, data_dir, device, cache, reading, record, summary)
 
         # Vision chat and QLoRA at the LLaVA-1.5-7B shape (goals: QLoRA peak <= 8 GiB, estimate within +-10%)
         vision_checks(args, data_dir, device, cache, reading, record, summary)
