@@ -43,6 +43,8 @@ register("paint_lora",      "workers.paint.lora_train")
 register("vision_chat",     "workers.vision.chat")
 register("vision_check",    "workers.vision.check",          lane="io")
 register("vision_finetune", "workers.vision.train")
+register("asr_finetune",    "workers.speech.finetune")
+register("asr_check",       "workers.speech.finetune_check", lane="io")
 
 
 def module_for(kind: str) -> ModuleType:

@@ -141,6 +141,18 @@ class Inputs:
 
         return str(self._once("vision_pairs", make))
 
+    def asr_clips(self):
+        if not (shutil.which("espeak-ng") and shutil.which("sox")):
+            pytest.skip("espeak-ng and sox make the test speech")
+        from asr_fixtures import folder_of_clips, sentences
+
+        return str(self._once("asr_clips", lambda: folder_of_clips(self.tmp / "asr-clips", sentences(4))))
+
+    def tiny_whisper(self):
+        from asr_fixtures import tiny_random
+
+        return str(self._once("tiny_whisper", lambda: tiny_random(self.tmp / "tiny-whisper")))
+
     def stream_session(self):
         import numpy as np
         from PIL import Image
@@ -185,6 +197,9 @@ EXAMPLES = {
     "vision_check": lambda i: {"base": i.tiny_llava(), "data": i.vision_pairs(), "max_seq_len": 64},
     "vision_finetune": lambda i: {"base": i.tiny_llava(), "data": i.vision_pairs(), "max_seq_len": 64,
                                   "grad_accum": 1, "max_steps": 3, "eval_every": 2, "eval_prompts": 1, "threads": 2},
+    "asr_check": lambda i: {"data": i.asr_clips()},
+    "asr_finetune": lambda i: {"base": i.tiny_whisper(), "data": i.asr_clips(), "micro_batch": 2, "grad_accum": 1,
+                               "max_steps": 2, "eval_every": 0, "dev_fraction": 0.25, "threads": 2},
 }
 # kinds whose example cannot finish here (no network): they must still end once, FAILED with a plain reason
 ENDS_FAILED = {"model_download": "hub cannot be reached|offline|not in the Hugging Face cache"}
@@ -211,6 +226,8 @@ BAD = {
     "vision_chat": ({"prompt": "hi", "image": "/nonexistent.png", "model": "llava-1.5-7b-q4k"}, "does not exist"),
     "vision_check": ({"data": ""}, "no data given"),
     "vision_finetune": ({"data": "/nonexistent/pairs.jsonl"}, "not found"),
+    "asr_check": ({"data": ""}, "no data given"),
+    "asr_finetune": ({"data": "/nonexistent/clips"}, "data not found"),
 }
 NEEDS_OPENCV = {"detect_train", "detect_predict", "detect_export", "detect_stream"}
 KINDS = sorted(k for k in registry.WORKERS if not k.startswith("test_"))

@@ -26,13 +26,14 @@ PATHS = ("audio", "model", "editor_model")  # params that name a server path (st
 @dataclass(frozen=True)
 class Params:
     audio: str  # an audio or video file (wav, mp3, m4a, flac, ogg, mp4, mkv, …)
-    model: str = "large-v3"  # a preset (Models tab) or a local CTranslate2 model folder
+    model: str = "large-v3"  # a preset (Models tab), a local CTranslate2 model folder, or an asr_finetune job id
     language: str = ""  # e.g. "en"; empty: detect it (shown with its probability)
     task: Literal["transcribe", "translate"] = "transcribe"  # translate: into English
     vad: bool = True  # Silero VAD drops silence before decoding (faster, fewer hallucinations)
     vad_threshold: float = 0.5  # speech probability above which a frame counts as speech
     min_silence_ms: int = 500  # silence this long splits speech
     word_timestamps: bool = True  # a start and end time for every word (needed for speaker labels)
+    timestamps: bool = True  # segment timestamps; false decodes each 30 s window with <|notimestamps|> as one segment
     beam_size: int = 5  # hypotheses kept while decoding; 1 is greedy (faster, a little less accurate)
     initial_prompt: str = ""  # context or a glossary of names and terms, to steer spelling
     hotwords: str = ""  # words to favour (names, jargon)
@@ -85,17 +86,42 @@ def _preset(model: str) -> dict | None:
     return presets()["whisper"].get(model)
 
 
-def validate(p: Params, config) -> None:
+def tuned_model(model: str, runs_dir: Path) -> str | None:
+    """An asr_finetune job id, or its run folder, as its CTranslate2 folder (ct2/); None for anything else."""
+    from workers.speech.asr_data import JOB_ID
+
+    v = model.strip()
+    run = Path(runs_dir) / v if JOB_ID.fullmatch(v) else Path(v).expanduser()
+    if not (run / "run.json").is_file() or not (JOB_ID.fullmatch(v) or (run / "ct2").is_dir()):
+        return None
+    if not (run / "ct2" / "model.bin").is_file():
+        raise ValueError(f"model: job {run.name} has no converted model (ct2/) yet: it is still training, was "
+                         "cancelled or failed, or is not an asr_finetune job; resume it or pick another")
+    return str((run / "ct2").resolve())
+
+
+def tuned_marker(path: str) -> dict:
+    """An asr_finetune model's size and shape for the estimate (its ct2/asr_finetune.json); {} for other models."""
+    f = Path(path) / "asr_finetune.json"
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def validate(p: Params, config) -> Params:
+    from dataclasses import replace
+
     path = Path(p.audio).expanduser()
     if not path.is_file():
         raise ValueError(f"audio file not found: {path}")
     if path.stat().st_size == 0:
         raise ValueError(f"{path.name} is empty (0 bytes)")
+    tuned = tuned_model(p.model, config.runs_dir) if _preset(p.model) is None else None
+    if tuned:
+        p = replace(p, model=tuned)
     if _preset(p.model) is None and not (Path(p.model).expanduser() / "model.bin").exists():
         from studio.presets import presets
 
-        raise ValueError(f"model {p.model!r} is neither a preset ({', '.join(presets()['whisper'])}) nor a "
-                         "CTranslate2 model folder (with model.bin)")
+        raise ValueError(f"model {p.model!r} is neither a preset ({', '.join(presets()['whisper'])}), a "
+                         "CTranslate2 model folder (with model.bin) nor an asr_finetune job id")
     if p.diarize:
         from workers.speech.diarize import backend
 
@@ -104,6 +130,7 @@ def validate(p: Params, config) -> None:
         from workers.chat.llm import resolve
 
         resolve(p.editor_model, config.data_dir)
+    return p
 
 
 def _editor(p: Params):
@@ -160,7 +187,7 @@ def _whisper_estimate(p: Params, device) -> Estimate:
     (~246 MB per beam for large-v3 in float16) and the self-attention cache over up to 448 tokens."""
     cuda = getattr(device, "kind", "cpu") == "cuda"
     ct = compute_type(p, "cuda" if cuda else "cpu")
-    preset = _preset(p.model) or {}
+    preset = _preset(p.model) or tuned_marker(p.model)  # a preset, or an asr_finetune model: its size and shape
     if preset:
         params_m = preset["params_m"]
     else:  # a local folder: its weights file says how big it is (float16 on disk)
@@ -183,8 +210,8 @@ def _whisper_estimate(p: Params, device) -> Estimate:
 
 def _decoder_shape(model: str, preset: dict) -> tuple[int, int]:
     """(decoder layers, model width) from the preset, or a local CTranslate2 folder's config.json."""
-    if preset.get("n_text_layer"):
-        return preset["n_text_layer"], preset["d_model"]
+    if preset.get("n_text_layer") or preset.get("decoder_layers"):  # a preset, or an asr_finetune model's marker
+        return preset.get("n_text_layer") or preset["decoder_layers"], preset["d_model"]
     cfg_path = Path(model).expanduser() / "config.json"
     try:
         cfg = json.loads(cfg_path.read_text())
@@ -307,6 +334,8 @@ def run(p: Params, ctx) -> dict:
                   vad_parameters={"threshold": p.vad_threshold, "min_silence_duration_ms": p.min_silence_ms},
                   word_timestamps=p.word_timestamps, initial_prompt=p.initial_prompt or None,
                   hotwords=p.hotwords or None)
+    if not p.timestamps:
+        kwargs["without_timestamps"] = True
     t0 = time.perf_counter()
     if p.batched:
         from faster_whisper import BatchedInferencePipeline
