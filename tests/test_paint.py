@@ -120,6 +120,50 @@ def test_each_sampler_runs(tiny, tmp_path, sampler):
     assert parse_parameters(read_png_parameters(rd / r["images"][0]))["sampler"] == sampler
 
 
+
+def test_dpm_sde_karras_is_the_brownian_tree_sampler_and_repeats_for_a_seed(tiny, tmp_path):
+    """A1111's DPM++ SDE Karras: diffusers' DPMSolverSDEScheduler (torchsde's Brownian noise, Karras sigmas), the
+    noise seeded from the image's seed, not the process's RNG: the same seed paints the same image whatever ran
+    before, alone or as image 2 of a batch."""
+    import torch
+
+    from workers.paint import generate
+
+    seen = []
+    set_sampler = generate.set_sampler
+
+    def spy(pipe, name, seeds=None):
+        set_sampler(pipe, name, seeds)
+        seen.append((type(pipe.scheduler).__name__, pipe.scheduler.config.use_karras_sigmas))
+
+    generate.set_sampler = spy
+    try:
+        torch.manual_seed(1)
+        a, rda, _ = run(tiny, tmp_path, "a", sampler="DPM++ SDE Karras", steps=4)
+        torch.manual_seed(2)  # another global RNG state: the Brownian tree must not draw from it
+        b, rdb, _ = run(tiny, tmp_path, "b", sampler="DPM++ SDE Karras", steps=4)
+    finally:
+        generate.set_sampler = set_sampler
+    assert seen == [("DPMSolverSDEScheduler", True)] * 2
+    assert (pixels(rda, a) == pixels(rdb, b)).all()
+    c, rdc, _ = run(tiny, tmp_path, "c", sampler="DPM++ SDE Karras", steps=4, seed=6, batch=2)
+    assert np.abs(pixels(rdc, c, 1) - pixels(rda, a)).max() <= 3  # image 2 of the batch is seed 7 alone
+    assert np.abs(pixels(rdc, c, 0) - pixels(rda, a)).mean() > 1
+    ode, rdo, _ = run(tiny, tmp_path, "ode", sampler="DPM++ 2M Karras", steps=4)
+    assert np.abs(pixels(rdo, ode) - pixels(rda, a)).mean() > 1  # the SDE's injected noise paints another image
+
+
+
+def test_without_torchsde_dpm_sde_karras_is_refused_at_submit_naming_the_fix(tiny, tmp_path, monkeypatch):
+    import importlib.util
+
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchsde" else find(name, *a))
+    with pytest.raises(ValueError, match="needs the torchsde package .*DPM\\+\\+ 2M Karras"):
+        run(tiny, tmp_path, sampler="DPM++ SDE Karras")
+    run(tiny, tmp_path, sampler="DPM++ 2M Karras", steps=1)  # the others need nothing more
+
+
 def test_img2img_and_inpainting_run_and_use_their_inputs(tiny, tmp_path, pics):
     txt, rdt, _ = run(tiny, tmp_path, "txt", steps=4)
     i2i, rdi, _ = run(tiny, tmp_path, "i2i", steps=4, init_image=str(pics["init"]), strength=0.5)

@@ -97,6 +97,8 @@ def validate(p: Params, config) -> Params:
     """The model found (a folder or file as its absolute path), images checked, LoRAs resolved to files."""
     if p.mask.strip() and not p.init_image.strip():
         raise ValueError("mask needs init_image: inpainting repaints the masked part of that image")
+    if why := sampler_missing(p.sampler):
+        raise ValueError(why)
     kind, where = P.resolve_model(p.model)
     info = P.model_info(p.model)
     if p.init_image.strip():
@@ -202,10 +204,26 @@ def load_pipeline(info: dict, device: str, offload: bool):
     return pipe, size
 
 
-def set_sampler(pipe, name: str) -> None:
+def sampler_missing(name: str) -> str | None:
+    """What to install (or pick instead) when a sampler's package is not here; None when it runs."""
+    import importlib.util
+
+    if P.SAMPLERS[name][0] == "DPMSolverSDEScheduler" and importlib.util.find_spec("torchsde") is None:
+        return (f"sampler {name} needs the torchsde package (pip install -r requirements.txt); or pick "
+                "DPM++ 2M Karras")
+    return None
+
+
+def set_sampler(pipe, name: str, seeds: list[int] | None = None) -> None:
+    """The A1111 sampler `name` on the pipeline; an SDE sampler's Brownian noise is seeded per image from `seeds`
+    (image i: seeds[i], as its starting noise), so a seed paints the same image alone or in a batch."""
     import diffusers
 
     cls_name, overrides = P.SAMPLERS[name]
+    if cls_name == "DPMSolverSDEScheduler":
+        if why := sampler_missing(name):
+            raise RuntimeError(why)
+        overrides = overrides | {"noise_sampler_seed": list(seeds) if seeds else None}
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
 
 
@@ -243,7 +261,7 @@ def run(p: Params, ctx) -> dict:
                 getattr(pipe, name).to(device)
     (pipe.vae.enable_tiling if "VAE tiling" in flags else pipe.vae.disable_tiling)()
     (pipe.vae.enable_slicing if "VAE slicing" in flags else pipe.vae.disable_slicing)()
-    set_sampler(pipe, p.sampler)
+    set_sampler(pipe, p.sampler, [seed + i for i in range(p.batch)])
 
     loras = []
     names, weights = [], []

@@ -16,9 +16,9 @@ SAMPLERS = {
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
     "Euler": ("EulerDiscreteScheduler", {}),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    # DPMSolverSDEScheduler needs torchsde; the multistep solver's SDE variant is the same family without it
-    "DPM++ SDE Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True,
-                                                          "algorithm_type": "sde-dpmsolver++"}),
+    # k-diffusion's dpmpp_sde with Karras sigmas, as A1111's: Brownian-tree noise (torchsde) seeded per image, two
+    # UNet calls per step
+    "DPM++ SDE Karras": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
     "DDIM": ("DDIMScheduler", {}),
     "UniPC": ("UniPCMultistepScheduler", {}),
 }
