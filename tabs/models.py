@@ -12,7 +12,7 @@ from .common import Follow, progress_html, require_admin, user_of, watch
 # "on disk" third: at 1400 px the last columns scroll out of view
 HEADERS = ["kind", "name", "on disk", "size GB", "VRAM est. GB", "source", "file", "licence"]
 STATES = {DOWNLOADED: "yes", PACKAGED: "packaged", DOWNLOAD: "no (download)"}
-TABLES = ("llm", "vlm", "embedder", "reranker", "whisper", "yolo")
+TABLES = ("llm", "vlm", "embedder", "reranker", "whisper", "yolo", "sd")
 
 
 def table(studio) -> list[list]:
@@ -22,7 +22,8 @@ def table(studio) -> list[list]:
             source = p.get("repo") or (f"PyPI {p['pypi']}" if p.get("pypi") else "Ultralytics assets")
             rows.append([kind, name, STATES[availability(kind, name, studio.config.data_dir)], p["size_gb"],
                          p.get("vram_gb", "< 1" if kind == "yolo" else "—"), source,
-                         p.get("file", "(repo)") + (f" + {p['mmproj']}" if p.get("mmproj") else ""),
+                         p.get("file", f"({p['variant']} weights)" if p.get("variant") else "(repo)")
+                         + (f" + {p['mmproj']}" if p.get("mmproj") else ""),
                          p["licence"]])
     return rows
 

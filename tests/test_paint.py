@@ -355,3 +355,113 @@ def test_a_refused_paint_offers_its_fitting_change_in_the_form(studio):
     assert button["visible"] and button["value"].startswith("Apply: ")
     assert offered and offered["width"] < 2048 and offered["height"] < 2048
     assert button["value"] == f"Apply: Width {offered['width']}, Height {offered['height']}"
+
+
+# the file listings of the two preset repos on the Hub: every weight as fp32 and fp16 safetensors and .bin, exports
+# (ONNX, Flax, OpenVINO) and the single-file checkpoints beside the diffusers folders
+_W = ("{c}/diffusion_pytorch_model{v}.safetensors", "{c}/diffusion_pytorch_model{v}.bin")
+_T = ("{c}/model{v}.safetensors", "{c}/pytorch_model{v}.bin")
+HUB_FILES = {
+    "sd15": ["README.md", "model_index.json", "v1-inference.yaml", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
+             "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors", "feature_extractor/preprocessor_config.json",
+             "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.non_ema.bin",
+             "unet/diffusion_pytorch_model.non_ema.safetensors",
+             *(f"tokenizer/{n}" for n in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json",
+                                          "vocab.json")),
+             *(f.format(c=c, v=v) for c in ("unet", "vae") for f in _W for v in ("", ".fp16")),
+             *(f.format(c=c, v=v) for c in ("text_encoder", "safety_checker") for f in _T for v in ("", ".fp16")),
+             *(f"{c}/config.json" for c in ("unet", "vae", "text_encoder", "safety_checker"))],
+    "sdxl-base-1.0": ["README.md", "LICENSE.md", "01.png", "model_index.json", "sd_xl_base_1.0.safetensors",
+                      "sd_xl_base_1.0_0.9vae.safetensors", "sd_xl_offset_example-lora_1.0.safetensors",
+                      "scheduler/scheduler_config.json",
+                      *(f"{t}/{n}" for t in ("tokenizer", "tokenizer_2") for n in (
+                          "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")),
+                      *(f"{c}/{n}" for c in ("unet", "vae", "vae_1_0") for n in (
+                          "config.json", "diffusion_pytorch_model.safetensors",
+                          "diffusion_pytorch_model.fp16.safetensors", "diffusion_flax_model.msgpack")),
+                      *(f"{c}/{n}" for c in ("text_encoder", "text_encoder_2") for n in (
+                          "config.json", "model.safetensors", "model.fp16.safetensors", "flax_model.msgpack")),
+                      *(f"{c}/{n}" for c in ("unet", "text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder")
+                        for n in ("model.onnx", "openvino_model.bin", "openvino_model.xml")),
+                      "unet/model.onnx_data", "text_encoder_2/model.onnx_data", "vae_decoder/config.json",
+                      "vae_encoder/config.json"],
+}
+MODEL_INDEX = {
+    "sd15": {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.6.0",
+             "feature_extractor": ["transformers", "CLIPImageProcessor"],
+             "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+             "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+             "vae": ["diffusers", "AutoencoderKL"]},
+    "sdxl-base-1.0": {"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.19.0.dev0",
+                      "force_zeros_for_empty_prompt": True, "add_watermarker": None,
+                      "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+                      "text_encoder": ["transformers", "CLIPTextModel"],
+                      "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                      "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                      "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]},
+}
+
+
+@pytest.mark.parametrize("preset", list(HUB_FILES))
+def test_a_preset_download_fetches_exactly_the_files_paint_loads(preset, tmp_path, monkeypatch):
+    """model_download's allow_patterns for an sd preset against what diffusers' from_pretrained asks the hub for when
+    Paint loads that preset (load_pipeline's own call, over the repo's real file listing, hub calls faked): all of it,
+    and nothing else (no fp32 copies, .bin, exports or single-file checkpoints)."""
+    import json
+    from types import SimpleNamespace
+
+    import diffusers.pipelines.pipeline_utils as pu
+    from diffusers import DiffusionPipeline
+    from huggingface_hub.utils import filter_repo_objects
+
+    from studio.params import build as build_params
+    from workers.system import model_download
+
+    listing = HUB_FILES[preset]
+    allow, ignore = model_download.patterns(build_params(model_download.Params, {"preset": preset}))
+    fetched = sorted(filter_repo_objects(listing, allow_patterns=allow, ignore_patterns=ignore))
+
+    class Asked(Exception):  # stops the load once diffusers has said what it wants
+        pass
+
+    def hub_folder(files):
+        folder = tmp_path / f"snapshot{len(files)}"
+        for f in files:
+            (folder / f).parent.mkdir(parents=True, exist_ok=True)
+            (folder / f).write_text("")
+        (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX[preset]))
+        return folder
+
+    def load_with(files, device="cuda"):
+        folder = hub_folder(files)
+        monkeypatch.setattr(pu, "hf_hub_download", lambda repo, name, **kw: str(folder / name))
+        try:
+            G.load_pipeline(P.model_info(preset), device, offload=False)
+        except Asked as e:
+            return e.args[0]
+        raise AssertionError("the load went past the download")
+
+    def snapshot(repo, allow_patterns=None, ignore_patterns=None, **kw):
+        raise Asked(set(filter_repo_objects(listing, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns)))
+
+    download = DiffusionPipeline.download.__func__
+
+    def found(cls, *a, **kw):
+        raise Asked(download(cls, *a, **kw))  # the folder: everything it wanted was there
+
+    monkeypatch.setattr(pu, "_resolve_revision", lambda *a, **kw: None)
+    monkeypatch.setattr(pu, "model_info", lambda repo, **kw: SimpleNamespace(
+        siblings=[SimpleNamespace(rfilename=f) for f in listing]))
+    monkeypatch.setattr(pu, "snapshot_download", snapshot)
+    monkeypatch.setattr(DiffusionPipeline, "download", classmethod(found))
+
+    wanted = load_with(["model_index.json"])  # nothing fetched yet: the files it asks the hub for
+    assert isinstance(wanted, set) and sorted(wanted) == fetched
+    assert load_with(["model_index.json"], "cpu") == wanted  # the CPU loads the same fp16 files, as fp32
+    assert isinstance(load_with(fetched), Path)  # with what model_download fetched it asks for nothing more
+    assert not [f for f in fetched if f.endswith((".bin", ".ckpt", ".onnx", ".msgpack"))
+                or (f.endswith(".safetensors") and ".fp16." not in f)]
+    assert {c for c in P.COMPONENTS if c in P.table()[preset]} <= {f.split("/")[0] for f in fetched if ".fp16." in f}
+    assert model_download.patterns(build_params(model_download.Params, {"preset": "bge-small-en-v1.5"})) == (None,
+                                                                                                             None)

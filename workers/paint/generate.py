@@ -174,8 +174,9 @@ def load_pipeline(info: dict, device: str, offload: bool):
     extra = {"safety_checker": None, "requires_safety_checker": False} if info["arch"] == "sd15" else {}
     if info["kind"] == "preset":
         t = P.table()[info["where"]]
-        pipe = DiffusionPipeline.from_pretrained(t["repo"], dtype=dtype, variant=t.get("variant") if cuda
-                                                 else None, use_safetensors=True, **extra)
+        # the variant's files (fp16) on the CPU too, as fp32: they are the files model_download fetches
+        pipe = DiffusionPipeline.from_pretrained(t["repo"], dtype=dtype, variant=t.get("variant"),
+                                                 use_safetensors=True, **extra)
     elif info["kind"] == "folder":
         pipe = DiffusionPipeline.from_pretrained(info["where"], dtype=dtype, **extra)
     else:

@@ -80,6 +80,27 @@ def resolve_model(model: str) -> tuple[str, str]:
                      ".safetensors checkpoint on this machine")
 
 
+
+COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # the weight folders of an SD pipeline
+
+
+def download_patterns(name: str) -> tuple[list[str], list[str]]:
+    """(allow, ignore) patterns for the files of preset `name`'s hub repo that Paint's load_pipeline asks for (its
+    `variant`, safetensors only, the safety checker passed as None), as diffusers' from_pretrained works them out:
+    model_index.json, the scheduler, the feature extractor's config, each component's config and tokenizer, and
+    every folder's variant safetensors (SDXL's spare vae_1_0 too: from_pretrained fetches it). Not the fp32 copies,
+    .bin, ONNX/Flax/OpenVINO exports or single-file checkpoints beside them (~10 GB more for SD 1.5)."""
+    t = table()[name]
+    suffix = f".{t['variant']}" if t.get("variant") else ""
+    allow = ["model_index.json", "scheduler/*", "feature_extractor/*", f"*/*{suffix}.safetensors"]
+    for c in COMPONENTS:
+        if c in t:
+            allow.append(f"{c}/config.json")
+            if c.startswith("text_encoder"):
+                allow.append(f"tokenizer{c[len('text_encoder'):]}/*")
+    return allow, ["safety_checker/*"]
+
+
 @lru_cache(maxsize=32)
 def _info(kind: str, where: str, stamp: float) -> dict:
     if kind == "preset":

@@ -17,7 +17,7 @@ ADMIN_ONLY = ("repo",)  # any hub repo into the shared cache: the admin's call; 
 class Params:
     preset: str = ""  # a preset name from assets/presets/ (LLM, vision model, embedder, reranker, whisper or YOLO)
     repo: str = ""  # or a hub repo id, e.g. Qwen/Qwen2.5-0.5B-Instruct-GGUF
-    file: str = ""  # one file of `repo`; empty: the whole repo (embedders, rerankers)
+    file: str = ""  # one file of `repo`; empty: the whole repo (embedders, rerankers; an sd preset: what Paint loads)
 
     def __post_init__(self):
         if bool(self.preset) == bool(self.repo):
@@ -42,6 +42,19 @@ def target(p: Params) -> tuple[str, str | None, dict | None]:
             return entry["repo"], entry["file"], entry
         return entry["repo"], entry.get("file") if kind == "llm" else None, entry
     raise ValueError(f"unknown preset {p.preset!r}")
+
+
+def patterns(p: Params) -> tuple[list[str] | None, list[str] | None]:
+    """(allow, ignore) patterns of a whole-repo preset's files: for a Stable Diffusion preset only what Paint loads
+    (its fp16 safetensors, configs, tokenizers), not the repo's fp32/.bin/ONNX copies and checkpoints; (None, None):
+    everything."""
+    from studio.presets import presets
+
+    if p.preset and p.preset in presets().get("sd", {}):
+        from workers.paint.pipeline import download_patterns
+
+        return download_patterns(p.preset)
+    return None, None
 
 
 def validate(p: Params, config) -> None:
@@ -73,7 +86,8 @@ def run(p: Params, ctx) -> dict:
 
         ctx.progress(0, None, f"downloading {repo}")
         try:
-            path = snapshot_download(repo)
+            allow, ignore = patterns(p)
+            path = snapshot_download(repo, allow_patterns=allow, ignore_patterns=ignore)
         except OSError as e:
             raise RuntimeError(f"could not download {repo} ({type(e).__name__}: {e}); offline? Try again when "
                                "online, or give a local model folder instead") from None
