@@ -41,15 +41,15 @@ def config_of(base: str) -> dict:
     if name:
         return dict(table()[name]["config"])
     p = Path(base).expanduser()
+    if (p / "model.bin").is_file():
+        raise ValueError(f"{p.name} is a CTranslate2 (faster-whisper) model, which cannot be trained; give a "
+                         "transformers Whisper folder or a preset (whisper-small, whisper-medium, …)")
     if (p / "config.json").is_file():
         cfg = json.loads((p / "config.json").read_text())
         if cfg.get("model_type") != "whisper":
             raise ValueError(f"{p.name} is a {cfg.get('model_type') or 'non-Whisper'} model; give a transformers "
                              "Whisper folder (model_type whisper)")
         return cfg
-    if (p / "model.bin").is_file():
-        raise ValueError(f"{p.name} is a CTranslate2 (faster-whisper) model, which cannot be trained; give a "
-                         "transformers Whisper folder or a preset (whisper-small, whisper-medium, …)")
     if p.is_dir():
         raise ValueError(f"{base} has no config.json: name a transformers Whisper folder")
     raise ValueError(f"base {base!r} is neither a preset ({', '.join(table())}, or their openai/… repo names) nor a "

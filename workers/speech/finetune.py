@@ -190,7 +190,7 @@ def whisper_of(model):
 def lora_targets(freeze_encoder: bool) -> str:
     """Attention projections and the MLP of every layer (the decoder's only when the encoder is frozen)."""
     where = r"model\.decoder" if freeze_encoder else r"model\.(encoder|decoder)"
-    return rf".*{where}\.layers\.\d+\.(self_attn|encoder_attn|fc1|fc2)(\.(q_proj|k_proj|v_proj|out_proj))?$"
+    return rf".*{where}\.layers\.\d+\.((self_attn|encoder_attn)\.(q_proj|k_proj|v_proj|out_proj)|fc1|fc2)$"
 
 
 def load_model(source: str, base: str, method: str, cuda: bool, bf16: bool):
