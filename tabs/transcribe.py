@@ -11,6 +11,7 @@ from studio import Job
 from studio.presets import choices, default
 from workers.speech import transcript as tr
 
+from . import transcribe_finetune
 from .common import Follow, bind, own_uploads, owned_job, progress_html, user_of, watch_all
 
 # the Transcribe button's inputs: names in build()'s dict, and the /transcribe endpoint's parameters in this order
@@ -40,7 +41,8 @@ def fill(studio, owner: str | None) -> dict:
     load."""
     return {"job": gr.update(choices=transcripts(studio, owner)),
             "model": gr.update(choices=choices("whisper", studio.config.data_dir)),
-            "editor_model": gr.update(choices=choices("llm", studio.config.data_dir))}
+            "editor_model": gr.update(choices=choices("llm", studio.config.data_dir))} | \
+        transcribe_finetune.fill(studio, owner)
 
 
 def source_name(job: Job) -> str:
@@ -149,8 +151,8 @@ def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
 
 # a reloaded page re-attaches to the running job with its own settings in the form (every setting is the job
 # param of its name); the form's last-used settings come back on page load (tabs.common.bind(..., remember=...))
-KINDS = {"transcribe": Follow(follow, OUTPUTS, form=FORM)}
-FORMS = {"transcribe": FORM}
+KINDS = {"transcribe": Follow(follow, OUTPUTS, form=FORM), **transcribe_finetune.KINDS}
+FORMS = {"transcribe": FORM, **transcribe_finetune.FORMS}
 
 
 def start(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
@@ -182,6 +184,17 @@ def start(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:
 
 
 def build(studio, auth: bool = False) -> dict:
+    """The Transcribe sub-tab and the Fine-tune sub-tab (tabs.transcribe_finetune, its components all af_…)."""
+    with gr.Tabs() as tabs:
+        with gr.Tab("Transcribe", id="transcribe_sub"):
+            ui = build_transcribe(studio, auth)
+        with gr.Tab("Fine-tune", id="transcribe_finetune_sub"):
+            ui |= transcribe_finetune.build_train(studio, auth)
+    transcribe_finetune.wire_use(studio, ui, tabs, auth)  # Transcribe with it: the run's model into Transcribe
+    return ui
+
+
+def build_transcribe(studio, auth: bool = False) -> dict:
     data_dir = studio.config.data_dir
     gr.Markdown("Transcribe or translate speech with faster-whisper. Silero VAD skips silence; word timestamps "
                 "go into the JSON; speakers are labelled on request; an LLM can fix punctuation, casing and names. "
@@ -193,7 +206,8 @@ def build(studio, auth: bool = False) -> dict:
             with gr.Row():
                 # the first click works offline: a downloaded preset, else the packaged tiny.en
                 model = gr.Dropdown(choices("whisper", data_dir), value=default("whisper", data_dir),
-                                    allow_custom_value=True, label="Model (a preset or a CTranslate2 folder)")
+                                    allow_custom_value=True,
+                                    label="Model (a preset, a CTranslate2 folder or a Whisper fine-tune's job id)")
                 language = gr.Textbox("", label="Language (empty: detect)", placeholder="en")
                 task = gr.Radio(["transcribe", "translate"], value="transcribe", label="Task")
             with gr.Accordion("Options", open=False):

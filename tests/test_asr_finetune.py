@@ -241,3 +241,82 @@ def test_bad_input_is_refused_at_submit_with_what_to_do(studio, domain, tiny_en_
     with pytest.raises(ValueError, match="neither a preset .* nor an asr_finetune job id"):
         studio.submit("transcribe", {"audio": str(domain["dev"] / "clip00.wav"), "model": "0000-000000-abcd"})
     assert len(studio.jobs(limit=10_000)) == before
+
+
+# ---- the Fine-tune sub-tab through gradio_client -------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def served(studio):
+    """The sub-tab as tabs.transcribe mounts it: build_train in a sub-tab, the Transcribe sub-tab's model beside it,
+    wire_use, fill and re-attach."""
+    import gradio as gr
+
+    from tabs import common
+    from tabs import transcribe_finetune as af
+
+    with gr.Blocks() as demo:
+        with gr.Tabs() as tabs:
+            with gr.Tab("Transcribe", id="transcribe_sub"):
+                model = gr.Dropdown([], allow_custom_value=True, label="Model")
+            with gr.Tab("Fine-tune", id="transcribe_finetune_sub"):
+                ui = af.build_train(studio)
+        ui |= {"model": model}
+        af.wire_use(studio, ui, tabs)
+        common.fill_on_load(demo, studio, "transcribe", ui, af.fill, False)
+        common.reattach(demo, studio, "transcribe", ui, af.KINDS, False, af.FORMS)
+    port = free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_the_sub_tab_checks_trains_live_resumes_compares_and_applies_the_gates_change(served, studio, domain,
+                                                                                      rand_base):
+    from gradio_client import Client, handle_file
+
+    from tabs.common import offer_fix
+    from tabs.transcribe_finetune import FIX_INPUTS
+
+    client = Client(served, verbose=False)
+    names = [f"clip{k:02d}{ext}" for k in range(6) for ext in (".wav", ".txt")]
+    data_in = dict(af_files=[handle_file(str(domain["train"] / n)) for n in names],
+                   af_eval_files=[handle_file(str(domain["dev"] / n)) for n in ("clip00.wav", "clip00.txt")],
+                   af_jobs=[], af_data_path="", af_eval_path="")
+    report = client.predict(**data_in, af_language="en", af_seed=42, api_name="/asr_ft_check")
+    assert "<b>6 usable clips</b>" in report and "dev set: 1 clips" in report, report
+    form = dict(af_base=str(rand_base), af_language="en", af_task="transcribe", af_method="full", af_epochs=1,
+                af_max_steps=10, af_lr=1e-3, af_micro_batch=2, af_grad_accum=1, af_lora_r=8, af_lora_alpha=16,
+                af_spec_augment=False, af_freeze_encoder=False, af_gradient_checkpointing=True, af_eval_every=4,
+                af_seed=42, af_quantization="int8")
+    live = client.submit(**data_in, **form, api_name="/asr_ft_train")
+    wait_for(lambda: any(j.kind == "asr_finetune" and j.status is JobStatus.RUNNING
+                         for j in studio.jobs(limit=5)), 60, "the tab's job")
+    job = studio.jobs(limit=1, kind="asr_finetune")[0]
+    wait_for(lambda: len(metrics(studio, job.id, "train_loss")) >= 2, 180, "two steps")
+    studio.cancel(job.id)
+    status, plot, stats, shown, *_ = live.result()
+    assert studio.job(job.id).status is JobStatus.CANCELLED and "CANCELLED" in status
+    assert job.params["max_steps"] == 10 and job.params["quantization"] == "int8"
+    assert plot is not None and "train loss" in stats and "6 usable clips" in shown
+    status, plot, stats, shown, evaluation, diffs, run = client.predict(api_name="/asr_ft_resume")
+    resumed = studio.jobs(limit=1, kind="asr_finetune")[0]
+    assert resumed.resume_of == job.id and resumed.status is JobStatus.DONE and "DONE" in status, status
+    steps = sorted(metrics(studio, resumed.id, "train_loss"))
+    assert steps[0] > 1 and steps[-1] == 10 and 8 in metrics(studio, resumed.id, "dev_wer")  # live dev WER at 4, 8
+    assert "CTranslate2 model saved" in stats and "dev WER" in diffs and "Most improved" in diffs
+    table = evaluation["data"] if isinstance(evaluation, dict) else evaluation
+    assert len(table) == 1 and table[0][0].endswith("clip00.wav") and table[0][1] == TEXTS[12]
+    assert client.predict(picked="", api_name="/asr_ft_use") == resumed.id  # the Tabs switch has no value for a client
+    # over the budget: refused, and Apply offers the gate's change that fits
+    huge = {**form, "af_base": "whisper-medium", "af_micro_batch": 64, "af_gradient_checkpointing": False}
+    status, *_ = client.predict(**data_in, **huge, api_name="/asr_ft_train")
+    refused = studio.jobs(limit=1, kind="asr_finetune")[0]
+    assert refused.status is JobStatus.REFUSED and "REFUSED" in status, status
+    change = next(e["suggestion"] for e in studio.events(refused.id)[0] if e["type"] == "end")
+    button, offered = offer_fix(studio, refused.id, None, FIX_INPUTS)  # what /asr_ft_fix_offer shows
+    assert button["visible"] and button["value"].startswith("Apply: "), button
+    client.predict(api_name="/asr_ft_fix_offer")  # the page runs it after Train (a Button is not an API output)
+    shown = dict(zip([v[0] for v in FIX_INPUTS.values()], client.predict(api_name="/asr_ft_apply_fix")))
+    assert offered == {FIX_INPUTS[k][0]: v for k, v in change.items()} and "Fits with" in status
+    assert {k: v["value"] for k, v in shown.items() if isinstance(v, dict) and "value" in v} == offered
+    fitted = build(finetune.Params, {**refused.params, **change})
+    assert full_estimate(fitted, finetune.estimate, studio.device.read()).total < refused.estimate_bytes

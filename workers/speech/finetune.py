@@ -284,8 +284,8 @@ def greedy(model, feats, labels: Labels, check=lambda: None, max_new: int | None
             for step in range(steps):
                 check()
                 o = w(encoder_outputs=BaseModelOutput(last_hidden_state=enc),
-                      decoder_input_ids=ids if past is None else ids[:, -1:], past_key_values=past, use_cache=True)
-                past = o.past_key_values
+                      decoder_input_ids=ids if past is None else ids[:, -1:], cache=past, use_cache=True)
+                past = o.cache
                 logits = o.logits[:, -1].float()
                 logits[:, labels.eot + 1: vocab] = -math.inf  # special tokens and timestamps
                 if step == 0:
