@@ -363,7 +363,8 @@ _W = ("{c}/diffusion_pytorch_model{v}.safetensors", "{c}/diffusion_pytorch_model
 _T = ("{c}/model{v}.safetensors", "{c}/pytorch_model{v}.bin")
 HUB_FILES = {
     "sd15": ["README.md", "model_index.json", "v1-inference.yaml", "v1-5-pruned.ckpt", "v1-5-pruned.safetensors",
-             "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors", "feature_extractor/preprocessor_config.json",
+             "v1-5-pruned-emaonly.ckpt", "v1-5-pruned-emaonly.safetensors",
+             "feature_extractor/preprocessor_config.json",
              "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.non_ema.bin",
              "unet/diffusion_pytorch_model.non_ema.safetensors",
              *(f"tokenizer/{n}" for n in ("merges.txt", "special_tokens_map.json", "tokenizer_config.json",

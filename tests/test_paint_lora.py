@@ -368,3 +368,57 @@ def test_train_lora_tab_trains_shows_the_report_and_use_in_paint_fills_generate(
                          mask=None, memory="auto", api_name="/paint_generate")
     painted = studio.jobs(limit=1, kind="paint")[0]
     assert painted.status is JobStatus.DONE and job.id in painted.params["loras"], (painted.error, out)
+
+
+# ---- out of memory ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def oom_kind():
+    from studio import registry
+
+    if "test_paint_oom" not in registry.WORKERS:
+        registry.register("test_paint_oom", "helpers_paint")
+    return "test_paint_oom"
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    """Four same-size images: every step of batch_size 4 holds all four."""
+    d = tmp_path_factory.mktemp("four")
+    for n in range(4):
+        make_image(d / f"img{n}.png", seed=10 + n, colour=(30, 30, 220))
+    return d
+
+
+def test_out_of_memory_saves_halves_the_images_per_pass_and_finishes(studio, base, four, oom_kind):
+    from safetensors import safe_open
+
+    p = params(base, four, steps=6, batch_size=4, checkpoint_every=100)
+    straight = studio.wait(studio.submit("paint_lora", p).id, 600)
+    job = studio.wait(studio.submit(oom_kind, {**p, "oom_at": 3, "oom_from": 4}).id, 600)
+    assert job.status is JobStatus.DONE, job.error
+    ooms = [e for e in studio.events(job.id)[0] if e["type"] == "oom"]
+    assert [(e["step"], e["micro_batch"], e["batch_size"]) for e in ooms] == [(3, 2, 4)]
+    assert "saved a checkpoint at step 3, 2 image(s) per pass now" in ooms[0]["message"]
+    got, before = losses(studio, job.id), losses(studio, straight.id)
+    assert sorted(got) == list(range(1, 7))  # continued: steps 4..6 once each, none repeated, none skipped
+    for step in (1, 2, 3):  # the same run until the out-of-memory
+        assert got[step] == pytest.approx(before[step], rel=1e-5)
+    assert got[4] == pytest.approx(before[4], rel=0.2)  # two passes of 2 accumulated: the same batch's mean loss
+    assert job.result["micro_batch"] == 2 and job.result["ooms"] == 1 and job.result["steps"] == 6
+    with safe_open(str(studio.run_dir(job.id) / job.result["file"]), "pt") as f:
+        meta = f.metadata()
+    assert (meta["ss_batch_size_per_device"], meta["ss_gradient_accumulation_steps"], meta["ss_total_batch_size"]) \
+        == ("2", "2", "4")
+    assert json.loads((studio.run_dir(job.id) / "checkpoint" / "state.json").read_text())["micro_batch"] == 2
+
+
+def test_out_of_memory_at_one_image_per_pass_stops_with_what_to_lower(studio, base, four, oom_kind):
+    job = studio.wait(studio.submit(oom_kind, params(base, four, steps=6, batch_size=2, checkpoint_every=100,
+                                                     oom_at=2, oom_from=1)).id, 600)
+    assert job.status is JobStatus.FAILED
+    assert "Out of memory at step 3 with 1 image per pass" in job.error
+    assert "optimizer=adamw8bit" in job.error and "lower resolution (now 64" in job.error
+    assert "checkpoint at step 2 is kept" in job.error
+    assert [e["micro_batch"] for e in studio.events(job.id)[0] if e["type"] == "oom"] == [1]
+    state = json.loads((studio.run_dir(job.id) / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2 and state["micro_batch"] == 1

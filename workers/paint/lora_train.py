@@ -60,7 +60,7 @@ class Params:
     alpha: float = 8.0  # LoRA alpha: the update is scaled by alpha / rank (kohya's network_alpha)
     lr: float = 1e-4  # learning rate (diffusers' and kohya's LoRA default)
     steps: int = 1000  # optimizer steps
-    batch_size: int = 1  # images per step (each step's images share a bucket)
+    batch_size: int = 1  # images per step (each step's images share a bucket); out of memory: in halves, accumulated
     resolution: int = 512  # training size (SD 1.5: 512); a multiple of 64
     bucketing: bool = True  # aspect-ratio buckets: portrait and landscape images are not cropped to squares
     train_text_encoder: bool = False  # LoRA on the CLIP text encoder too (more memory, learns captions' words faster)
@@ -583,8 +583,11 @@ def run(p: Params, ctx) -> dict:
     sample_prompts = _sample_prompts(p, imgset.items[0].caption)
     name = p.name.removesuffix(".safetensors") if p.name else f"lora-{ctx.job_id}"
     ckpt = ctx.run_dir / "checkpoint"
+    # images per forward pass: batch_size, halved on out of memory (the step's gradients accumulated over the
+    # pieces: the same effective batch); a resumed run starts from where its checkpoint was
+    micro = min(p.batch_size, int((state or {}).get("micro_batch") or p.batch_size))
     extra = {"data_hash": data_hash, "rank": p.rank, "alpha": p.alpha, "train_text_encoder": p.train_text_encoder,
-             "params": {f.name: getattr(p, f.name) for f in fields(p)}}
+             "params": {f.name: getattr(p, f.name) for f in fields(p)}, "micro_batch": micro}
 
     def lora_state():
         out = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
@@ -612,7 +615,33 @@ def run(p: Params, ctx) -> dict:
         ctx.emit("sample", step=step, prompts=sample_prompts, paths=paths)
         unet.train()
 
-    step, losses, t0 = start, [], time.perf_counter()
+    def train_step(step, batch, gen) -> float:
+        """One optimizer step on `batch`, `micro` images per forward pass (gradients accumulated, each piece
+        weighted by its share: the batch's mean loss); returns that loss."""
+        total = 0.0
+        for j0 in range(0, len(batch), micro):
+            part = batch[j0:j0 + micro]
+            loss = loss_of([latents[n] for n in part], [imgset.items[n].caption for n in part], gen)
+            if class_latents:
+                picks = [(step * p.batch_size + j) % len(class_latents) for j in range(j0, j0 + len(part))]
+                prior = loss_of([class_latents[j] for j in picks], [p.class_prompt] * len(picks), gen)
+                loss = loss + p.prior_loss_weight * prior
+            share = len(part) / len(batch)
+            (scaler.scale(loss * share) if scaler else loss * share).backward()
+            total += loss.item() * share
+        if scaler:
+            scaler.unscale_(optim)
+        if p.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
+        if scaler:
+            scaler.step(optim)
+            scaler.update()
+        else:
+            optim.step()
+        optim.zero_grad(set_to_none=True)
+        return total
+
+    step, losses, t0, ooms = start, [], time.perf_counter(), 0
     unet.train()
     if p.train_text_encoder:
         te.train()
@@ -623,26 +652,37 @@ def run(p: Params, ctx) -> dict:
             for g in optim.param_groups:
                 g["lr"] = lr
             batch = batch_at(step)
-            loss = loss_of([latents[n] for n in batch], [imgset.items[n].caption for n in batch], gen)
-            if class_latents:
-                picks = [(step * p.batch_size + j) % len(class_latents) for j in range(len(batch))]
-                prior = loss_of([class_latents[j] for j in picks], [p.class_prompt] * len(picks), gen)
-                loss = loss + p.prior_loss_weight * prior
-            if scaler:
-                scaler.scale(loss).backward()
-                scaler.unscale_(optim)
-            else:
-                loss.backward()
-            if p.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(trainable, p.max_grad_norm)
-            if scaler:
-                scaler.step(optim)
-                scaler.update()
-            else:
-                optim.step()
-            optim.zero_grad(set_to_none=True)
+            try:
+                loss_value = train_step(step, batch, gen)
+            except torch.OutOfMemoryError:
+                loss_value = None  # the step's partial gradients go; its activations with the traceback
+            if loss_value is None:  # out of memory: as Fine-tune's train_loop, save, halve, continue
+                optim.zero_grad(set_to_none=True)
+                if cuda:
+                    torch.cuda.empty_cache()
+                if scaler:  # a step cut short may have unscaled already
+                    scaler = torch.amp.GradScaler("cuda", init_scale=scaler.get_scale())
+                ooms += 1
+                if micro == 1:
+                    kept = ""
+                    if step > 0:
+                        save_checkpoint(ckpt, step, lora_state(), optim, extra)
+                        kept = f"; the checkpoint at step {step} is kept, and Resume continues from it"
+                    raise RuntimeError(f"Out of memory at step {step + 1} with 1 image per pass. {_advice(p)}, or "
+                                       f"close other programs using the GPU{kept}.") from None
+                micro //= 2
+                extra["micro_batch"] = micro
+                if step > 0:
+                    save_checkpoint(ckpt, step, lora_state(), optim, extra)
+                msg = (f"out of memory at step {step + 1}: "
+                       + (f"saved a checkpoint at step {step}, " if step > 0 else "")
+                       + f"{micro} image(s) per pass now, gradients accumulated over the batch of {p.batch_size} "
+                       "(the same effective batch); continuing")
+                ctx.emit("oom", step=step, micro_batch=micro, batch_size=p.batch_size, message=msg)
+                ctx.log(msg)
+                continue
             step += 1
-            losses.append(loss.item())
+            losses.append(loss_value)
             elapsed = time.perf_counter() - t0
             eta = (p.steps - step) * elapsed / (step - start)
             ctx.progress(step, p.steps, f"step {step}/{p.steps} · loss {losses[-1]:.4f}", eta_s=round(eta, 1))
@@ -656,11 +696,11 @@ def run(p: Params, ctx) -> dict:
         if step > start:
             save_checkpoint(ckpt, step, lora_state(), optim, extra)  # Resume continues from here
         raise
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError:  # outside a training step (a sample): nothing to halve
         if step > start:
             save_checkpoint(ckpt, step, lora_state(), optim, extra)
-        raise RuntimeError(f"out of memory at step {step}: Resume with gradient_checkpointing, optimizer=adamw8bit, "
-                           f"train_text_encoder off or a lower resolution (now {p.resolution})") from None
+        raise RuntimeError(f"out of memory after step {step} (drawing a sample at {p.resolution}²). {_advice(p)}, or "
+                           "sample_every=0; Resume continues from the checkpoint") from None
     save_checkpoint(ckpt, step, lora_state(), optim, extra)
 
     out = ctx.run_dir / f"{name}.safetensors"
@@ -670,7 +710,7 @@ def run(p: Params, ctx) -> dict:
         ss_text_encoder_lr=p.lr if p.train_text_encoder else None, ss_max_train_steps=p.steps, ss_steps=step,
         ss_resolution=f"({p.resolution}, {p.resolution})", ss_enable_bucket=p.bucketing,
         ss_num_train_images=report["repeats"], ss_num_reg_images=len(class_files),
-        ss_batch_size_per_device=p.batch_size,
+        ss_batch_size_per_device=micro, ss_gradient_accumulation_steps=-(-p.batch_size // micro),
         ss_total_batch_size=p.batch_size, ss_mixed_precision=p.mixed_precision if cuda else "no",
         ss_gradient_checkpointing=p.gradient_checkpointing, ss_optimizer=(
             "bitsandbytes.optim.AdamW8bit" if p.optimizer == "adamw8bit" else "torch.optim.AdamW"),
@@ -689,7 +729,19 @@ def run(p: Params, ctx) -> dict:
     return {"file": str(out.relative_to(ctx.run_dir)), "name": name, "steps": step, "loss": losses[-1] if losses
             else None, "loss_first": losses[0] if losses else None, "seconds": seconds, "modules": len(
             {k.split(".")[0] for k in tensors}), "rank": p.rank, "alpha": p.alpha, "images": report["images"],
-            "class_images": len(class_files), "device": device, "peak_bytes": _peak_bytes(cuda)}
+            "class_images": len(class_files), "device": device, "peak_bytes": _peak_bytes(cuda),
+            "micro_batch": micro, "ooms": ooms}
+
+
+def _advice(p: Params) -> str:
+    """What to lower when one image per pass does not fit: the settings of this run that still have room."""
+    what = ([] if p.gradient_checkpointing else ["gradient_checkpointing=true"]) + \
+        (["optimizer=adamw8bit"] if p.optimizer == "adamw" else []) + \
+        (["train_text_encoder=false"] if p.train_text_encoder else []) + \
+        (["prior_preservation=false"] if p.prior_preservation else []) + \
+        [f"a lower resolution (now {p.resolution}"
+         + (f", try {p.resolution - (128 if p.resolution > 512 else 64)})" if p.resolution > 64 else ")")]
+    return "Retry with " + " or ".join(what)
 
 
 def _tag_frequency(items) -> dict:
