@@ -152,7 +152,7 @@ def follow(studio, job: Job, owner: str | None) -> Iterator[tuple]:
 # a reloaded page re-attaches to the running job with its own settings in the form (every setting is the job
 # param of its name); the form's last-used settings come back on page load (tabs.common.bind(..., remember=...))
 KINDS = {"transcribe": Follow(follow, OUTPUTS, form=FORM), **transcribe_finetune.KINDS}
-FORMS = {"transcribe": FORM, **transcribe_finetune.FORMS}
+FORMS = {**transcribe_finetune.FORMS, "transcribe": FORM}  # the Transcribe form last: /transcribe_attach ends with it
 
 
 def start(studio, owner: str | None, v: dict[str, Any]) -> Iterator[tuple]:

