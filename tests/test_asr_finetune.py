@@ -100,6 +100,13 @@ def test_the_report_reads_each_layout_and_names_bad_input(studio, tmp_path):
     clips, _ = asr_data.read(str(s), studio.config.runs_dir, tmp_path / "cache")
     cues = {c.where: (c.start, c.end, c.text) for c in clips}
     assert cues["set/b.srt #2"] == (1.3, 2.9, "deploy the cluster") and cues["set/c.vtt #1"][2] == "restart the database"
+    # with a login a manifest's audio must be in the manifest's folder (no reading the server's files)
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.csv").write_text(f"audio,text\n../set/a.wav,x\n{a},y\n")
+    mine, problems = asr_data.read(str(tmp_path / "sub" / "m.csv"), studio.config.runs_dir, tmp_path, confined=True)
+    assert not mine and all("outside the manifest's folder" in t["where"] for t in
+                            problems["transcript_without_audio"]) and len(problems["transcript_without_audio"]) == 2
+    assert len(asr_data.read(str(tmp_path / "sub" / "m.csv"), studio.config.runs_dir, tmp_path)[0]) == 2
     html = asr_data.report_html(r)
     assert "set/broken.wav" in html and "set/long.wav" in html and "8 usable clips" in html
     # training refuses what cannot be read at all, at submit
@@ -153,7 +160,8 @@ def test_a_short_run_lowers_dev_wer_and_its_ctranslate2_model_transcribes_the_sa
 
 
 def test_resume_after_cancel_continues_at_the_saved_step(studio, domain, rand_base):
-    p = {"base": str(rand_base), "data": str(domain["train"]), "eval_data": str(domain["dev"]), "max_steps": 14, "save_every": 2, "micro_batch": 2, "grad_accum": 1,
+    p = {"base": str(rand_base), "data": str(domain["train"]), "eval_data": str(domain["dev"]), "max_steps": 14,
+         "save_every": 2, "micro_batch": 2, "grad_accum": 1,
          "eval_every": 0, "lr": 1e-3, "threads": 2}
     job = studio.submit("asr_finetune", p)
     wait_for(lambda: len(metrics(studio, job.id, "train_loss")) >= 3, 300, "three steps")

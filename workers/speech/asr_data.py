@@ -93,7 +93,7 @@ def _folder(root: Path, label: str, problems: dict) -> list[Clip]:
     return clips
 
 
-def _manifest(path: Path, problems: dict) -> list[Clip]:
+def _manifest(path: Path, problems: dict, confined: bool = False) -> list[Clip]:
     rows: list[tuple[int, dict]] = []
     if path.suffix.lower() == ".jsonl":
         for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
@@ -123,6 +123,10 @@ def _manifest(path: Path, problems: dict) -> list[Clip]:
             end = float(rec["end"]) if str(rec.get("end") or "").strip() else None
         except ValueError:
             problems["malformed"].append({"where": where, "error": "start and end must be seconds (numbers)"})
+            continue
+        if confined and path.parent.resolve() not in a.resolve().parents:
+            problems["transcript_without_audio"].append({"where": f"{where}: {rec['audio']} (outside the manifest's "
+                                                                  "folder: upload the audio with it, or in a .zip)"})
             continue
         if not a.is_file():
             problems["transcript_without_audio"].append({"where": f"{where}: {rec['audio']}"})
@@ -177,8 +181,9 @@ def check_sources(data: str, runs_dir: Path) -> None:
             raise ValueError(f"{p.name} is empty (0 bytes)")
 
 
-def read(data: str, runs_dir: Path, cache_dir: Path) -> tuple[list[Clip], dict]:
-    """Every clip of every source, and the problems found on the way (lists of {where, …})."""
+def read(data: str, runs_dir: Path, cache_dir: Path, confined: bool = False) -> tuple[list[Clip], dict]:
+    """Every clip of every source, and the problems found on the way (lists of {where, …}). `confined` (a job with
+    an owner): a manifest's audio must be inside the manifest's own folder."""
     import zipfile
 
     problems: dict[str, list] = {"transcript_without_audio": [], "missing_transcript": [], "malformed": []}
@@ -194,11 +199,11 @@ def read(data: str, runs_dir: Path, cache_dir: Path) -> tuple[list[Clip], dict]:
             Path(cache_dir).mkdir(parents=True, exist_ok=True)
             root = unpack(str(p), Path(cache_dir))
             inner = [f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in MANIFEST]
-            clips += _manifest(inner[0], problems) if len(inner) == 1 else _folder(root, p.name, problems)
+            clips += _manifest(inner[0], problems, confined) if len(inner) == 1 else _folder(root, p.name, problems)
         elif p.is_dir():
             clips += _folder(p, p.name, problems)
         else:
-            clips += _manifest(p, problems)
+            clips += _manifest(p, problems, confined)
     return clips, problems
 
 
@@ -298,13 +303,13 @@ class Normalizer:
     """The text normalisation applied before WER/CER: Whisper's English normaliser (with the model's spelling map,
     normalizer.json, when it ships one) for English, Whisper's basic one otherwise."""
 
-    def __init__(self, language: str, model_dir: Path | None = None):
+    def __init__(self, language: str, model_dir: Path | None = None, spelling: dict | None = None):
         from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
-        spelling = {}
         f = Path(model_dir) / "normalizer.json" if model_dir else None
-        if f is not None and f.is_file():
+        if not spelling and f is not None and f.is_file():
             spelling = json.loads(f.read_text())
+        spelling = spelling or {}
         if (language or "en") == "en":
             self.fn = EnglishTextNormalizer(spelling)
             self.name = "Whisper English normaliser" + (" with its spelling map" if spelling else "")
@@ -376,14 +381,14 @@ HIST_EDGES = (0, 2, 5, 10, 20, 30)
 
 def report(data: str, runs_dir: Path, cache_dir: Path, language: str = "", eval_data: str = "",
            dev_fraction: float = 0.05, dev_max: int = 200, seed: int = 42, model_dir: Path | None = None,
-           check=lambda: None) -> dict:
+           check=lambda: None, confined: bool = False) -> dict:
     """The data report: clips, hours, clip-length histogram, unreadable audio, empty or missing transcripts,
     transcripts without audio, malformed lines, clips past 30 s, language(s), the WER normalisation, the dev split."""
-    clips, problems = read(data, runs_dir, cache_dir)
+    clips, problems = read(data, runs_dir, cache_dir, confined)
     usable, unreadable, empty, too_long = probe(clips, check)
     dev_n = None
     if eval_data:
-        dev_clips, dev_problems = read(eval_data, runs_dir, cache_dir)
+        dev_clips, _ = read(eval_data, runs_dir, cache_dir, confined)
         dev_usable = probe(dev_clips, check)[0]
         dev_n = len(dev_usable)
         train_n = len(usable)

@@ -32,6 +32,13 @@ PATHS = ("base", "data", "eval_data", "resume_from")  # params that name a serve
 MARKER = "asr_finetune.json"  # in ct2/: how the transcribe kind decodes this model
 
 
+
+def path_items(name: str, value: str) -> list[str]:
+    """The paths and job ids a param names, for studio.access: data and eval_data list several, comma-separated."""
+    from workers.speech.asr_data import sources
+
+    return sources(value) if name in ("data", "eval_data") else value.splitlines()
+
 @dataclass(frozen=True)
 class Params:
     base: str = "whisper-small"  # a preset (whisper-small, whisper-medium, -base, -tiny, -large-v3-turbo; or openai/…) or a transformers Whisper folder
@@ -371,14 +378,15 @@ def run(p: Params, ctx) -> dict:
     runs_dir, cache = ctx.run_dir.parent, ctx.data_dir / "speech" / "datasets"
     fe, tok = load_processor(p.base, source)
     model_dir = Path(source) if Path(source).is_dir() else None
+    confined = ctx.owner is not None  # with a login, a manifest's audio only from its own folder
     report = asr_data.report(p.data, runs_dir, cache, p.language, p.eval_data, p.dev_fraction, p.dev_max, p.seed,
-                             model_dir, ctx.check_cancel)
+                             model_dir, ctx.check_cancel, confined)
     (ctx.run_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     ctx.emit("data_report", report=report)
-    usable = [c for c, _ in asr_data.probe(asr_data.read(p.data, runs_dir, cache)[0], ctx.check_cancel)[0]]
+    usable = [c for c, _ in asr_data.probe(asr_data.read(p.data, runs_dir, cache, confined)[0], ctx.check_cancel)[0]]
     if p.eval_data:
         train_clips = usable
-        dev_clips = [c for c, _ in asr_data.probe(asr_data.read(p.eval_data, runs_dir, cache)[0])[0]]
+        dev_clips = [c for c, _ in asr_data.probe(asr_data.read(p.eval_data, runs_dir, cache, confined)[0])[0]]
         dev_clips = dev_clips[: p.dev_max]
     else:
         train_clips, dev_clips = asr_data.split(usable, p.dev_fraction, p.dev_max, p.seed)
@@ -391,7 +399,7 @@ def run(p: Params, ctx) -> dict:
     data_hash = asr_data.data_hash(p.data, runs_dir)
     dev_hash = asr_data.data_hash(p.eval_data, runs_dir) if p.eval_data else None
     labels = Labels(tok, int(cfg["vocab_size"]), p.language, p.task, int(cfg.get("max_target_positions") or 448))
-    norm = asr_data.Normalizer(p.language, model_dir)
+    norm = asr_data.Normalizer(p.language, model_dir, getattr(tok, "english_spelling_normalizer", None))
     base_texts = None
 
     micro_batch, grad_accum = p.micro_batch, p.grad_accum
@@ -437,7 +445,8 @@ def run(p: Params, ctx) -> dict:
                           "CPU: fp32, AdamW (torch), SDPA"),
              train_clips=len(train_clips), dev_clips=len(dev_clips))
     ctx.log(f"{p.method}: {n_trainable / 1e6:.2f} M trainable of {n_total / 1e6:.1f} M parameters; "
-            f"{len(train_clips)} training clips, {len(dev_clips)} dev; labels start {tok.convert_ids_to_tokens(labels.prefix)}")
+            f"{len(train_clips)} training clips, {len(dev_clips)} dev; labels start "
+            f"{tok.convert_ids_to_tokens(labels.prefix)}")
 
     train_ds = ClipDataset(train_clips, fe, labels)
     dev_ds = ClipDataset(dev_clips, fe, labels) if dev_clips else None
@@ -490,8 +499,6 @@ def run(p: Params, ctx) -> dict:
     merged.save_pretrained(str(out_dir))
     tok.save_pretrained(str(out_dir))
     fe.save_pretrained(str(out_dir))
-    if model_dir is not None and (model_dir / "normalizer.json").is_file() and not (out_dir / "normalizer.json").exists():
-        (out_dir / "normalizer.json").write_bytes((model_dir / "normalizer.json").read_bytes())
     ctx.progress(step, trainer.state.max_steps, f"converting to CTranslate2 ({p.quantization})")
     convert(out_dir, ct2_dir, p.quantization)
     (ct2_dir / MARKER).write_text(json.dumps({

@@ -18,6 +18,13 @@ PACKAGES = ("faster-whisper", "transformers")  # versions for the run card
 PATHS = ("data", "eval_data", "base")  # params that name a server path or a job (studio.access)
 
 
+
+def path_items(name: str, value: str) -> list[str]:
+    """The paths and job ids a param names, for studio.access: data and eval_data list several, comma-separated."""
+    from workers.speech.asr_data import sources
+
+    return sources(value) if name in ("data", "eval_data") else value.splitlines()
+
 @dataclass(frozen=True)
 class Params:
     data: str = ""  # folder of audio + .txt/.srt/.vtt, a CSV/TSV/JSONL manifest, a .zip, or a transcribe job id
@@ -58,7 +65,8 @@ def run(p: Params, ctx) -> dict:
 
     base = Path(p.base).expanduser() if p.base and Path(p.base).expanduser().is_dir() else None
     report = asr_data.report(p.data, ctx.run_dir.parent, ctx.data_dir / "speech" / "datasets", p.language,
-                             p.eval_data, p.dev_fraction, p.dev_max, p.seed, base, ctx.check_cancel)
+                             p.eval_data, p.dev_fraction, p.dev_max, p.seed, base, ctx.check_cancel,
+                             confined=ctx.owner is not None)
     (ctx.run_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     ctx.emit("data_report", report=report)
     ctx.artifact(ctx.run_dir / "data_report.json", "data report")
