@@ -136,9 +136,9 @@ def _missing(base: str, source: str, e: Exception) -> str:
     from workers.speech.asr_estimate import preset_name
 
     if preset_name(base):
-        return (f"{base} is not on disk and cannot be downloaded here ({str(e).splitlines()[0][:160]}). Download "
-                f"{source} in the Models tab (or `huggingface-cli download {source}`) on a machine with internet, "
-                "or give a local Whisper folder as base")
+        return (f"{base} is not on disk and cannot be downloaded here ({str(e).splitlines()[0][:160]}). With "
+                f"internet the first run fetches it (or `huggingface-cli download {source} --include '*.json' "
+                "'*.safetensors' '*.txt'`), or give a local Whisper folder as base")
     return f"cannot load {source}: {str(e).splitlines()[0][:200]}"
 
 
