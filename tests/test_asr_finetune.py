@@ -180,6 +180,22 @@ def test_resume_after_cancel_continues_at_the_saved_step(studio, domain, rand_ba
     assert resumed.result["wer_base"] is not None and (studio.run_dir(resumed.id) / "ct2" / "model.bin").exists()
 
 
+def test_out_of_memory_halves_the_micro_batch_doubles_accumulation_and_finishes(studio, domain, rand_base):
+    from studio import registry
+
+    if "test_asr_oom" not in registry.WORKERS:
+        registry.register("test_asr_oom", "helpers_asr")
+    job = studio.wait(studio.submit("test_asr_oom", {
+        "base": str(rand_base), "data": str(domain["train"]), "eval_data": str(domain["dev"]), "max_steps": 5,
+        "micro_batch": 4, "grad_accum": 1, "save_every": 100, "eval_every": 0, "lr": 1e-3, "threads": 2,
+        "oom_at": 2, "oom_from": 4}).id, 300)
+    assert job.status is JobStatus.DONE, job.error
+    ooms = [e for e in studio.events(job.id)[0] if e["type"] == "oom"]
+    assert [(e["step"], e["micro_batch"], e["grad_accum"]) for e in ooms] == [(2, 2, 2)]
+    assert job.result["micro_batch"] == 2 and job.result["grad_accum"] == 2 and job.result["steps"] == 5
+    assert sorted(metrics(studio, job.id, "train_loss")) == [1, 2, 3, 4, 5]
+
+
 def test_a_corrected_transcribe_job_joins_the_training_set(studio, domain, tmp_path):
     from workers.speech import transcript as tr
 
