@@ -261,7 +261,8 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_transcript(args) -> int:
-    """Show a transcribe job's transcript; rename its speakers; accept or reject the post-editor's changes."""
+    """Show a transcribe job's transcript; rename its speakers; accept or reject the post-editor's changes; correct
+    segments by hand."""
     import json
 
     from workers.speech import transcript as tr
@@ -294,6 +295,16 @@ def cmd_transcript(args) -> int:
 
             ids = (ids | parse(args.accept or "")) - parse(args.reject or "")
             tr.apply_edits(run_dir, sorted(ids))
+        if args.correct:
+            texts = {}
+            for item in args.correct:
+                sid, sep, text = item.partition("=")
+                if not sep or not sid.strip().isdigit():
+                    print(f"error: --correct takes SEGMENT_ID=text (e.g. 3=\"the right words\"); got {item!r}")
+                    return 1
+                texts[int(sid)] = text
+            kept = tr.correct(run_dir, texts)
+            print(f"{len(kept)} segment(s) corrected by hand (transcript.edited.*)", file=sys.stderr)
         data = tr.load(run_dir)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}")
@@ -647,7 +658,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--rename", action="append", default=[], metavar="S1=Alice", help="name a speaker (repeat)")
     t.add_argument("--accept", metavar="IDS", help="keep these changes: segment ids (1,4,7) or all")
     t.add_argument("--reject", metavar="IDS", help="drop these changes: segment ids or all")
-    t.add_argument("--edited", action="store_true", help="print the post-edited transcript")
+    t.add_argument("--correct", action="append", default=[], metavar='3="the right text"',
+                   help="correct a segment's text by hand (repeat); a fine-tune on this job learns it")
+    t.add_argument("--edited", action="store_true", help="print the edited transcript (post-edits, corrections)")
 
     q = sub.add_parser("queue", parents=[common], help="pause or resume the queue")
     q.add_argument("action", choices=["pause", "resume"])

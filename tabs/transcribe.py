@@ -74,6 +74,14 @@ def named_outputs(studio, job: Job) -> list[str]:
     return out
 
 
+def segment_rows(run_dir) -> list[list]:
+    """The transcript's segments as the review table shows them: id, start, speaker, the text as it reads now."""
+    data = tr.load(run_dir)
+    names = data.get("speaker_names") or {}
+    return [[s["id"], _ts(s["start"]), names.get(s.get("speaker"), s.get("speaker") or ""), s["text"].strip()]
+            for s in tr.edited_segments(run_dir)]
+
+
 def review(studio, job_id: str | None):
     """(speaker table rows, diff HTML, change choices, accepted ids, output files) of one transcript."""
     if not job_id:
@@ -253,6 +261,11 @@ def build_transcribe(studio, auth: bool = False) -> dict:
                 diff = gr.HTML()
                 changes = gr.CheckboxGroup(label="Changes to keep (untick to reject)", choices=[])
                 save_edits = gr.Button("Save edited transcript")
+        segments = gr.Dataframe(headers=["#", "start", "speaker", "text"], column_count=4, interactive=True,
+                                wrap=True, max_height=360, value=[],
+                                label="Segments: correct the text where it is wrong, then Save corrections (a "
+                                      "fine-tune on this transcript learns the corrected words)")
+        save_corrections = gr.Button("Save corrections")
         review_note = gr.Markdown()
     job_ids = gr.State([])
 
@@ -262,7 +275,7 @@ def build_transcribe(studio, auth: bool = False) -> dict:
               diarize=diarize, num_speakers=num_speakers, post_edit=post_edit, editor_model=editor_model,
               glossary=glossary, go=go, cancel=cancel, status=status, transcript=transcript, outputs=outputs,
               job=job, speakers=speakers, diff=diff, changes=changes, rename=rename, save_edits=save_edits,
-              review_note=review_note, job_ids=job_ids)
+              segments=segments, save_corrections=save_corrections, review_note=review_note, job_ids=job_ids)
     go.click(bind(start, studio, auth, remember="transcribe"), None, [ui[n] for n in OUTPUTS],
              inputs_kwargs={n: ui[n] for n in INPUTS}, api_name="transcribe", show_progress="hidden")
 
@@ -321,6 +334,14 @@ def build_transcribe(studio, auth: bool = False) -> dict:
     rename.click(on_rename, [job, speakers], [speakers, diff, changes, outputs, review_note],
                  api_name="transcript_rename")
 
+    def on_segments(job_id, request: gr.Request):
+        if not job_id:
+            return []
+        try:
+            return segment_rows(studio.run_dir(mine(job_id, request)))
+        except FileNotFoundError:
+            return []
+
     def on_save(job_id, keep, request: gr.Request):
         mine(job_id, request)
         try:
@@ -331,5 +352,25 @@ def build_transcribe(studio, auth: bool = False) -> dict:
         return (*out, f"Saved transcript.edited.* with {len(keep or [])} change(s) kept.")
 
     save_edits.click(on_save, [job, changes], [speakers, diff, changes, outputs, review_note],
-                     api_name="transcript_save_edits")
+                     api_name="transcript_save_edits").then(on_segments, job, segments, show_progress="hidden")
+
+    job.change(on_segments, job, segments, api_name="transcript_segments", show_progress="hidden")
+
+    def on_correct(job_id, table, request: gr.Request):
+        if not job_id:
+            raise gr.Error("Pick a transcript first.")
+        run_dir = studio.run_dir(mine(job_id, request))
+        rows = table.values.tolist() if hasattr(table, "values") else (table or [])
+        try:
+            texts = {int(r[0]): str(r[3] or "") for r in rows if r and str(r[0]).strip()}
+            kept = tr.correct(run_dir, texts)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise gr.Error(str(e))
+        files_out = named_outputs(studio, studio.job(job_id)) or None
+        return segment_rows(run_dir), files_out, (f"Saved: {len(kept)} segment(s) corrected by hand, in "
+                                                  "transcript.edited.* (a fine-tune on this job reads them)."
+                                                  if kept else "No corrections: the text is as transcribed.")
+
+    save_corrections.click(on_correct, [job, segments], [segments, outputs, review_note],
+                           api_name="transcript_correct", show_progress="hidden")
     return ui

@@ -206,11 +206,9 @@ def test_a_corrected_transcribe_job_joins_the_training_set(studio, domain, tmp_p
     run = studio.run_dir(t.id)
     seg = tr.load(run)["segments"][0]
     assert "zorvex" not in seg["text"].lower() or "brimsby" not in seg["text"].lower()  # tiny.en mishears the names
-    # the correction as the tab saves it: a change to the segment, accepted (transcript.edited.*)
-    (run / "edits.json").write_text(json.dumps({"model": "by hand", "discarded": [], "changes": [
-        {"id": seg["id"], "start": seg["start"], "speaker": None, "original": seg["text"].strip(),
-         "edited": TEXTS[15], "diff": tr.diff(seg["text"].strip(), TEXTS[15]), "accepted": False}]}))
-    tr.apply_edits(run, [seg["id"]])
+    # corrected by hand, as the Review panel's Save corrections (and `transcript ID --correct`) save it
+    assert tr.correct(run, {seg["id"]: TEXTS[15]}) == {seg["id"]: TEXTS[15]}
+    assert json.loads((run / "transcript.edited.json").read_text())["segments"][0]["text"].strip() == TEXTS[15]
     clips, _ = asr_data.read(f"{domain['train']},{t.id}", studio.config.runs_dir, tmp_path)
     assert len(clips) == 13 and (clips[-1].text, clips[-1].audio) == (TEXTS[15], str(audio))
     assert clips[-1].where == f"job {t.id} segment {seg['id']}" and clips[-1].start == seg["start"]

@@ -155,6 +155,13 @@ def test_transcribe_from_the_command_line(tmp_path):
     assert (run_dir / "transcript.srt").read_text().count("Narrator: ") >= 1
     r = app("transcript", run_dir.name, "--data-dir", str(tmp_path / "d"), "--accept", "all")
     assert r.returncode == 1 and "no post-editor changes" in r.stdout
+    r = app("transcript", run_dir.name, "--data-dir", str(tmp_path / "d"), "--correct", "0=The quick brown fox.",
+            "--edited")  # a hand correction: the edited transcript reads it, the raw one keeps what was heard
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.splitlines()[0] == "Narrator: The quick brown fox." and "1 segment(s) corrected" in r.stderr
+    assert (run_dir / "transcript.txt").read_text().splitlines()[0] == lines[0].replace("S1", "Narrator", 1)
+    r = app("transcript", run_dir.name, "--data-dir", str(tmp_path / "d"), "--correct", "99=x")
+    assert r.returncode == 1 and "no segment 99" in r.stdout
 
 
 def test_detect_train_predict_export_from_the_command_line(tmp_path):

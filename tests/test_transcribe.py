@@ -217,6 +217,16 @@ def test_transcribe_tab_through_gradio_client(studio, speech):
         assert (studio.run_dir(job_id) / "transcript.txt").read_text().startswith("Ann: ")
         *_, note = client.predict(job_id, [], api_name="/transcript_save_edits")
         assert "0 change(s) kept" in note and (studio.run_dir(job_id) / "transcript.edited.txt").read_text().startswith("Ann: ")
+        # correcting a segment by hand: the table shows it, transcript.edited.* carries it, the raw one does not
+        rows = client.predict(job_id, api_name="/transcript_segments")["data"]
+        assert [r[0] for r in rows] == list(range(len(rows))) and rows[0][2] in ("Ann", "Bo")
+        fixed = [[r[0], r[1], r[2], "Quarter results are final." if r[0] == 0 else r[3]] for r in rows]
+        rows, files, note = client.predict(job_id, {"headers": ["#", "start", "speaker", "text"], "data": fixed},
+                                           api_name="/transcript_correct")
+        assert "1 segment(s) corrected" in note and rows["data"][0][3] == "Quarter results are final."
+        run = studio.run_dir(job_id)
+        assert "Quarter results are final." in (run / "transcript.edited.txt").read_text().splitlines()[0]
+        assert "Quarter results are final." not in (run / "transcript.txt").read_text()
     finally:
         demo.close()
 

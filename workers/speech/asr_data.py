@@ -137,7 +137,7 @@ def _manifest(path: Path, problems: dict, confined: bool = False) -> list[Clip]:
 
 def transcribe_job(job_id: str, runs_dir: Path) -> tuple[Path, list[Clip]]:
     """A reviewed `transcribe` job as training clips: each segment on the file it transcribed, the accepted
-    post-editor changes applied (speaker renames change no words)."""
+    post-editor changes and the user's hand corrections applied (speaker renames change no words)."""
     run = Path(runs_dir) / job_id
     data_file = next((f for f in (run / "transcript.edited.json", run / "transcript.json") if f.is_file()), None)
     card = run / "run.json"

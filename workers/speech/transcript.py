@@ -3,8 +3,9 @@
 Pure file work (no model, no torch), so the tab and the CLI use it directly on a finished job's run folder:
 - `transcript.json` is the source of truth (segments with words and speakers, plus `speaker_names`);
   `transcript.{txt,srt,vtt}` are rendered from it.
-- `edits.json` holds the post-editor's proposed changes, each `accepted` or not; `transcript.edited.*` are the
-  transcript with the accepted changes applied, written beside the raw one.
+- `edits.json` holds the post-editor's proposed changes, each `accepted` or not; `corrections.json` the user's own
+  corrections of segments' text (segment id -> text); `transcript.edited.*` are the transcript with the accepted
+  changes and then the corrections applied, written beside the raw one (what a fine-tune reads from the job).
 """
 from __future__ import annotations
 
@@ -78,9 +79,47 @@ def rename_speakers(run_dir: Path, names: dict[str, str]) -> dict:
     merged = {**(data.get("speaker_names") or {}), **{k: v.strip() for k, v in names.items()}}
     data["speaker_names"] = {k: v for k, v in merged.items() if v and v != k}
     write(run_dir, data)
-    if (Path(run_dir) / "edits.json").exists():
-        apply_edits(run_dir)
+    if (Path(run_dir) / "edits.json").exists() or (Path(run_dir) / "corrections.json").exists():
+        write_edited(run_dir)
     return data
+
+
+def corrections(run_dir: Path) -> dict[int, str]:
+    path = Path(run_dir) / "corrections.json"
+    return {int(k): v for k, v in json.loads(path.read_text()).items()} if path.exists() else {}
+
+
+def edited_segments(run_dir: Path) -> list[dict]:
+    """The segments as they read now: the accepted post-edits, then the user's corrections."""
+    path = Path(run_dir) / "transcript.edited.json"
+    return json.loads(path.read_text())["segments"] if path.exists() else load(run_dir)["segments"]
+
+
+def correct(run_dir: Path, texts: dict[int, str]) -> dict[int, str]:
+    """Correct segments' text by hand (segment id -> the right text; the text as it reads now, or empty, drops an
+    earlier correction). Kept in corrections.json and applied over the accepted post-edits in transcript.edited.*.
+    Returns every correction now in force."""
+    data = load(run_dir)
+    ids = {s["id"] for s in data["segments"]}
+    unknown = sorted(set(texts) - ids)
+    if unknown:
+        raise ValueError(f"no segment {unknown[0]} in this transcript (segments {min(ids, default=0)}–"
+                         f"{max(ids, default=0)})")
+    current = {s["id"]: s["text"].strip() for s in edited_segments(run_dir)}
+    kept = corrections(run_dir)
+    for sid, text in texts.items():
+        text = " ".join(str(text).split())
+        raw = next(s["text"].strip() for s in data["segments"] if s["id"] == sid)
+        if not text or text == raw:
+            kept.pop(sid, None)
+        elif text != current.get(sid) or sid in kept:
+            kept[sid] = text
+    path = Path(run_dir) / "corrections.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({str(k): v for k, v in sorted(kept.items())}, indent=1, ensure_ascii=False))
+    tmp.replace(path)
+    write_edited(run_dir)
+    return kept
 
 
 # ---- the post-editor's changes ---------------------------------------------------------------------------------
@@ -161,12 +200,31 @@ def apply_edits(run_dir: Path, accepted: list[int] | None = None) -> dict:
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(edits, indent=1))
         tmp.replace(path)
-    data = load(run_dir)
-    by_id = {c["id"]: c for c in edits["changes"] if c["accepted"]}
-    for s in data["segments"]:
-        c = by_id.get(s["id"])
-        if c and c["original"] == s["text"].strip():  # the segment is the one the editor saw
-            s["text_raw"], s["text"] = s["text"], " " + c["edited"]
-    data["post_edit"] = {"model": edits.get("model"), "accepted": sorted(by_id), "proposed": len(edits["changes"])}
-    write(run_dir, data, stem="transcript.edited")
+    write_edited(run_dir)
     return edits
+
+
+def write_edited(run_dir: Path) -> dict:
+    """transcript.edited.*: the transcript with the post-editor's accepted changes, then the user's corrections."""
+    run_dir = Path(run_dir)
+    data = load(run_dir)
+    path = run_dir / "edits.json"
+    if path.exists():
+        edits = json.loads(path.read_text())
+        by_id = {c["id"]: c for c in edits["changes"] if c["accepted"]}
+        for s in data["segments"]:
+            c = by_id.get(s["id"])
+            if c and c["original"] == s["text"].strip():  # the segment is the one the editor saw
+                s["text_raw"], s["text"] = s["text"], " " + c["edited"]
+        data["post_edit"] = {"model": edits.get("model"), "accepted": sorted(by_id),
+                             "proposed": len(edits["changes"])}
+    fixed = corrections(run_dir)
+    for s in data["segments"]:
+        if s["id"] in fixed:
+            s.setdefault("text_raw", s["text"])
+            s["text"] = " " + fixed[s["id"]]
+            s.pop("words", None)  # the word timings belonged to the words as heard
+    if fixed:
+        data["corrected"] = sorted(fixed)
+    write(run_dir, data, stem="transcript.edited")
+    return data
