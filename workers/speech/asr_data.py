@@ -321,39 +321,32 @@ class Normalizer:
         return " ".join(self.fn(text).split())
 
 
-def _align(ref: list, hyp: list) -> list[tuple[str, str, str]]:
-    """Levenshtein alignment as (op, ref, hyp): op "=", "~" (substituted), "-" (deleted), "+" (inserted)."""
-    n, m = len(ref), len(hyp)
-    d = [[0] * (m + 1) for _ in range(n + 1)]
-    for i in range(n + 1):
-        d[i][0] = i
-    for j in range(m + 1):
-        d[0][j] = j
-    for i in range(1, n + 1):
-        for j in range(1, m + 1):
-            d[i][j] = min(d[i - 1][j] + 1, d[i][j - 1] + 1, d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]))
-    ops, i, j = [], n, m
-    while i or j:
-        if i and j and d[i][j] == d[i - 1][j - 1] + (ref[i - 1] != hyp[j - 1]):
-            ops.append(("=" if ref[i - 1] == hyp[j - 1] else "~", ref[i - 1], hyp[j - 1]))
-            i, j = i - 1, j - 1
-        elif i and d[i][j] == d[i - 1][j] + 1:
-            ops.append(("-", ref[i - 1], ""))
-            i -= 1
-        else:
-            ops.append(("+", "", hyp[j - 1]))
-            j -= 1
-    return ops[::-1]
-
-
 def errors(ref: str, hyp: str) -> dict:
-    """Word and character edit counts of a normalised hypothesis against its normalised reference."""
+    """Word and character edit counts of a normalised hypothesis against its normalised reference (jiwer's
+    alignment; characters without the spaces), and the word diff as [op, ref word, hyp word] with op "=" (same),
+    "~" (substituted), "-" (deleted) or "+" (inserted)."""
+    import jiwer
+
     rw, hw = ref.split(), hyp.split()
-    word_ops = _align(rw, hw)
-    char_ops = _align(list(ref.replace(" ", "")), list(hyp.replace(" ", "")))
-    return {"word_errors": sum(op != "=" for op, _, _ in word_ops), "words": len(rw),
-            "char_errors": sum(op != "=" for op, _, _ in char_ops), "chars": len(ref.replace(" ", "")),
-            "diff": [list(o) for o in word_ops]}
+    rc, hc = ref.replace(" ", ""), hyp.replace(" ", "")
+    if not rw:  # jiwer needs a reference: every word heard is an insertion
+        return {"word_errors": len(hw), "words": 0, "char_errors": len(hc), "chars": 0,
+                "diff": [["+", "", w] for w in hw]}
+    w = jiwer.process_words(" ".join(rw), " ".join(hw))
+    c = jiwer.process_characters(rc, hc)
+    diff = []
+    for chunk in w.alignments[0]:
+        refs, hyps = rw[chunk.ref_start_idx:chunk.ref_end_idx], hw[chunk.hyp_start_idx:chunk.hyp_end_idx]
+        if chunk.type == "equal":
+            diff += [["=", r, r] for r in refs]
+        elif chunk.type == "substitute":
+            diff += [["~", r, h] for r, h in zip(refs, hyps)]
+        elif chunk.type == "delete":
+            diff += [["-", r, ""] for r in refs]
+        else:
+            diff += [["+", "", h] for h in hyps]
+    return {"word_errors": w.substitutions + w.deletions + w.insertions, "words": len(rw),
+            "char_errors": c.substitutions + c.deletions + c.insertions, "chars": len(rc), "diff": diff}
 
 
 def rate(rows: list[dict], kind: str) -> float | None:
