@@ -53,7 +53,9 @@ def label(table: str, name: str, data_dir: Path) -> str:
     state = availability(table, name, data_dir)
     if state == DOWNLOAD:
         p = presets()[table][name]
-        size = round(p["size_gb"] + p.get("mmproj_gb", 0), 2) if "size_gb" in p else "?"  # a projector comes along
+        size = p.get("size_gb", "?")
+        if p.get("mmproj_gb"):  # a vision model's projector comes along
+            size = round(size + p["mmproj_gb"], 2)
         return f"{name} · needs download ({size} GB)"
     return f"{name} · {'on disk' if state == DOWNLOADED else 'packaged, on disk'}"
 
