@@ -415,3 +415,41 @@ def apply_fix(change: dict, names: tuple[str, ...], start: str) -> tuple:
     if change:
         gr.Info(f"Applied the change that fits the memory budget. Press {start} to start.")
     return (*(gr.update(value=change[n]) if n in change else gr.skip() for n in names), gr.update(visible=False))
+
+
+def wire_training(studio, auth: bool, ui: dict, *, prefix: str, kind: str, api: str, form: str, start: Callable,
+                  follow: Callable, inputs: tuple[str, ...], outputs: tuple[str, ...], fix_inputs: dict,
+                  nothing_to_resume: str) -> None:
+    """The controls every training sub-tab has, wired the same way: Train (`start`, the form remembered as `form`;
+    then the gate's fitting change offered), Resume (the tab's run or the newest that stopped, from its checkpoint),
+    Apply (the offered change into the form) and Cancel (it stops at the next step, keeping a checkpoint). The
+    components are ui[prefix + name] for train, resume, cancel, fix, fix_change, job_id and status; endpoints are
+    /<api>_train, _fix_offer, _resume, _apply_fix and _cancel."""
+    c = {n: ui[prefix + n] for n in ("train", "resume", "cancel", "fix", "fix_change", "job_id", "status")}
+    outs = [ui[n] for n in outputs]
+
+    def on_fix_offer(current, request: gr.Request):
+        return offer_fix(studio, current, user_of(request, auth), fix_inputs)
+
+    c["train"].click(bind(start, studio, auth, remember=form), None, outs, inputs_kwargs={n: ui[n] for n in inputs},
+                     api_name=f"{api}_train", show_progress="hidden"
+                     ).then(on_fix_offer, c["job_id"], [c["fix"], c["fix_change"]], api_name=f"{api}_fix_offer",
+                            show_progress="hidden")
+
+    def on_resume(current, request: gr.Request):
+        owner = user_of(request, auth)
+        yield from follow(studio, resume_run(studio, owner, current, kind, nothing_to_resume), owner)
+
+    c["resume"].click(on_resume, c["job_id"], outs, api_name=f"{api}_resume", show_progress="hidden")
+    fix_names = tuple(n for n, _ in fix_inputs.values())
+    c["fix"].click(lambda change: apply_fix(change, fix_names, "Train"), c["fix_change"],
+                   [*(ui[n] for n in fix_names), c["fix"]], api_name=f"{api}_apply_fix", show_progress="hidden")
+
+    def on_cancel(current, request: gr.Request):
+        if not (current or "").strip():
+            return "No job to cancel."
+        job = studio.cancel(owned_job(studio, current, user_of(request, auth)).id)
+        return progress_html(job) + ("<br>Cancel requested: it stops at the next step and keeps a checkpoint; "
+                                     "Resume continues from it." if not job.status.final else "")
+
+    c["cancel"].click(on_cancel, c["job_id"], c["status"], api_name=f"{api}_cancel")

@@ -19,8 +19,8 @@ import gradio as gr
 
 from studio import Job, JobStatus
 
-from .common import (Follow, LivePlot, apply_fix, bind, eta, gib, offer_fix, own_uploads, owned_job, progress_html,
-                     resume_run, user_of, watch)
+from .common import (Follow, LivePlot, bind, eta, gib, own_uploads, owned_job, progress_html, user_of, watch,
+                     wire_training)
 
 # the training params the form sets; each is the input af_<param> (names in build_train()'s dict)
 PARAMS = ("base", "language", "task", "method", "epochs", "max_steps", "lr", "micro_batch", "grad_accum", "lora_r",
@@ -315,33 +315,11 @@ def build_train(studio, auth: bool = False) -> dict:
               af_plot=plot, af_stats=stats, af_report=report, af_evaluation=evaluation, af_diffs=diffs, af_run=run,
               af_use=use, af_job_id=job_id)
 
-    def on_fix_offer(current, request: gr.Request):
-        return offer_fix(studio, current, user_of(request, auth), FIX_INPUTS)
-
-    outputs = [ui[n] for n in TRAIN_OUTPUTS]
     check.click(bind(start_check, studio, auth), None, report, inputs_kwargs={n: ui[n] for n in CHECK_INPUTS},
                 api_name="asr_ft_check", show_progress="hidden")
-    train.click(bind(start_train, studio, auth, remember="asr_finetune"), None, outputs,
-                inputs_kwargs={n: ui[n] for n in TRAIN_INPUTS}, api_name="asr_ft_train", show_progress="hidden"
-                ).then(on_fix_offer, job_id, [fix, fix_change], api_name="asr_ft_fix_offer", show_progress="hidden")
-
-    def on_resume(current, request: gr.Request):
-        owner = user_of(request, auth)
-        yield from follow(studio, resume_run(studio, owner, current, "asr_finetune", NOTHING_TO_RESUME), owner)
-
-    resume.click(on_resume, job_id, outputs, api_name="asr_ft_resume", show_progress="hidden")
-    fix_names = tuple(n for n, _ in FIX_INPUTS.values())
-    fix.click(lambda change: apply_fix(change, fix_names, "Train"), fix_change, [*(ui[n] for n in fix_names), fix],
-              api_name="asr_ft_apply_fix", show_progress="hidden")
-
-    def on_cancel(current, request: gr.Request):
-        if not (current or "").strip():
-            return "No job to cancel."
-        job = studio.cancel(owned_job(studio, current, user_of(request, auth)).id)
-        return progress_html(job) + ("<br>Cancel requested: it stops at the next step and keeps a checkpoint; "
-                                     "Resume continues from it." if not job.status.final else "")
-
-    cancel.click(on_cancel, job_id, status, api_name="asr_ft_cancel")
+    wire_training(studio, auth, ui, prefix="af_", kind="asr_finetune", api="asr_ft", form="asr_finetune",
+                  start=start_train, follow=follow, inputs=TRAIN_INPUTS, outputs=TRAIN_OUTPUTS, fix_inputs=FIX_INPUTS,
+                  nothing_to_resume=NOTHING_TO_RESUME)
 
     def on_run(picked, request: gr.Request):
         owner = user_of(request, auth)

@@ -19,8 +19,8 @@ import gradio as gr
 
 from studio import Job, JobStatus
 
-from .common import (Follow, LivePlot, apply_fix, bind, eta, gib, offer_fix, own_uploads, owned_job, progress_html,
-                     resume_run, user_of, watch)
+from .common import (Follow, LivePlot, bind, eta, gib, own_uploads, owned_job, progress_html, user_of, watch,
+                     wire_training)
 
 # the training params the form sets; each is the input vf_<param> (names in build_train()'s dict)
 PARAMS = ("base", "max_seq_len", "epochs", "max_steps", "lr", "lora_r", "lora_alpha", "lora_dropout",
@@ -287,34 +287,11 @@ def build_train(studio, auth: bool = False) -> dict:
               vf_stats=stats, vf_report=report, vf_evaluation=evaluation, vf_run=run, vf_chat=chat,
               vf_job_id=job_id)
 
-    def on_fix_offer(current, request: gr.Request):
-        return offer_fix(studio, current, user_of(request, auth), FIX_INPUTS)
-
-    outputs = [ui[n] for n in TRAIN_OUTPUTS]
     check.click(bind(start_check, studio, auth), None, report, inputs_kwargs={n: ui[n] for n in CHECK_INPUTS},
                 api_name="vision_ft_check", show_progress="hidden")
-    train.click(bind(start_train, studio, auth, remember="vision_finetune"), None, outputs,
-                inputs_kwargs={n: ui[n] for n in TRAIN_INPUTS}, api_name="vision_ft_train", show_progress="hidden"
-                ).then(on_fix_offer, job_id, [fix, fix_change], api_name="vision_ft_fix_offer",
-                       show_progress="hidden")
-
-    def on_resume(current, request: gr.Request):
-        owner = user_of(request, auth)
-        yield from follow(studio, resume_run(studio, owner, current, "vision_finetune", NOTHING_TO_RESUME), owner)
-
-    resume.click(on_resume, job_id, outputs, api_name="vision_ft_resume", show_progress="hidden")
-    fix_names = tuple(n for n, _ in FIX_INPUTS.values())
-    fix.click(lambda change: apply_fix(change, fix_names, "Train"), fix_change, [*(ui[n] for n in fix_names), fix],
-              api_name="vision_ft_apply_fix", show_progress="hidden")
-
-    def on_cancel(current, request: gr.Request):
-        if not (current or "").strip():
-            return "No job to cancel."
-        job = studio.cancel(owned_job(studio, current, user_of(request, auth)).id)
-        return progress_html(job) + ("<br>Cancel requested: it stops at the next step and keeps a checkpoint; "
-                                     "Resume continues from it." if not job.status.final else "")
-
-    cancel.click(on_cancel, job_id, status, api_name="vision_ft_cancel")
+    wire_training(studio, auth, ui, prefix="vf_", kind="vision_finetune", api="vision_ft", form="vision_finetune",
+                  start=start_train, follow=follow, inputs=TRAIN_INPUTS, outputs=TRAIN_OUTPUTS, fix_inputs=FIX_INPUTS,
+                  nothing_to_resume=NOTHING_TO_RESUME)
 
     def on_run(picked, request: gr.Request):
         owner = user_of(request, auth)
