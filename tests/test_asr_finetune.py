@@ -255,7 +255,7 @@ def test_bad_input_is_refused_at_submit_with_what_to_do(studio, domain, tiny_en_
              ({"data": str(domain["train"] / "nope")}, "data not found"),
              ({"base": "whisper-small", "language": ""}, "multilingual base needs the speech's language"),
              ({"language": "english!"}, "ISO code"),
-             ({"resume_from": "0000-000000-abcd"}, "no asr_finetune checkpoint"),
+             ({"resume_from": "0000-000000-abcd"}, "no Whisper fine-tuning checkpoint"),
              ({"data": "0123456789abcdef"}, "no transcript")]
     for change, says in cases:
         with pytest.raises(ValueError, match=says):

@@ -185,6 +185,23 @@ def checked_copy(runs_dir: Path, job_id: str, dest: Path) -> tuple[Path, dict]:
     return copy, state
 
 
+def resume_state(ctx, resume_from: str, data_hash: str, micro_batch: int, grad_accum: int) -> tuple:
+    """A resume's starting point: the checkpoint copied from job `resume_from` and hash-checked (checked_copy), its
+    state, and the micro-batch and accumulation it ran with last (an out-of-memory restart changes them). Refused when
+    the data changed since. Returns (checkpoint, state, micro_batch, grad_accum); (None, {}, the given sizes) when
+    not resuming."""
+    if not resume_from:
+        return None, {}, micro_batch, grad_accum
+    ckpt, state = checked_copy(ctx.run_dir.parent, resume_from, ctx.run_dir / "resume")
+    if state.get("data_hash") != data_hash:
+        raise ValueError(f"the data changed since job {resume_from} ran (hash {data_hash[:12]} vs "
+                         f"{str(state.get('data_hash'))[:12]}); Retry to train from scratch on the new data")
+    mb, ga = state.get("micro_batch", micro_batch), state.get("grad_accum", grad_accum)
+    ctx.log(f"resuming job {resume_from} from step {state['step']}"
+            + (f" (micro_batch {mb}, grad_accum {ga} after an out-of-memory error)" if mb != micro_batch else ""))
+    return ckpt, state, mb, ga
+
+
 # ---- the run ----------------------------------------------------------------------------------------------------
 class OutOfMemoryAtMicroBatch1(RuntimeError):
     pass
@@ -270,20 +287,10 @@ def run(p: Params, ctx) -> dict:
     prompts = eval_set(dev_ex, tok, p.max_seq_len, p.eval_prompts)
     base_answers = None  # answered before training (kept in the checkpoint's state, so a resume has them too)
 
-    micro_batch, grad_accum = p.micro_batch, p.grad_accum
-    resume_ckpt, resumed_step = None, 0
-    if p.resume_from:
-        resume_ckpt, state = checked_copy(ctx.run_dir.parent, p.resume_from, ctx.run_dir / "resume")
-        if state.get("data_hash") != data_hash:
-            raise ValueError(f"the data changed since job {p.resume_from} ran (hash {data_hash[:12]} vs "
-                             f"{str(state.get('data_hash'))[:12]}); Retry to train from scratch on the new data")
-        micro_batch = state.get("micro_batch", micro_batch)
-        grad_accum = state.get("grad_accum", grad_accum)
-        resumed_step = state["step"]
-        base_answers = state.get("eval_base")
-        ctx.log(f"resuming job {p.resume_from} from step {resumed_step}"
-                + (f" (micro_batch {micro_batch}, grad_accum {grad_accum} after an out-of-memory error)"
-                   if micro_batch != p.micro_batch else ""))
+    resume_ckpt, state, micro_batch, grad_accum = resume_state(ctx, p.resume_from, data_hash, p.micro_batch,
+                                                               p.grad_accum)
+    resumed_step = state.get("step", 0)
+    base_answers = state.get("eval_base")  # the base's answers from before the first run
 
     import peft
     import transformers

@@ -98,10 +98,9 @@ def validate(p: Params, config) -> None:
     asr_data.check_sources(p.data, config.runs_dir)
     if p.eval_data:
         asr_data.check_sources(p.eval_data, config.runs_dir)
-    if p.resume_from:
-        state = config.runs_dir / p.resume_from / "checkpoint" / "state.json"
-        if not state.exists():
-            raise ValueError(f"job {p.resume_from} has no asr_finetune checkpoint to resume from")
+    from workers.finetune.train import check_resume
+
+    check_resume(config, p.resume_from, "Whisper fine-tuning")
 
 
 def estimate(p: Params, device) -> Estimate:
@@ -113,14 +112,10 @@ def estimate(p: Params, device) -> Estimate:
 
 def shrink(p: Params):
     """Changes to try when over budget (the gate takes the first that fits), each naming only what changes."""
+    from workers.finetune.train import distinct
     from workers.speech import asr_estimate
 
-    seen = []
-    for change in asr_estimate.shrinks(p):
-        change = {k: v for k, v in change.items() if getattr(p, k) != v}
-        if change and change not in seen:
-            seen.append(change)
-            yield change
+    yield from distinct(p, asr_estimate.shrinks(p))
 
 
 # ---- the model and its labels ---------------------------------------------------------------------------------------
@@ -366,7 +361,7 @@ def run(p: Params, ctx) -> dict:
     import torch
 
     from studio.hashing import sha256
-    from workers.finetune.train import _make_callback, _peak_bytes, checked_copy, finish, train_loop
+    from workers.finetune.train import _make_callback, _peak_bytes, finish, resume_state, train_loop
     from workers.speech import asr_data
     from workers.speech.asr_estimate import config_of
 
@@ -402,20 +397,10 @@ def run(p: Params, ctx) -> dict:
     norm = asr_data.Normalizer(p.language, model_dir, getattr(tok, "english_spelling_normalizer", None))
     base_texts = None
 
-    micro_batch, grad_accum = p.micro_batch, p.grad_accum
-    resume_ckpt, resumed_step, state = None, 0, {}
-    if p.resume_from:
-        resume_ckpt, state = checked_copy(runs_dir, p.resume_from, ctx.run_dir / "resume")
-        if state.get("data_hash") != data_hash:
-            raise ValueError(f"the data changed since job {p.resume_from} ran (hash {data_hash[:12]} vs "
-                             f"{str(state.get('data_hash'))[:12]}); Retry to train from scratch on the new data")
-        micro_batch = state.get("micro_batch", micro_batch)
-        grad_accum = state.get("grad_accum", grad_accum)
-        resumed_step = state["step"]
-        base_texts = state.get("eval_base")
-        ctx.log(f"resuming job {p.resume_from} from step {resumed_step}"
-                + (f" (micro_batch {micro_batch}, grad_accum {grad_accum} after an out-of-memory error)"
-                   if micro_batch != p.micro_batch else ""))
+    resume_ckpt, state, micro_batch, grad_accum = resume_state(ctx, p.resume_from, data_hash, p.micro_batch,
+                                                               p.grad_accum)
+    resumed_step = state.get("step", 0)
+    base_texts = state.get("eval_base")  # the base's answers from before the first run
 
     import peft
     import transformers

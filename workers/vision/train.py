@@ -220,7 +220,7 @@ def run(p: Params, ctx) -> dict:
     import torch
 
     from workers.finetune.data import split
-    from workers.finetune.train import (_fmt, _make_callback, _mean, _peak_bytes, _ppl, checked_copy, finish, score,
+    from workers.finetune.train import (_fmt, _make_callback, _mean, _peak_bytes, _ppl, finish, resume_state, score,
                                         train_loop)
     from workers.vision import data
     from workers.vision.model import config_of, source_of
@@ -259,20 +259,10 @@ def run(p: Params, ctx) -> dict:
     prompts = eval_set(dev_found, enc, p.max_seq_len, p.eval_prompts)
     base_answers = None
 
-    micro_batch, grad_accum = p.micro_batch, p.grad_accum
-    resume_ckpt, resumed_step, state = None, 0, {}
-    if p.resume_from:
-        resume_ckpt, state = checked_copy(ctx.run_dir.parent, p.resume_from, ctx.run_dir / "resume")
-        if state.get("data_hash") != data_hash:
-            raise ValueError(f"the data changed since job {p.resume_from} ran (hash {data_hash[:12]} vs "
-                             f"{str(state.get('data_hash'))[:12]}); Retry to train from scratch on the new data")
-        micro_batch = state.get("micro_batch", micro_batch)
-        grad_accum = state.get("grad_accum", grad_accum)
-        resumed_step = state["step"]
-        base_answers = state.get("eval_base")
-        ctx.log(f"resuming job {p.resume_from} from step {resumed_step}"
-                + (f" (micro_batch {micro_batch}, grad_accum {grad_accum} after an out-of-memory error)"
-                   if micro_batch != p.micro_batch else ""))
+    resume_ckpt, state, micro_batch, grad_accum = resume_state(ctx, p.resume_from, data_hash, p.micro_batch,
+                                                               p.grad_accum)
+    resumed_step = state.get("step", 0)
+    base_answers = state.get("eval_base")  # the base's answers from before the first run
 
     import peft
     import transformers
