@@ -453,3 +453,15 @@ def wire_training(studio, auth: bool, ui: dict, *, prefix: str, kind: str, api: 
                                      "Resume continues from it." if not job.status.final else "")
 
     c["cancel"].click(on_cancel, c["job_id"], c["status"], api_name=f"{api}_cancel")
+
+
+def finished_run(studio, owner: str | None, current: str, kind: str, none_yet: str) -> Job:
+    """The picked `kind` job when it finished, else the user's newest finished one; gr.Error(none_yet) otherwise."""
+    if (current or "").strip():
+        job = owned_job(studio, current, owner)
+        if job.kind == kind and job.status is JobStatus.DONE:
+            return job
+    for j in studio.jobs(limit=50, owner=owner, kind=kind):
+        if j.status is JobStatus.DONE:
+            return j
+    raise gr.Error(none_yet)

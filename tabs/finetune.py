@@ -13,8 +13,8 @@ import gradio as gr
 
 from studio import Job, JobStatus
 
-from .common import (Follow, LivePlot, bind, eta, gib, owned_job, progress_html, resume_run, stash_uploads, user_of,
-                     watch)
+from .common import (Follow, LivePlot, bind, eta, finished_run, gib, owned_job, progress_html, resume_run,
+                     stash_uploads, user_of, watch)
 
 # the training params the form sets, each an input of the same name (so a re-attached job fills them by name)
 PARAMS = ("base", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_seq_len", "micro_batch",
@@ -263,14 +263,7 @@ def start_resume(studio, owner: str | None, current: str) -> Iterator[tuple]:
 
 def finished(studio, owner: str | None, current: str) -> Job:
     """The tab's job when it finished, else the user's newest finished fine-tune."""
-    if (current or "").strip():
-        job = owned_job(studio, current, owner)
-        if job.kind == "finetune" and job.status is JobStatus.DONE:
-            return job
-    for j in studio.jobs(limit=50, owner=owner, kind="finetune"):
-        if j.status is JobStatus.DONE:
-            return j
-    raise gr.Error("No finished fine-tune yet: train one (or wait for this one to finish).")
+    return finished_run(studio, owner, current, "finetune", "No finished fine-tune yet: train one (or wait for this one to finish).")
 
 
 def start_extend(studio, owner: str | None, run: str, more_epochs: float) -> Iterator[tuple]:

@@ -19,8 +19,8 @@ import gradio as gr
 
 from studio import Job, JobStatus
 
-from .common import (Follow, LivePlot, bind, eta, gib, own_uploads, owned_job, progress_html, user_of, watch,
-                     wire_training)
+from .common import (Follow, LivePlot, bind, eta, finished_run, gib, own_uploads, owned_job, progress_html, user_of,
+                     watch, wire_training)
 
 # the training params the form sets; each is the input af_<param> (names in build_train()'s dict)
 PARAMS = ("base", "language", "task", "method", "epochs", "max_steps", "lr", "micro_batch", "grad_accum", "lora_r",
@@ -204,14 +204,7 @@ def start_check(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
 
 def finished(studio, owner: str | None, current: str) -> Job:
     """The picked run when it finished, else the user's newest finished Whisper fine-tune."""
-    if (current or "").strip():
-        job = owned_job(studio, current, owner)
-        if job.kind == "asr_finetune" and job.status is JobStatus.DONE:
-            return job
-    for j in studio.jobs(limit=50, owner=owner, kind="asr_finetune"):
-        if j.status is JobStatus.DONE:
-            return j
-    raise gr.Error("No finished Whisper fine-tune yet: train one (or wait for this one to finish).")
+    return finished_run(studio, owner, current, "asr_finetune", "No finished Whisper fine-tune yet: train one (or wait for this one to finish).")
 
 
 def run_choices(studio, owner: str | None) -> list[tuple[str, str]]:
