@@ -564,49 +564,58 @@ class HFChat:
 
     def stream(self, messages, *, max_tokens, temperature, top_p, grammar=None, seed=None, top_k=40,
                repeat_penalty=1.0, prefix="") -> Iterator[str]:
-        import threading
-
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
         if grammar:
             raise ValueError("grammar-constrained answers need a GGUF model (llama.cpp); this is a transformers model")
-        stop = threading.Event()
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
-
         inputs = self.tok(self.prompt(messages, prefix), return_tensors="pt").to(self.model.device)
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        if seed:
-            torch.manual_seed(seed)
-        kwargs = dict(**inputs, max_new_tokens=max_tokens, streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=self.tok.eos_token_id,
-                      do_sample=temperature > 0, repetition_penalty=repeat_penalty)
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        errors: list[BaseException] = []
+        return stream_generate(self.model, self.tok, dict(inputs), max_tokens=max_tokens, temperature=temperature,
+                               top_p=top_p, top_k=top_k, repeat_penalty=repeat_penalty, seed=seed,
+                               pad_token_id=self.tok.eos_token_id)
 
-        def work():
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as e:  # surfaced in the consuming thread below
-                errors.append(e)
-                streamer.end()
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+def stream_generate(model, tok, inputs: dict, *, max_tokens: int, temperature: float, top_p: float, top_k: int,
+                    repeat_penalty: float, seed: int | None, pad_token_id: int | None) -> Iterator[str]:
+    """A transformers model's generate() in a thread, its text handed out piece by piece (TextIteratorStreamer); an
+    error in generate is raised here, and closing the iterator (Stop) ends generation at the next token."""
+    import threading
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+    stop = threading.Event()
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return stop.is_set()
+
+    streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
+    if seed:
+        torch.manual_seed(seed)
+    kwargs = dict(**inputs, max_new_tokens=max_tokens, streamer=streamer,
+                  stopping_criteria=StoppingCriteriaList([Stop()]), pad_token_id=pad_token_id,
+                  do_sample=temperature > 0, repetition_penalty=repeat_penalty)
+    if temperature > 0:
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
+    errors: list[BaseException] = []
+
+    def work():
         try:
-            for piece in streamer:
-                if piece:
-                    yield piece
-            if errors:
-                raise errors[0]
-        finally:  # the consumer stopped (Stop pressed): end generation at the next token
-            stop.set()
-            thread.join()
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as e:  # surfaced in the consuming thread below
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        for piece in streamer:
+            if piece:
+                yield piece
+        if errors:
+            raise errors[0]
+    finally:  # the consumer stopped (Stop pressed): end generation at the next token
+        stop.set()
+        thread.join()
 
 
 def load_hf(path: Path, device: str, load_in_4bit: bool = False, adapter: Path | None = None) -> tuple["HFChat", int]:

@@ -124,55 +124,24 @@ class HFVision:
 
     def stream(self, turns: list[dict], *, max_tokens: int, temperature: float, top_p: float, seed: int | None = None,
                top_k: int = 40, repeat_penalty: float = 1.0) -> Iterator[str]:
-        import threading
-
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
-        stop = threading.Event()
-
-        class Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return stop.is_set()
+        from workers.chat.llm import stream_generate
 
         inputs = self.inputs(turns).to(self.model.device)
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype if self.model.dtype.is_floating_point
                                                                else torch.float16)
-        streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True)
-        if seed:
-            torch.manual_seed(seed)
-        kwargs = dict(**inputs, max_new_tokens=max_tokens, streamer=streamer,
-                      stopping_criteria=StoppingCriteriaList([Stop()]),
-                      pad_token_id=self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id,
-                      do_sample=temperature > 0, repetition_penalty=repeat_penalty)
-        if temperature > 0:
-            kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k)
-        errors: list[BaseException] = []
-
-        def work():
-            try:
-                with torch.inference_mode():
-                    self.model.generate(**kwargs)
-            except BaseException as e:  # surfaced in the consuming thread below
-                errors.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
         try:
-            for piece in streamer:
-                if piece:
-                    yield piece
-            if errors:
-                if isinstance(errors[0], AssertionError) and "divisible" in str(errors[0]):
-                    raise RuntimeError(f"bitsandbytes' CPU 4-bit kernels cannot run this model's layer sizes "
-                                       f"({errors[0]}): set load_in_4bit=false on the CPU (4-bit is for the GPU)") \
-                        from None
-                raise errors[0]
-        finally:  # the consumer stopped (Stop pressed): end generation at the next token
-            stop.set()
-            thread.join()
+            yield from stream_generate(self.model, self.tok, dict(inputs), max_tokens=max_tokens,
+                                       temperature=temperature, top_p=top_p, top_k=top_k,
+                                       repeat_penalty=repeat_penalty, seed=seed, pad_token_id=pad)
+        except AssertionError as e:
+            if "divisible" in str(e):
+                raise RuntimeError(f"bitsandbytes' CPU 4-bit kernels cannot run this model's layer sizes ({e}): set "
+                                   "load_in_4bit=false on the CPU (4-bit is for the GPU)") from None
+            raise
 
 
 def load_hf_vision(source: str | Path, device: str, load_in_4bit: bool = True,
