@@ -66,9 +66,13 @@ def image_list(value: str) -> list[str]:
     v = value.strip()
     if not v:
         return []
-    if Path(v).expanduser().exists():
-        return [v]
-    return [s.strip() for line in v.splitlines() for s in line.split(",") if s.strip()]
+    out = []
+    for line in (x.strip() for x in v.splitlines()):
+        if Path(line).expanduser().exists():  # a file name with a comma in it stays whole
+            out.append(line)
+        else:
+            out += [s.strip() for s in line.split(",") if s.strip()]
+    return out
 
 
 def batch_folder(p: Params) -> Path | None:
