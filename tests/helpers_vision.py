@@ -1,7 +1,8 @@
 """A job kind for tests only (`test_vision_oom`): the real `vision_finetune` kind with a training step that raises the
-CUDA out-of-memory error at a chosen step, the way a card that runs out of memory mid-run does. The injection lives
-here, in the test's own kind, not in the studio's code."""
+CUDA out-of-memory error at a chosen step (tests/helpers_finetune.py's injection)."""
 from dataclasses import dataclass
+
+from helpers_finetune import InjectedOOM, run_with_oom
 
 from workers.vision import train
 from workers.vision.train import estimate, validate  # noqa: F401  (the kind's own)
@@ -10,24 +11,11 @@ PACKAGES = train.PACKAGES
 
 
 @dataclass(frozen=True)
-class Params(train.Params):
-    oom_at: int = 1  # the optimizer step (0-based: global_step before it) whose training step runs out of memory
-    oom_from: int = 2  # ... while micro_batch is at least this
+class Params(train.Params, InjectedOOM):
+    pass
 
 
 def run(p: Params, ctx):
-    import torch
     import transformers
 
-    original = transformers.Trainer.training_step
-
-    def training_step(self, *args, **kwargs):
-        if self.state.global_step == p.oom_at and self.args.per_device_train_batch_size >= p.oom_from:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected by the test)")
-        return original(self, *args, **kwargs)
-
-    transformers.Trainer.training_step = training_step
-    try:
-        return train.run(p, ctx)
-    finally:
-        transformers.Trainer.training_step = original
+    return run_with_oom(p, ctx, train.run, transformers.Trainer)
