@@ -263,7 +263,8 @@ def start_resume(studio, owner: str | None, current: str) -> Iterator[tuple]:
 
 def finished(studio, owner: str | None, current: str) -> Job:
     """The tab's job when it finished, else the user's newest finished fine-tune."""
-    return finished_run(studio, owner, current, "finetune", "No finished fine-tune yet: train one (or wait for this one to finish).")
+    return finished_run(studio, owner, current, "finetune",
+                        "No finished fine-tune yet: train one (or wait for this one to finish).")
 
 
 def start_extend(studio, owner: str | None, run: str, more_epochs: float) -> Iterator[tuple]:

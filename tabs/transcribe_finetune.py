@@ -204,7 +204,8 @@ def start_check(studio, owner: str | None, v: dict[str, Any]) -> Iterator[str]:
 
 def finished(studio, owner: str | None, current: str) -> Job:
     """The picked run when it finished, else the user's newest finished Whisper fine-tune."""
-    return finished_run(studio, owner, current, "asr_finetune", "No finished Whisper fine-tune yet: train one (or wait for this one to finish).")
+    return finished_run(studio, owner, current, "asr_finetune",
+                        "No finished Whisper fine-tune yet: train one (or wait for this one to finish).")
 
 
 def run_choices(studio, owner: str | None) -> list[tuple[str, str]]:
