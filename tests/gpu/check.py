@@ -529,6 +529,22 @@ def main() -> None:
             row = studio_path(p, data_dir / "runs" / "finetune-8b", data_dir, reading)
             summary["kinds"]["finetune/llama-3.1-8b-shape-qlora"] = row
             print("finetune/llama-3.1-8b-shape-qlora", json.dumps(row), flush=True)
+            # its data report (the io lane: the tokenizer only) and the merge of its adapter into a bf16 folder
+            from workers.finetune import check as finetune_check
+            from workers.finetune import merge as finetune_merge
+
+            for name, module, params in (
+                    ("finetune_check/llama-3.1-8b-shape", finetune_check, {"base": base, "data": logs,
+                                                                          "max_seq_len": 2048}),
+                    ("finetune_merge/llama-3.1-8b-shape-bf16", finetune_merge,
+                     {"adapter": str(data_dir / "runs" / "finetune-8b"), "dtype": "bfloat16"})):
+                try:
+                    res = run_kind(module, params, data_dir / "runs" / name.split("/")[0], data_dir, device, cache,
+                                   reading)
+                    record(name, *res)
+                except Exception as e:  # a finding, not the end of the check
+                    summary["kinds"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                    print(name, "failed:", e, flush=True)
         elif args.finetune_steps:
             print("finetune/llama-3.1-8b-shape-qlora: skipped (needs CUDA: bitsandbytes' 4-bit training path and the "
                   "fused loss run there)", flush=True)
