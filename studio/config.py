@@ -5,7 +5,7 @@ import errno
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 GiB = 1024**3
@@ -45,6 +45,10 @@ class Config:
     idle_unload_s: float = 600.0  # cached models unused this long are unloaded
     cancel_grace_s: float = 10.0  # a job that ignores cancel this long is killed with its worker
     max_upload_gb: float = 20.0  # the largest file one upload may be (a dataset zip, a long recording)
+    # per CUDA device, by index: {"1": {"budget_gb": 10, "reserve_gb": 1, "use": false}}; a key left out takes the
+    # values above, and "use": false keeps the studio off that card (the one that drives the desktop)
+    devices: dict = field(default_factory=dict)
+    ray_address: str = ""  # a Ray cluster ("auto", "ray://host:10001", "local"): device jobs run there as Ray tasks
 
     @property
     def runs_dir(self) -> Path:
@@ -71,10 +75,21 @@ class Config:
     def settings_path(self) -> Path:
         return self.data_dir / "settings.json"
 
-    def budget_bytes(self, device_total: int) -> int:
-        if self.budget_gb > 0:
-            return int(self.budget_gb * GiB)
-        return max(0, device_total - int(self.reserve_gb * GiB))
+    def budget_bytes(self, device_total: int, index: int | None = None) -> int:
+        """What jobs may use of a device of `device_total` bytes: its own budget or reserve when `index` has settings
+        of its own, else the studio-wide ones."""
+        own = self.device_settings(index)
+        budget, reserve = float(own.get("budget_gb", self.budget_gb)), float(own.get("reserve_gb", self.reserve_gb))
+        if budget > 0:
+            return int(budget * GiB)
+        return max(0, device_total - int(reserve * GiB))
+
+    def device_settings(self, index: int | None) -> dict:
+        return dict(self.devices.get(str(index), {})) if index is not None else {}
+
+    def device_used(self, index: int) -> bool:
+        """False for a card marked "do not use"."""
+        return bool(self.device_settings(index).get("use", True))
 
     @classmethod
     def load(cls, data_dir: Path | str | None = None, **overrides) -> "Config":
@@ -85,7 +100,8 @@ class Config:
         if path.exists():
             saved = json.loads(path.read_text())
             known = {f.name for f in fields(cls)} - {"data_dir"}
-            cfg = replace(cfg, **{k: float(v) for k, v in saved.items() if k in known})
+            types = {f.name: f.type for f in fields(cls)}
+            cfg = replace(cfg, **{k: (float(v) if types[k] == "float" else v) for k, v in saved.items() if k in known})
         overrides = {k: v for k, v in overrides.items() if v is not None}
         return replace(cfg, **overrides) if overrides else cfg
 

@@ -97,6 +97,7 @@ class Lane:
     """A worker and the one job it runs: `device` owns the GPU and the model cache, `io` stays off the device."""
 
     name: str
+    index: int | None = None  # the device lane's device (its place in Studio.devices); None for the io lane
     worker: _Worker | None = None
     info: WorkerInfo = field(default_factory=WorkerInfo)
     running: str | None = None  # job id the worker is running
@@ -129,7 +130,7 @@ class Studio:
         self.device = device or detect()
         self.owner = False
         self.admin: str | None = None  # with auth: the user who may do everything (see studio.access)
-        self.lanes = {"device": Lane("device"), "io": Lane("io")}
+        self.lanes = {"device": Lane("device", index=0), "io": Lane("io")}
         self._inbox: queue.Queue = queue.Queue()
         self._generation = 0
         self._pending: dict[str, dict] = {}  # final outcomes the store could not take yet (disk full): job id -> fields
@@ -250,7 +251,12 @@ class Studio:
     def _start_worker(self, lane: Lane) -> None:
         self._generation += 1
         lane.info = replace(lane.info, pid=None, ready=False, stopped=None)
-        lane.worker = _Worker(self._generation, self._inbox, self._settings(lane))
+        if self.config.ray_address and lane.index is not None:  # device jobs run as tasks on a Ray cluster
+            from .raylane import RayWorker
+
+            lane.worker = RayWorker(self._generation, self._inbox, self._settings(lane), self.config.ray_address)
+        else:
+            lane.worker = _Worker(self._generation, self._inbox, self._settings(lane))
         lane.info.pid = lane.worker.proc.pid
         lane.cache, lane.settling = {}, False
 
