@@ -1,12 +1,15 @@
 """The Studio: submit through the gate, a durable queue, and a scheduler that supervises the workers.
 
-Two lanes, each a supervised worker process running one job at a time: the device lane owns the GPU (and its model
-cache); the io lane runs kinds that never touch the device (downloads, dataset checks), so they neither wait behind a
-training run nor block the next one.
+Lanes, each a supervised worker process running one job at a time: a device lane per device in use owns that GPU
+(and its model cache); the io lane runs kinds that never touch the device (downloads, dataset checks), so they neither
+wait behind a training run nor block the next one. Device jobs go to the idle device where they fit best, or to the
+one they are pinned to.
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import json
 import logging
 import multiprocessing as mp
 import os
@@ -22,7 +25,7 @@ from typing import Any, Iterator
 from . import access, events, registry
 from . import params as params_mod
 from .config import Config, DataDirError, GiB
-from .device import Device, DeviceReading, detect, resident_bytes
+from .device import Device, DeviceReading, detect_all, resident_bytes
 from .gate import Estimate, Refused, gate, short_key
 from .jobs import Job, JobStatus
 from .store import Store
@@ -103,6 +106,7 @@ class Lane:
     running: str | None = None  # job id the worker is running
     settling: bool = False  # the job ended and the worker is still freeing its memory
     cancel_sent_at: float | None = None
+    held_by: str | None = None  # a job running on another lane's worker that holds this device too (devices=0,1)
     cache: dict[str, int] = field(default_factory=dict)  # the worker's cached models: key -> measured bytes, LRU first
 
 
@@ -120,17 +124,27 @@ def describe_exit(code: int | None) -> str:
 class Studio:
     """The core object. `start()` makes this process the device owner; without it, it is a client of the store."""
 
-    def __init__(self, config: Config, device: Device | None = None):
+    def __init__(self, config: Config, device: Device | None = None, devices: list[Device] | None = None):
+        """`devices`: the devices jobs run on, numbered by their place in the list (every NVIDIA GPU NVML finds, or
+        the CPU); `device`: a single one (tests inject fakes either way)."""
         self.config = config
         config.ensure_dirs()
         try:
             self.store = Store(config.db_path)
         except (sqlite3.Error, OSError) as e:
             raise DataDirError(DataDirError.explain(config.data_dir, e)) from None
-        self.device = device or detect()
+        self.devices: list[Device] = list(devices) if devices else [device] if device else detect_all()
+        self.device = self.devices[0]
         self.owner = False
         self.admin: str | None = None  # with auth: the user who may do everything (see studio.access)
-        self.lanes = {"device": Lane("device", index=0), "io": Lane("io")}
+        # one device worker per device in use, each seeing only its own card; the first one's lane keeps the name
+        # "device" (a one-device studio is unchanged), the others are "device:N"
+        self.lanes: dict[str, Lane] = {}
+        for i in range(len(self.devices)):
+            if config.device_used(i):
+                name = "device" if not self.lanes else f"device:{i}"
+                self.lanes[name] = Lane(name, index=i)
+        self.lanes["io"] = Lane("io")
         self._inbox: queue.Queue = queue.Queue()
         self._generation = 0
         self._pending: dict[str, dict] = {}  # final outcomes the store could not take yet (disk full): job id -> fields
@@ -148,8 +162,19 @@ class Studio:
 
     @property
     def worker_info(self) -> WorkerInfo:
-        """The device worker's state (pid, device, restarts)."""
-        return self.lanes["device"].info
+        """The (first) device worker's state (pid, device, restarts)."""
+        lanes = self.device_lanes()
+        return lanes[0].info if lanes else WorkerInfo(stopped="every device is marked 'do not use' in Settings")
+
+    def device_lanes(self) -> list[Lane]:
+        return [lane for lane in self.lanes.values() if lane.index is not None]
+
+    def device_label(self, index: int, reading: DeviceReading | None = None) -> str:
+        """How messages name a device: "GPU 1 (NVIDIA GeForce RTX 4070 Ti)", or "the CPU"."""
+        dev = self.devices[index]
+        if (reading.kind if reading else getattr(dev, "kind_hint", "cuda")) == "cpu":
+            return "the CPU"
+        return f"GPU {index} ({getattr(dev, 'name', '') or (reading.name if reading else '?')})"
 
     # ---- ownership and lifecycle --------------------------------------------------
     def try_start(self) -> bool:
@@ -246,7 +271,9 @@ class Studio:
         self.owner = False
 
     def _settings(self, lane: Lane) -> dict:
-        return {"parent_pid": os.getpid(), "idle_unload_s": self.config.idle_unload_s, "lane": lane.name}
+        cuda = getattr(self.devices[lane.index], "cuda_index", None) if lane.index is not None else None
+        return {"parent_pid": os.getpid(), "idle_unload_s": self.config.idle_unload_s, "lane": lane.name,
+                "cuda_device": cuda}
 
     def _start_worker(self, lane: Lane) -> None:
         self._generation += 1
@@ -264,9 +291,9 @@ class Studio:
         """Apply new settings now (budget, reserve, idle unload) and save them."""
         self.config = replace(self.config, **changes)
         self.config.save()
-        w = self.lanes["device"].worker
-        if w:
-            w.inq.put({"type": "settings", "idle_unload_s": self.config.idle_unload_s})
+        for lane in self.device_lanes():
+            if lane.worker:
+                lane.worker.inq.put({"type": "settings", "idle_unload_s": self.config.idle_unload_s})
         return self.config
 
     # ---- submitting -------------------------------------------------------------
@@ -281,12 +308,21 @@ class Studio:
         owner: str | None = None,
         budget_bytes: int | None = None,
         resume_of: str | None = None,
+        device: int | str | None = None,
     ) -> Job:
         """Validate, estimate and gate a job. Bad params raise ValueError (nothing queued); over budget -> REFUSED.
         The job keeps the params as asked (Retry and Resume use them) and the ones `fit` resolved (the run uses
-        them). A remote user's params are checked against what they own first (studio.access)."""
+        them). A remote user's params are checked against what they own first (studio.access).
+
+        `device` (also `--param device=N` for a kind without a param of that name) pins the job to one device; left
+        out, the job is gated against every device in use and the scheduler places it where it fits best."""
         module = registry.module_for(kind)
-        p = params_mod.build(module.Params, dict(params or {}))
+        params = dict(params or {})
+        if "device" in params and "device" not in {f.name for f in dataclasses.fields(module.Params)}:
+            asked = params.pop("device")
+            device = asked if device is None else device
+        pin = self._pinned_device(device) if registry.uses_device(kind) else None
+        p = params_mod.build(module.Params, params)
         requested = params_mod.to_dict(p)
         access.check(self, kind, module, requested, self.user(owner))  # before validate reads any file it names
         if hasattr(module, "validate"):  # raises on bad input; may return the params with names resolved to paths
@@ -294,8 +330,63 @@ class Studio:
             if isinstance(checked, module.Params):
                 p = checked
         uses_device = registry.uses_device(kind)
-        reading = self.device.read()
-        budget = budget_bytes or self.config.budget_bytes(reading.total)
+        if uses_device:
+            candidates = [pin] if pin is not None else [lane.index for lane in self.device_lanes()]
+            if not candidates:
+                raise ValueError("every device is marked 'do not use' in Settings: allow one to run this job")
+        else:
+            candidates = [0]
+        fitting, refused = [], []
+        for index in candidates:
+            try:
+                fitting.append(self._gate_on(index, module, p, budget_bytes, uses_device))
+            except Refused as r:
+                refused.append((index, r))
+        if not fitting:
+            index, r = max(refused, key=lambda ir: ir[1].budget)  # the biggest card's answer, with its suggestion
+            if len(refused) > 1:
+                r.reason = "Fits on no device: " + "; ".join(
+                    f"{self.device_label(i)} has a budget of {x.budget / GiB:.2f} GiB" for i, x in refused) + \
+                    ". " + r.reason
+            job = self.store.add(kind, requested, JobStatus.REFUSED,
+                                 estimate=r.estimate.to_dict() if r.estimate else None, error=r.reason, owner=owner,
+                                 resume_of=resume_of, budget_bytes=r.budget, resolved=r.resolved, device_pin=pin,
+                                 device=index)
+            self.run_dir(job.id).mkdir(parents=True, exist_ok=True)
+            events.append(self.run_dir(job.id), "end", status=JobStatus.REFUSED.value, error=r.reason,
+                          suggestion=r.suggestion)
+            return job
+        # queued on the device with the most room to spare; the scheduler may still start it on another one
+        index, resolved, est, budget = max(fitting, key=lambda f: f[3] - f[2].total)
+        job = self.store.add(kind, requested, JobStatus.QUEUED, estimate=est.to_dict(), owner=owner,
+                             resume_of=resume_of, budget_bytes=budget, resolved=resolved, device_pin=pin,
+                             device=index if uses_device else None)
+        self.run_dir(job.id).mkdir(parents=True, exist_ok=True)
+        events.append(self.run_dir(job.id), "queued", estimate=est.to_dict())
+        self._inbox.put(("wake",))
+        return job
+
+    def _pinned_device(self, device: int | str | None) -> int | None:
+        """The device number a user asked for, checked; None for "wherever it fits"."""
+        if device is None or str(device).strip().lower() in ("", "auto", "any"):
+            return None
+        try:
+            index = int(str(device).strip().lower().removeprefix("gpu").removeprefix("cuda:").strip())
+        except ValueError:
+            raise ValueError(f"device must be a device number such as 0 or 1, or auto; got {device!r}") from None
+        known = ", ".join(f"{i}: {self.device_label(i)}" for i in range(len(self.devices)))
+        if not 0 <= index < len(self.devices):
+            raise ValueError(f"there is no device {index}; this studio has {known}")
+        if not self.config.device_used(index):
+            raise ValueError(f"device {index} is marked 'do not use' in Settings; allow it there or pick another "
+                             f"({known})")
+        return index
+
+    def _gate_on(self, index: int, module, p, budget_bytes: int | None, uses_device: bool):
+        """(index, resolved params, estimate, budget) of a job on one device; raises Refused (with .budget and
+        .resolved) when it does not fit there."""
+        reading = self.devices[index].read()
+        budget = budget_bytes or self.config.budget_bytes(reading.total, index)
         why = ""
         if reading.kind == "cpu" and budget_bytes is None:  # RAM the studio's other processes hold is never free
             held = self._resident_beside_device_worker()
@@ -310,19 +401,9 @@ class Studio:
         except Refused as r:
             if why:
                 r.reason = r.reason.replace(" budget ", " budget" + why + " ", 1)
-            job = self.store.add(kind, requested, JobStatus.REFUSED,
-                                 estimate=r.estimate.to_dict() if r.estimate else None, error=r.reason, owner=owner,
-                                 resume_of=resume_of, budget_bytes=budget, resolved=resolved)
-            self.run_dir(job.id).mkdir(parents=True, exist_ok=True)
-            events.append(self.run_dir(job.id), "end", status=JobStatus.REFUSED.value, error=r.reason,
-                          suggestion=r.suggestion)
-            return job
-        job = self.store.add(kind, requested, JobStatus.QUEUED, estimate=est.to_dict(), owner=owner,
-                             resume_of=resume_of, budget_bytes=budget, resolved=resolved)
-        self.run_dir(job.id).mkdir(parents=True, exist_ok=True)
-        events.append(self.run_dir(job.id), "queued", estimate=est.to_dict())
-        self._inbox.put(("wake",))
-        return job
+            r.budget, r.resolved = budget, resolved
+            raise
+        return index, resolved, est, budget
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job. The request is recorded first, so a job the scheduler is taking at this
@@ -342,7 +423,7 @@ class Studio:
         params = dict(old.params)
         if "resume_from" in params:
             params["resume_from"] = ""
-        return self.submit(old.kind, params, owner=owner or old.owner)
+        return self.submit(old.kind, params, owner=owner or old.owner, device=old.device_pin)
 
     def checkpoint_of(self, job_id: str) -> tuple[str, dict] | None:
         """The newest checkpoint along a job's resume chain (itself, the job it resumed, …): (job id, its state)."""
@@ -378,13 +459,13 @@ class Studio:
             raise ValueError(f"job {job_id} saved no checkpoint before it stopped (nor did a job it resumed); "
                              "use Retry to start over")
         return self.submit(old.kind, {**old.params, "resume_from": found[0]}, owner=owner or old.owner,
-                           resume_of=job_id)
+                           resume_of=job_id, device=old.device_pin)
 
     def unload_models(self) -> None:
-        """Empty the worker's model cache now (it also empties itself after the idle timeout)."""
-        w = self.lanes["device"].worker
-        if w:
-            w.inq.put({"type": "evict"})
+        """Empty the device workers' model caches now (each also empties itself after the idle timeout)."""
+        for lane in self.device_lanes():
+            if lane.worker:
+                lane.worker.inq.put({"type": "evict"})
 
     def pause(self, reason: str = "Paused by the user.") -> None:
         self.store.set_paused(True, reason)
@@ -451,10 +532,14 @@ class Studio:
         """What the header shows: device memory, the studio's share, the running jobs, the queue, and any trouble
         (a stopped worker, a data folder that cannot be written) in one line. With auth, a remote `owner` is shown
         only her own jobs."""
-        reading: DeviceReading = self.device.read(self.studio_pids())
-        out: dict[str, Any] = {"device": reading.to_dict(), "budget": self.config.budget_bytes(reading.total),
+        pids = self.studio_pids()
+        lanes = {lane.index: lane for lane in self.device_lanes()}
+        first = min(lanes) if lanes else 0
+        readings = [d.read(pids) for d in self.devices]
+        reading = readings[first]
+        out: dict[str, Any] = {"device": reading.to_dict(), "budget": self.config.budget_bytes(reading.total, first),
                                "owner": self.owner, "server": self.server_running()}
-        dev = self.lanes["device"]
+        dev = lanes.get(first) or Lane("device")
         out.update(cache_bytes=sum(dev.cache.values()), cache=[short_key(k) for k in dev.cache],
                    worker=vars(dev.info).copy(), trouble=None)
         try:
@@ -462,6 +547,16 @@ class Studio:
             queued = self.store.queued()
             mine = self.user(owner).admin  # a remote user sees the device and the queue's length, not others' jobs
             own = [j for j in queued if mine or j.owner == owner]
+            visible = {j.id for j in running if mine or j.owner == owner}
+            # one row per device: its memory, budget, worker and the job on it (a remote user sees only hers)
+            out["devices"] = [{
+                "index": i, "label": self.device_label(i, r), "reading": r.to_dict(),
+                "budget": self.config.budget_bytes(r.total, i), "use": i in lanes,
+                "job": (lambda j: j if j in visible else ("busy" if j else None))(
+                    lanes[i].running or lanes[i].held_by) if i in lanes else None,
+                "cache_bytes": sum(lanes[i].cache.values()) if i in lanes else 0,
+                "ready": lanes[i].info.ready if i in lanes else False,
+            } for i, r in enumerate(readings)]
             out.update(running=[{"id": j.id, "kind": j.kind, "progress": j.progress, "message": j.message}
                                 for j in running if j.id not in self._pending and (mine or j.owner == owner)],
                        queued=len(queued), waiting=own[0].wait_reason if own else None,
@@ -501,6 +596,9 @@ class Studio:
         else:
             if moved:
                 self._end_event(job_id, status, fields)
+        for lane in self.lanes.values():  # the other devices a multi-device job held are free again
+            if lane.held_by == job_id:
+                lane.held_by = None
         with self._ended:
             self._ended.notify_all()
         return moved
@@ -649,6 +747,7 @@ class Studio:
     def _tick(self) -> None:
         paused = self.store.paused
         queued = None
+        idle = []
         for lane in self.lanes.values():
             if lane.worker is None:
                 if lane.info.stopped and not paused and not self._stopping.is_set():
@@ -658,13 +757,18 @@ class Studio:
                 continue
             if lane.running:
                 self._watch_running(lane)
-                continue
-            if not lane.info.ready or lane.settling or paused:
-                continue
-            if queued is None:
-                queued = self.store.queued()
-            if self._dispatch(lane, [j for j in queued if registry.lane_of(j.kind) == lane.name]):
-                queued = None  # one left the queue: read it again below
+            elif lane.info.ready and not lane.settling and not lane.held_by:
+                idle.append(lane)
+        if idle and not paused:
+            queued = self.store.queued()
+            moved = False
+            if self.lanes["io"] in idle:
+                moved = self._dispatch(self.lanes["io"], [j for j in queued if registry.lane_of(j.kind) == "io"])
+            devices = [lane for lane in idle if lane.index is not None]
+            if devices:
+                moved = self._place([j for j in queued if registry.lane_of(j.kind) == "device"], devices) or moved
+            if moved:
+                queued = None  # some left the queue: read it again below
         if queued is None and (paused or any(lane.running for lane in self.lanes.values())):
             queued = self.store.queued()
         if queued:
@@ -681,37 +785,129 @@ class Studio:
             w.kill()  # the forwarder reports the death; _worker_died records CANCELLED
 
     def _dispatch(self, lane: Lane, queued: list[Job]) -> bool:
-        """Start the lane's first queued job when the device has room for what it lacks; True when a job left the
-        queue (started, failed or cancelled)."""
+        """Start the io lane's first queued job; True when it left the queue (started, failed or cancelled)."""
         if not queued:
             return False
-        job = queued[0]  # strict submission order within a lane: a big job waiting for room is not overtaken
+        return self._start(lane, queued[0], [])
+
+    def _place(self, queued: list[Job], idle: list[Lane]) -> bool:
+        """Start queued device jobs, in submission order, on the idle devices where they fit best; True when any
+        left the queue. A job that cannot start yet keeps the devices it could use for itself (a big job waiting
+        for room, or a pinned job waiting for its card, is not overtaken there), but not the other ones."""
+        kept: set[str] = set()
+        moved = False
+        for job in queued:
+            if not idle:
+                break
+            if job.kind not in registry.WORKERS:
+                moved = self._start(idle[0], job, []) or moved  # fails it with the reason
+                continue
+            held = self._devices_held(job)
+            lanes = self._lanes_for(job, held)
+            if isinstance(lanes, str):
+                self._set_wait(job, lanes)
+                continue
+            free = [lane for lane in lanes if lane in idle and lane.name not in kept]
+            if held and len(free) < len(lanes):  # a job that holds several devices waits for all of them
+                kept.update(lane.name for lane in lanes)
+                continue
+            if not free:
+                kept.update(lane.name for lane in lanes)
+                continue
+            plans, reasons = [], []
+            for lane in free[:1] if held else free:
+                plan = self._plan_memory(lane, job)
+                (reasons if isinstance(plan, str) else plans).append((lane, plan))
+            if not plans:
+                self._set_wait(job, reasons[0][1])
+                kept.update(lane.name for lane in lanes)
+                continue
+
+            def preference(lp):  # where its models are cached first, then the device with the most free memory
+                lane, _ = lp
+                est = Estimate.from_dict(job.estimate)
+                return (sum(b for k, b in lane.cache.items() if k in est.models), self._reading(lane.index).free)
+
+            lane, evict = max(plans, key=preference)
+            moved = self._start(lane, job, evict, also=[x for x in lanes if x is not lane] if held else []) or moved
+            idle = [x for x in idle if x is not lane and x.held_by is None]
+        return moved
+
+    def _devices_held(self, job: Job) -> list[int] | None:
+        """The devices a job holds at once (a fine-tune across GPUs: `devices=0,1`), or None for one device."""
+        module = registry.module_for(job.kind)
+        if not hasattr(module, "devices_of"):
+            return None
+        held = module.devices_of(params_mod.build(module.Params, job.resolved or job.params), len(self.devices))
+        return sorted(held) if held and len(held) > 1 else None
+
+    def _lanes_for(self, job: Job, held: list[int] | None) -> list[Lane] | str:
+        """The device lanes a job may start on (its pinned card, the cards it holds, or every card whose budget it
+        fits), or why there is none."""
+        by_index = {lane.index: lane for lane in self.device_lanes()}
+        if held:
+            missing = [i for i in held if i not in by_index]
+            if missing:
+                return (f"Waiting for device(s) {', '.join(map(str, missing))}, which this studio does not use now "
+                        "(Settings: do not use); Cancel drops it.")
+            return [by_index[i] for i in held]
+        if job.device_pin is not None:
+            lane = by_index.get(job.device_pin)
+            return [lane] if lane else (f"Waiting for device {job.device_pin}, which this studio does not use now "
+                                        "(Settings: do not use); Cancel drops it.")
+        if len(by_index) == 1:
+            return list(by_index.values())
+        total = Estimate.from_dict(job.estimate).total if job.estimate else 0
+        lanes = [lane for lane in by_index.values()  # the budget it was gated on holds for the device it was gated on
+                 if total <= (job.budget_bytes if lane.index == job.device else self._budget(lane.index))]
+        return lanes or "Waiting: its estimate fits no device's budget now (the budgets changed in Settings); " \
+                        "Cancel drops it."
+
+    def _reading(self, index: int) -> DeviceReading:
+        return self.devices[index].read(self.studio_pids())
+
+    def _budget(self, index: int) -> int:
+        return self.config.budget_bytes(self._reading(index).total, index)
+
+    def _start(self, lane: Lane, job: Job, evict: list[str], also: list[Lane] = ()) -> bool:
+        """Send a job to a lane's worker (`also`: the other devices it holds while it runs); True when it left the
+        queue (started, failed or cancelled)."""
         if job.kind not in registry.WORKERS:
             self._finish(job.id, JobStatus.FAILED, frm=(JobStatus.QUEUED,),
                          error=f"This studio has no job kind {job.kind!r} (it was queued by another version); "
                                f"known kinds: {', '.join(sorted(registry.WORKERS))}.")
             return True
-        evict: list[str] = []
-        if lane.name == "device":
-            plan = self._plan_memory(lane, job)
-            if isinstance(plan, str):
-                self._set_wait(job, plan)
-                return False
-            evict = plan
-        if not self.store.start(job.id, started=time.time()):
+        params = job.resolved or job.params
+        fields: dict[str, Any] = {"started": time.time()}
+        if lane.index is not None:
+            fields["device"] = lane.index
+            module = registry.module_for(job.kind)
+            if job.device is not None and job.device != lane.index and hasattr(module, "fit"):
+                # gated on another card: size it to this one (an LLM's GPU layers on a smaller card)
+                try:
+                    _, params, est, budget = self._gate_on(lane.index, module, params_mod.build(
+                        module.Params, job.params), None, True)
+                    fields.update(resolved=json.dumps(params), estimate=json.dumps(est.to_dict()),
+                                  budget_bytes=budget)
+                except (Refused, ValueError) as e:
+                    log.info("job %s does not fit device %s after all: %s", job.id, lane.index, e)
+                    return False
+        if not self.store.start(job.id, **fields):
             # cancelled meanwhile: record the cancel if nobody has yet (one final state either way)
             self._finish(job.id, JobStatus.CANCELLED, frm=(JobStatus.QUEUED,),
                          error="Cancelled before it started." + self._checkpoint_hint(job.id, lead=" "))
             return True
         lane.running = job.id
         lane.cancel_sent_at = None
+        for other in also:
+            other.held_by = job.id
         lane.worker.cancel.clear()
         lane.worker.inq.put({
             "type": "run",
             "job_id": job.id,
             "kind": job.kind,
             "module": registry.WORKERS[job.kind],
-            "params": job.resolved or job.params,
+            "params": params,
             "run_dir": str(self.run_dir(job.id)),
             "data_dir": str(self.config.data_dir),
             "owner": job.owner,
@@ -729,7 +925,7 @@ class Studio:
         cached = lane.cache
         missing = sum(b for k, b in est.models.items() if k not in cached)
         need = est.working + missing
-        reading = self.device.read(self.studio_pids())
+        reading = self._reading(lane.index)
         evictable = [(k, b) for k, b in cached.items() if k not in est.models]  # least recently used first
         room = reading.free + sum(b for _, b in evictable)
         if need > room:
@@ -763,23 +959,35 @@ class Studio:
         self.store.update(job.id, wait_reason=reason)
 
     def _note_queue_positions(self, queued: list[Job], paused: bool) -> None:
-        """Every queued job says what it waits for: the job running in its lane, or the job ahead of it."""
-        first: dict[str, Job] = {}
+        """Every queued job says what it waits for: the jobs running on the devices it can use, or a job ahead of
+        it in the queue that can use them too."""
+        ahead: dict[str, Job] = {}  # lane name -> the first queued job that can use it
         for job in queued:
             if job.kind not in registry.WORKERS:
                 continue
-            name = registry.lane_of(job.kind)
-            lane = self.lanes[name]
-            if name not in first:
-                first[name] = job
-                if paused:
-                    reason = "Queue paused: Resume queue starts it."
-                elif lane.running:
-                    reason = f"Waiting for job {lane.running} to finish."
-                else:
-                    continue  # about to start, or waiting for memory with its own reason
+            if registry.lane_of(job.kind) == "io":
+                lanes = [self.lanes["io"]]
             else:
-                ahead = first[name]
-                reason = f"Queued behind job {ahead.id} ({ahead.kind})."
+                try:
+                    lanes = self._lanes_for(job, self._devices_held(job))
+                except ValueError:
+                    continue
+                if isinstance(lanes, str):
+                    continue  # it has its own reason
+            before = next((ahead[lane.name] for lane in lanes if lane.name in ahead), None)
+            for lane in lanes:
+                ahead.setdefault(lane.name, job)
+            busy = [lane for lane in lanes if lane.running or lane.held_by]
+            if paused:
+                reason = "Queue paused: Resume queue starts it."
+            elif before is not None:
+                reason = f"Queued behind job {before.id} ({before.kind})."
+            elif busy and len(busy) == len(lanes):
+                jobs = [f"job {lane.running or lane.held_by}"
+                        + (f" on {self.device_label(lane.index)}" if len(self.device_lanes()) > 1 and lane.index
+                           is not None else "") for lane in busy]
+                reason = f"Waiting for {' and '.join(jobs)} to finish."
+            else:
+                continue  # about to start, or waiting for memory with its own reason
             if job.wait_reason != reason:
                 self.store.update(job.id, wait_reason=reason)

@@ -37,12 +37,14 @@ class Device(Protocol):
 class NvmlDevice:
     """One NVIDIA GPU through NVML (memory info v2, so `used` excludes reserved memory)."""
 
+    kind_hint = "cuda"
+
     def __init__(self, index: int = 0):
         import pynvml
 
         self._nvml = pynvml
         pynvml.nvmlInit()
-        self.index = index
+        self.index = self.cuda_index = index  # the worker on this card sees only it (CUDA_VISIBLE_DEVICES)
         self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         self.name = pynvml.nvmlDeviceGetName(self.handle)
         self.driver = pynvml.nvmlSystemGetDriverVersion()
@@ -103,6 +105,9 @@ def resident_bytes(pids: Iterable[int]) -> int:
 class CpuDevice:
     """No NVIDIA GPU: jobs run on the CPU and are gated against RAM."""
 
+    kind_hint = "cpu"
+    cuda_index = None  # the worker sets no CUDA_VISIBLE_DEVICES
+
     def __init__(self, note: str):
         self.note = note
         self.name = f"CPU ({os.cpu_count()} cores)"
@@ -122,6 +127,22 @@ class CpuDevice:
             utilization=int(psutil.cpu_percent(interval=None)),
             note=self.note,
         )
+
+
+def detect_all() -> list[Device]:
+    """Every NVIDIA GPU NVML finds, in NVML's order (the order CUDA uses with CUDA_DEVICE_ORDER=PCI_BUS_ID, which each
+    worker sets), restricted to CUDA_VISIBLE_DEVICES when the studio was started with it; else the CPU."""
+    first = detect(0)
+    if first.kind_hint != "cuda":
+        return [first]
+    import pynvml
+
+    count = pynvml.nvmlDeviceGetCount()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    indexes = list(range(count))
+    if visible is not None and all(v.strip().isdigit() for v in visible.split(",") if v.strip()):
+        indexes = [int(v) for v in visible.split(",") if v.strip() and int(v) < count]
+    return [first if i == 0 else NvmlDevice(i) for i in indexes] if indexes else [first]
 
 
 def detect(index: int = 0) -> Device:

@@ -48,6 +48,8 @@ class Job:
     resume_of: str | None = None  # the job whose checkpoint this one continues
     budget_bytes: int | None = None  # the budget the gate applied
     resolved: dict[str, Any] | None = None  # params as `fit` resolved them (GPU layers, batch), when they differ
+    device_pin: int | None = None  # the device the user asked for (`device=1`); None: wherever it fits best
+    device: int | None = None  # the device it was gated on when queued, then the one it runs / ran on
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -76,6 +78,8 @@ class Job:
             resume_of=row["resume_of"],
             budget_bytes=row["budget_bytes"],
             resolved=js(row["resolved"]),
+            device_pin=row["device_pin"],
+            device=row["device"],
         )
 
     @property

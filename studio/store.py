@@ -33,7 +33,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     resume_of TEXT,
     budget_bytes INTEGER,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
-    resolved TEXT
+    resolved TEXT,
+    device_pin INTEGER,
+    device INTEGER
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, seq);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -47,11 +49,13 @@ class Store:
 
     def __init__(self, path: Path):
         self.path = init(path, SCHEMA)
-        with self._conn() as c:  # a store made before `resolved` existed gains the column
+        with self._conn() as c:  # a store made by an older version gains the columns added since
             cols = {r[1] for r in c.execute("PRAGMA table_info(jobs)")}
-            if "resolved" not in cols:
+            for name, sql_type in (("resolved", "TEXT"), ("device_pin", "INTEGER"), ("device", "INTEGER")):
+                if name in cols:
+                    continue
                 try:
-                    c.execute("ALTER TABLE jobs ADD COLUMN resolved TEXT")
+                    c.execute(f"ALTER TABLE jobs ADD COLUMN {name} {sql_type}")
                 except sqlite3.OperationalError as e:  # another process added it first
                     if "duplicate column" not in str(e):
                         raise
@@ -72,6 +76,8 @@ class Store:
         resume_of: str | None = None,
         budget_bytes: int | None = None,
         resolved: dict[str, Any] | None = None,
+        device_pin: int | None = None,
+        device: int | None = None,
     ) -> Job:
         """A new job row. `params` are what was asked; `resolved` what `fit` made of them (None: the same)."""
         job_id = secrets.token_hex(8)  # 64 random bits: unguessable, and no collisions however fast jobs come
@@ -79,7 +85,7 @@ class Store:
         with self._conn() as c:
             c.execute(
                 "INSERT INTO jobs (id, kind, params, status, created, estimate, error, owner, resume_of,"
-                " budget_bytes, finished, resolved) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " budget_bytes, finished, resolved, device_pin, device) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     job_id,
                     kind,
@@ -93,6 +99,8 @@ class Store:
                     budget_bytes,
                     now if status.final else None,
                     json.dumps(resolved) if resolved is not None and resolved != params else None,
+                    device_pin,
+                    device,
                 ),
             )
         return self.get(job_id)

@@ -37,7 +37,7 @@ def package_versions(names=CORE_PACKAGES) -> dict[str, str]:
     return out
 
 
-def memory_reader(device: str):
+def memory_reader(device: str, nvml_index: int | None = None):
     """A function that returns this process's memory on its device now: NVML's per-process figure on CUDA (what
     llama.cpp and CTranslate2 allocate too), torch's reserved memory where NVML cannot see the process (containers),
     the resident set on the CPU."""
@@ -52,7 +52,9 @@ def memory_reader(device: str):
         import pynvml
 
         pynvml.nvmlInit()
-        h = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0))
+        if nvml_index is None:
+            nvml_index = int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0] or 0)
+        h = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
         pid = os.getpid()
 
         def read_nvml() -> int:
@@ -159,6 +161,10 @@ def main(inq, conn, cancel_flag, settings: dict[str, Any]) -> None:
 
     multiprocessing.current_process().daemon = False
     lane = settings.get("lane", "device")
+    cuda_device = settings.get("cuda_device")  # on a box with several GPUs, each device worker sees only its own
+    if cuda_device is not None and lane != "io":
+        os.environ["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # NVML's order, which the studio's device numbers follow
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(cuda_device)
     if lane == "io":  # downloads and dataset checks: this process never touches the GPU, nor loads torch up front
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
         torch, device = None, "cpu"
@@ -179,7 +185,7 @@ def main(inq, conn, cancel_flag, settings: dict[str, Any]) -> None:
 
     gc.collect()
     gc.freeze()  # the imports never become garbage: later collections skip them
-    measure = memory_reader(device)
+    measure = memory_reader(device, cuda_device)
     high_water = rss_high_water() if device == "cpu" else None
     baseline = measure()  # this process once started, before any job: its runtime context
     cache = ModelCache(on_evict=free_device_memory, measure=measure)

@@ -1,0 +1,138 @@
+"""One worker per device: two fake GPUs (only their NVML readings are faked; each has a real CPU worker process
+underneath), so two jobs run side by side, a job goes to the card with room, a pinned job waits for its card, and a
+worker's death interrupts only its own job."""
+import os
+import signal
+import time
+from dataclasses import replace
+
+import pytest
+from conftest import FakeNvml, wait_for
+
+from studio import Config, GiB, JobStatus, Studio, registry
+from tabs.header import meter_html
+
+
+def register_test_kinds():
+    for kind, module in (("test_steps", "helpers_steps"), ("test_sleeper", "helpers_worker")):
+        if kind not in registry.WORKERS:
+            registry.register(kind, module)
+
+
+@pytest.fixture(scope="module")
+def two_gpus(tmp_path_factory):
+    register_test_kinds()
+    devs = [FakeNvml(total=12 * GiB, free=11 * GiB), FakeNvml(total=12 * GiB, free=11 * GiB)]
+    cfg = replace(Config.load(tmp_path_factory.mktemp("two-gpus")), cancel_grace_s=3.0)
+    s = Studio(cfg, devices=devs).start()
+    wait_for(lambda: all(lane.info.ready for lane in s.device_lanes()), 120, "both device workers")
+    yield s, devs
+    s.shutdown()
+
+
+@pytest.fixture
+def gpus(two_gpus):
+    """The module's studio, its cards reset to idle and empty after each test."""
+    s, devs = two_gpus
+    yield s, devs
+    for d in devs:
+        d.free = 11 * GiB
+    for j in s.store.queued() + s.store.with_status(JobStatus.RUNNING):
+        s.cancel(j.id)
+    wait_for(lambda: not any(lane.running or lane.held_by for lane in s.lanes.values()), 30, "the cards to be free")
+
+
+def steps(n=20, seconds=0.1, mib=1):
+    return {"steps": n, "seconds": seconds, "mib": mib}
+
+
+def test_each_device_has_its_own_worker_and_meter_row(gpus):
+    s, _ = gpus
+    lanes = s.device_lanes()
+    assert [lane.index for lane in lanes] == [0, 1] and [lane.name for lane in lanes] == ["device", "device:1"]
+    assert len({lane.info.pid for lane in lanes}) == 2  # two processes
+    m = s.meter()
+    assert [row["index"] for row in m["devices"]] == [0, 1] and all(row["ready"] for row in m["devices"])
+    page = meter_html(m)
+    assert page.count("class='meter-row'") == 3  # a row per card, then the queue
+    assert "GPU 0 (Fake RTX 4070 Ti)" in page and "GPU 1 (Fake RTX 4070 Ti)" in page
+
+
+def test_two_jobs_run_at_the_same_time_on_different_devices(gpus):
+    s, _ = gpus
+    t0 = time.time()
+    a, b = s.submit("test_steps", steps()), s.submit("test_steps", steps())
+    wait_for(lambda: all(s.job(j.id).status is JobStatus.RUNNING for j in (a, b)), 30, "both jobs running at once")
+    a, b = s.wait(a.id, 60), s.wait(b.id, 60)
+    assert a.status is b.status is JobStatus.DONE
+    assert {a.device, b.device} == {0, 1}
+    assert time.time() - t0 < 2 * 2.0  # side by side, not one after the other (each takes >= 2 s)
+    started = [e for e in s.events(a.id)[0] if e["type"] == "started"]
+    assert started and started[0]["worker_pid"] in {lane.info.pid for lane in s.device_lanes()}
+
+
+def test_a_job_too_big_for_one_card_goes_to_the_one_with_room(gpus):
+    s, devs = gpus
+    devs[0].free = 2 * GiB  # another program holds most of card 0
+    job = s.wait(s.submit("test_steps", steps(3, 0.05, mib=4096)).id, 60)
+    assert job.status is JobStatus.DONE and job.device == 1
+    small = s.wait(s.submit("test_steps", steps(3, 0.05)).id, 60)
+    assert small.status is JobStatus.DONE and small.device == 1  # the card with the most free memory
+
+
+def test_a_job_over_every_cards_budget_is_refused_naming_each_card(gpus):
+    s, _ = gpus
+    job = s.submit("test_steps", steps(mib=20 * 1024))
+    assert job.status is JobStatus.REFUSED
+    assert "Fits on no device" in job.error and "GPU 0" in job.error and "GPU 1" in job.error
+    with pytest.raises(ValueError, match="there is no device 2"):
+        s.submit("test_steps", {**steps(), "device": 2})
+
+
+def test_a_pinned_job_waits_for_its_card_while_others_use_the_free_one(gpus):
+    s, _ = gpus
+    long = s.submit("test_steps", {**steps(30, 0.1), "device": 1})
+    wait_for(lambda: s.job(long.id).status is JobStatus.RUNNING, 30, "the first job")
+    assert s.job(long.id).device == 1 and s.job(long.id).device_pin == 1
+    pinned = s.submit("test_steps", steps(3, 0.05), device="1")
+    free = s.submit("test_steps", steps(3, 0.05))
+    assert s.wait(free.id, 30).status is JobStatus.DONE and s.job(free.id).device == 0  # not behind the pinned one
+    pin = s.job(pinned.id)
+    assert pin.status is JobStatus.QUEUED and f"Waiting for job {long.id}" in (pin.wait_reason or "")
+    assert s.wait(long.id, 60).status is JobStatus.DONE
+    done = s.wait(pinned.id, 30)
+    assert done.status is JobStatus.DONE and done.device == 1
+    again = s.wait(s.retry(pinned.id).id, 30)  # Retry keeps the pin
+    assert again.device_pin == 1 and again.device == 1
+
+
+def test_killing_one_worker_interrupts_only_its_job(gpus):
+    s, _ = gpus
+    a, b = s.submit("test_steps", steps(30, 0.1)), s.submit("test_steps", steps(30, 0.1))
+    wait_for(lambda: all(s.job(j.id).status is JobStatus.RUNNING for j in (a, b)), 30, "both jobs running")
+    victim = s.job(b.id).device
+    lane = next(lane for lane in s.device_lanes() if lane.index == victim)
+    pid = lane.info.pid
+    os.kill(pid, signal.SIGKILL)
+    b = s.wait(b.id, 30)
+    assert b.status is JobStatus.INTERRUPTED and "killed by SIGKILL" in b.error
+    a = s.wait(a.id, 60)
+    assert a.status is JobStatus.DONE  # the other card's job never noticed
+    wait_for(lambda: lane.info.ready and lane.info.pid != pid, 120, "the killed card's worker to be restarted")
+    again = s.wait(s.submit("test_steps", steps(2, 0.05), device=victim).id, 60)
+    assert again.status is JobStatus.DONE and again.device == victim
+
+
+def test_per_device_settings_budget_and_do_not_use(tmp_path):
+    register_test_kinds()
+    cfg = replace(Config.load(tmp_path / "d"), devices={"0": {"use": False}, "1": {"budget_gb": 3}})
+    devs = [FakeNvml(), FakeNvml()]
+    s = Studio(cfg, devices=devs)  # not started: the gate and the lanes are decided from the settings alone
+    assert [lane.index for lane in s.device_lanes()] == [1] and s.device_lanes()[0].name == "device"
+    with pytest.raises(ValueError, match="do not use"):
+        s.submit("test_steps", steps(), device=0)
+    big = s.submit("test_steps", steps(mib=4096))
+    assert big.status is JobStatus.REFUSED and "budget 3.00 GiB" in big.error
+    ok = s.submit("test_steps", steps(mib=512))
+    assert ok.status is JobStatus.QUEUED and ok.device == 1 and ok.budget_bytes == 3 * GiB
+    assert [row["use"] for row in s.meter()["devices"]] == [False, True]
