@@ -15,19 +15,16 @@ def size_text(b: float) -> str:
     return f"{b / 2**20:.0f} MiB" if b >= 2**20 else "<1 MiB"
 
 
-def meter_html(m: dict) -> str:
-    """The header line. Items marked optional (the studio's share, the budget, the card's sensors, the cached models,
-    the running job's id) fold away on a narrow screen (assets/studio.css), so the header stays a few lines tall."""
-    d = m["device"]
+def _device_items(d: dict, budget: int, label: str | None = None) -> list[tuple[str, bool]]:
+    """A device's part of the header: its name, memory bar, the studio's share, the budget, its sensors."""
     total = max(d["total"], 1)
-    budget = m["budget"]
     used_pct, studio_pct = 100 * d["used"] / total, 100 * min(d["studio_used"], d["used"]) / total
     what = "VRAM" if d["kind"] == "cuda" else "RAM"
     bar = (f"<span class='meter-bar' title='grey: all processes, orange: the studio, line: job budget'>"
            f"<span class='used' style='width:{used_pct:.1f}%'></span>"
            f"<span class='studio' style='width:{studio_pct:.1f}%'></span>"
            f"<span class='budget' style='left:{min(100, 100 * budget / total):.1f}%'></span></span>")
-    items = [(f"<b>{html.escape(d['name'])}</b>", False),
+    items = [(f"<b>{html.escape(label or d['name'])}</b>", False),
              (f"{what} {bar} {gib(d['used'])} / {gib(d['total'])}", False),
              (f"studio {gib(d['studio_used'])}", True),
              (f"budget {gib(budget)}", True)]
@@ -36,21 +33,56 @@ def meter_html(m: dict) -> str:
                  f"{d['temperature']} °C" if d["temperature"] is not None else "",
                  f"{d['power_w']:.0f} W" if d["power_w"] else ""]
         items.append((" · ".join(x for x in extra if x), True))
-    if m["running"]:
-        r = m["running"][0]
-        pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
-        items.append((f"running <b>{html.escape(r['kind'])}</b> <code class='meter-opt'>{r['id']}</code>{pct}",
-                      False))
+    return items
+
+
+def _spans(items: list[tuple[str, bool]]) -> str:
+    return "".join(f"<span class='meter-opt'>{i}</span>" if opt else f"<span>{i}</span>" for i, opt in items if i)
+
+
+def meter_html(m: dict) -> str:
+    """The header: one line per device (one line in all on a one-device machine). Items marked optional (the
+    studio's share, the budget, the card's sensors, the cached models, the running job's id) fold away on a narrow
+    screen (assets/studio.css), so the header stays a few lines tall."""
+    d = m["device"]
+    rows = []
+    devices = m.get("devices") or []
+    if len(devices) > 1:  # a row per card: what it holds and which job runs on it
+        kinds = {r["id"]: r for r in m["running"]}
+        for row in devices:
+            items = _device_items(row["reading"], row["budget"], row["label"])
+            job = row["job"]
+            if not row["use"]:
+                items.append(("not used (Settings)", False))
+            elif job in kinds:
+                r = kinds[job]
+                pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
+                items.append((f"running <b>{html.escape(r['kind'])}</b> <code class='meter-opt'>{job}</code>{pct}",
+                              False))
+            else:
+                items.append(("busy" if job else "idle", False))
+            if row["cache_bytes"]:
+                items.append((f"cached models {size_text(row['cache_bytes'])}", True))
+            rows.append(items)
+        items = []
     else:
-        items.append(("idle", False))
+        items = _device_items(d, m["budget"])
+        if m["running"]:
+            r = m["running"][0]
+            pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
+            items.append((f"running <b>{html.escape(r['kind'])}</b> <code class='meter-opt'>{r['id']}</code>{pct}",
+                          False))
+        else:
+            items.append(("idle", False))
     q = f"queue {m['queued']}"
     if m["paused"]:
         q += " · <b style='color:#b91c1c'>paused</b>"
     items.append((q, False))
-    if m["cache"]:
+    if m["cache"] and len(devices) <= 1:
         names = ", ".join(m.get("cache") or [])
         items.append((f"<span title='{html.escape(names)}'>cached models {size_text(m['cache_bytes'])}</span>",
                       True))
+    rows.append(items)
     notes = []  # (text, style)
     if m.get("trouble"):
         notes.append((m["trouble"], "color:#b91c1c;font-weight:bold"))
@@ -63,8 +95,7 @@ def meter_html(m: dict) -> str:
     # the full text is also the tooltip: on a narrow screen each note is one line, cut with an ellipsis
     note = "".join(f"<div class='meter-note' style='{style}' title='{html.escape(text)}'>{html.escape(text)}</div>"
                    for text, style in notes)
-    spans = "".join(f"<span class='meter-opt'>{i}</span>" if opt else f"<span>{i}</span>" for i, opt in items if i)
-    return f"<div class='meter-row'>{spans}</div>{note}"
+    return "".join(f"<div class='meter-row'>{_spans(items)}</div>" for items in rows) + note
 
 
 def build(studio, auth: bool = False) -> dict:
