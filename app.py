@@ -86,7 +86,8 @@ def _quiet_env() -> None:
 def _config(args):
     from studio import Config
 
-    return Config.load(args.data_dir, budget_gb=getattr(args, "budget_gb", None))
+    return Config.load(args.data_dir, budget_gb=getattr(args, "budget_gb", None),
+                       ray_address=getattr(args, "ray", None))
 
 
 def _gib(b) -> str:
@@ -390,14 +391,17 @@ def cmd_doctor(args) -> int:
     from importlib import metadata
 
     from studio import JobStatus
-    from studio.device import detect
+    from studio.device import detect_all
 
     cfg = _config(args)
     print(f"Studio doctor — Python {platform.python_version()} on {platform.platform()}")
-    dev = detect()
-    r = dev.read()
-    print(f"device:   {r.kind} · {r.name} · total {_gib(r.total)} · free {_gib(r.free)} · budget "
-          f"{_gib(cfg.budget_bytes(r.total))}")
+    devices = detect_all()
+    for i, dev in enumerate(devices):
+        r = dev.read()
+        label = "device:  " if len(devices) == 1 else f"device {i}:"
+        print(f"{label} {r.kind} · {r.name} · total {_gib(r.total)} · free {_gib(r.free)} · budget "
+              f"{_gib(cfg.budget_bytes(r.total, i))}" + ("" if cfg.device_used(i) else " · not used (Settings)"))
+    r = devices[0].read()
     if r.kind == "cuda":
         print(f"driver:   {r.driver} (CUDA {r.cuda}) · util {r.utilization}% · {r.temperature} °C · {r.power_w} W")
     else:
@@ -637,6 +641,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--admin", help="the user who may name server paths, trust files and change settings "
                    "(default: the first user)")
     s.add_argument("--budget-gb", type=float, default=None, help="memory budget for jobs (default: total - reserve)")
+    s.add_argument("--ray", metavar="ADDRESS", default=None, help="run device jobs on a Ray cluster (auto, "
+                   "ray://host:10001, or local); needs `pip install -r requirements-ray.txt`")
     s.add_argument("--openai-api", action="store_true", help="also serve an OpenAI-compatible API at /v1 (chat "
                    "completions and models) through the queue; with --auth its API key is user:password")
 
@@ -644,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("kind")
     r.add_argument("--param", "-p", action="append", default=[], help="key=value (repeat)")
     r.add_argument("--budget-gb", type=float, default=None, help="budget for this job only")
+    r.add_argument("--ray", metavar="ADDRESS", default=None, help="run it on a Ray cluster (see serve --ray)")
     r.add_argument("--quiet", "-q", action="store_true", help="print only the outcome")
 
     j = sub.add_parser("jobs", parents=[common], help="list, show, cancel, resume or retry jobs")
