@@ -136,3 +136,35 @@ def test_per_device_settings_budget_and_do_not_use(tmp_path):
     ok = s.submit("test_steps", steps(mib=512))
     assert ok.status is JobStatus.QUEUED and ok.device == 1 and ok.budget_bytes == 3 * GiB
     assert [row["use"] for row in s.meter()["devices"]] == [False, True]
+
+
+def test_settings_tab_saves_each_cards_budget_and_use(gpus):
+    from gradio_client import Client
+
+    import app
+    from conftest import free_port
+    from tabs.settings import DEVICE_COLUMNS
+
+    s, _ = gpus
+    saved = s.config
+    demo = app.build_ui(s)
+    port = free_port()
+    app.launch(demo, s, server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        rows = [[0, "Fake RTX 4070 Ti", 12.0, 6.0, 1.0, True], [1, "Fake RTX 4070 Ti", 12.0, 0.0, 2.0, False]]
+        note = client.predict({"headers": DEVICE_COLUMNS, "data": rows}, api_name="/save_device_settings")
+        assert "Saved" in note and "Restart" in note  # card 1's "use" changes at the next start
+        assert s.config.devices == {"0": {"budget_gb": 6.0, "reserve_gb": 1.0, "use": True},
+                                    "1": {"budget_gb": 0.0, "reserve_gb": 2.0, "use": False}}
+        assert Config.load(s.config.data_dir).devices == s.config.devices  # saved to settings.json
+        assert s.meter()["devices"][0]["budget"] == 6 * GiB and s.meter()["devices"][1]["budget"] == 10 * GiB
+        bad = [[0, "x", 12.0, 20.0, 1.0, True], rows[1]]
+        with pytest.raises(Exception, match="cannot exceed"):
+            client.predict({"headers": DEVICE_COLUMNS, "data": bad}, api_name="/save_device_settings")
+        off = [[0, "x", 12.0, 0.0, 1.0, False], rows[1]]
+        with pytest.raises(Exception, match="at least one device"):
+            client.predict({"headers": DEVICE_COLUMNS, "data": off}, api_name="/save_device_settings")
+    finally:
+        demo.close()
+        s.update_config(devices=saved.devices)
