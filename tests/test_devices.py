@@ -168,3 +168,12 @@ def test_settings_tab_saves_each_cards_budget_and_use(gpus):
     finally:
         demo.close()
         s.update_config(devices=saved.devices)
+
+
+def test_cli_pins_a_job_to_a_device_and_names_the_devices_there_are(tmp_path):
+    from test_cli import app as cli
+
+    ok = cli("run", "selftest", "--param", "mib=1", "--param", "device=0", "--quiet", "--data-dir", str(tmp_path))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    bad = cli("run", "selftest", "--param", "device=3", "--data-dir", str(tmp_path))
+    assert bad.returncode == 1 and "there is no device 3; this studio has 0: the CPU" in bad.stdout
