@@ -196,6 +196,8 @@ def summary_html(job) -> str:
         changed = {k: v for k, v in job.resolved.items() if job.params.get(k) != v}
         if changed:
             parts.append("<b>chosen to fit</b> " + html.escape(", ".join(f"{k}={v}" for k, v in changed.items())))
+    if job.device is not None and (job.device_pin is not None or job.device > 0):  # a box with several cards
+        parts.append(f"<b>device</b> {job.device}" + (" (pinned)" if job.device_pin is not None else ""))
     if job.resume_of:
         parts.append(f"resumes job <code>{html.escape(job.resume_of)}</code>")
     parts.append(f"<details><summary>params</summary>{kv_block(job.params or {})}</details>")

@@ -102,6 +102,9 @@ def test_a_pinned_job_waits_for_its_card_while_others_use_the_free_one(gpus):
     assert s.wait(long.id, 60).status is JobStatus.DONE
     done = s.wait(pinned.id, 30)
     assert done.status is JobStatus.DONE and done.device == 1
+    from tabs.jobs import summary_html
+
+    assert "<b>device</b> 1 (pinned)" in summary_html(done)  # the Jobs tab says where it ran
     again = s.wait(s.retry(pinned.id).id, 30)  # Retry keeps the pin
     assert again.device_pin == 1 and again.device == 1
 
