@@ -13,6 +13,11 @@ file against those hashes, and hands it to the Trainer, which restores the adapt
 data position. Out of memory during a step: the studio saves a checkpoint, halves `micro_batch`, doubles
 `grad_accum` and continues from it; a second OOM at micro-batch 1 stops with a suggestion. See the package docstring
 for the run folder's layout.
+
+Several devices (`devices`): `run` hands the job to workers.finetune.distributed, which starts one process per device
+through accelerate's launcher; each runs `train_job`, this module's single-device path, and the Trainer does DDP (or
+DeepSpeed ZeRO with `deepspeed`). Rank 0 alone writes the run folder, so the result is laid out as a single run's.
+`micro_batch` is per process: the effective batch is micro_batch x grad_accum x processes.
 """
 from __future__ import annotations
 
@@ -22,12 +27,13 @@ import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from studio.hashing import sha256
 from studio.gate import Estimate
+from workers.finetune import distributed
 from workers.finetune import estimate as est
 
 PACKAGES = ("transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets")  # versions for the run card
@@ -64,6 +70,11 @@ class Params:
     eval_prompts: int = 5  # dev prompts the base and the tuned model answer side by side (ROUGE-L); 0: none
     eval_new_tokens: int = 96  # at most this many tokens per answer (greedy)
     resume_from: str = ""  # a finetune job id whose checkpoint this run continues (set by Resume; also extends a finished run)
+    # "": the worker's one device (as always); on CUDA "0,1" or "all": DDP over those GPUs through accelerate, holding
+    # all of them; on a machine without CUDA a count such as "2": that many CPU processes joined with gloo
+    devices: str = ""
+    # DeepSpeed ZeRO through accelerate over `devices` (zero2: optimizer and gradients sharded; zero3: weights too)
+    deepspeed: Literal["", "zero2", "zero3"] = ""
 
     def __post_init__(self):
         for name, lo, hi in [("lora_r", 1, 1024), ("lora_alpha", 1, 4096), ("lora_dropout", 0.0, 0.9),
@@ -79,12 +90,15 @@ class Params:
             raise ValueError("no base model given: a preset (e.g. Llama-3.1-8B-Instruct) or a model folder")
         if not self.data.strip():
             raise ValueError("no data given: name a JSONL, JSON, CSV or Parquet file of examples")
+        distributed.check_syntax(self.devices)
 
 
-def validate(p: Params, config) -> None:
-    """Bad input fails here, before anything is queued: the base's config, every data line, the checkpoint."""
+def validate(p: Params, config) -> Params:
+    """Bad input fails here, before anything is queued: the devices, the base's config, every data line, the
+    checkpoint. Returns the params with devices="all" resolved to the GPU ids it stands for."""
     from workers.finetune import data
 
+    devices = distributed.check(p)
     check_seq_len(p.max_seq_len, est.model_config(p.base), p.base)
     examples = data.read(p.data)
     if p.eval_data:
@@ -92,6 +106,7 @@ def validate(p: Params, config) -> None:
     elif len(examples) < 2:
         raise ValueError(f"{len(examples)} example: a dev split needs at least 2 (or give eval_data)")
     check_resume(config, p.resume_from, "fine-tuning")
+    return replace(p, devices=devices) if devices != p.devices else p
 
 
 def check_seq_len(max_seq_len: int, text_config: dict, base: str) -> None:
@@ -117,8 +132,27 @@ def distinct(p, changes):
             yield change
 
 
+# each training process's own runtime, as studio.gate.runtime_context_bytes counts the worker's
+RANK_CONTEXT = {"cuda": 620 * 2**20, "cpu": 900 * 2**20}
+
+
 def estimate(p: Params, device) -> Estimate:
+    """Per device. DDP keeps a whole copy of the model, optimizer and a micro-batch's activations on each GPU: about
+    the single-device figure, plus the process's own CUDA context (the worker's is the gate's context). ZeRO-2 shards
+    the optimizer state and gradients over the GPUs, ZeRO-3 the weights too. Without CUDA the N processes share one
+    device, the RAM: N whole copies, each with its own runtime."""
     parts, note = est.breakdown(p, device)
+    kind = getattr(device, "kind", "cpu")
+    n = distributed.estimate_processes(p.devices, kind)
+    if n > 1 and kind == "cuda":
+        sharded = {"zero2": ("grads", "optimizer"), "zero3": ("weights", "grads", "optimizer")}.get(p.deepspeed, ())
+        parts = {k: v // n if k in sharded else v for k, v in parts.items()}
+        parts["workspace"] += RANK_CONTEXT["cuda"]
+        note += f"; per GPU of {n} ({f'DeepSpeed {p.deepspeed.upper()}' if p.deepspeed else 'DDP'})"
+    elif n > 1:
+        parts = {k: v * n for k, v in parts.items()}
+        parts["libraries"] = parts.get("libraries", 0) + n * RANK_CONTEXT["cpu"]
+        note += f"; {n} CPU processes, each with its own copy"
     return Estimate(parts=parts, note=note)
 
 
@@ -220,11 +254,15 @@ def _load_model(p: Params, source: str, cuda: bool):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     dtype = torch.bfloat16 if cuda else torch.float32
-    kw = dict(dtype=dtype, attn_implementation="sdpa", device_map={"": 0} if cuda else "cpu")
+    zero3 = p.deepspeed == "zero3"
+    # each process loads onto its own GPU (LOCAL_RANK: 0 alone); ZeRO-3 places and shards the weights itself
+    device_map = None if zero3 else {"": _local_rank()} if cuda else "cpu"
+    kw = dict(dtype=dtype, attn_implementation="sdpa", device_map=device_map)
     if p.method == "qlora":
         kw["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if zero3 else torch.uint8)  # ZeRO-3 shards 4-bit weights stored as bf16
     if p.method == "full":
         kw["dtype"] = torch.float32  # fp32 master weights; bf16 autocast on CUDA
     try:
@@ -255,14 +293,45 @@ def _load_tokenizer(p: Params, source: str):
     return tok
 
 
+def _rank() -> int:
+    """This process's rank in a multi-process run (torchrun sets RANK); 0 for a single process."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def run(p: Params, ctx) -> dict:
+    if distributed.processes(distributed.parse_devices(
+            p.devices, distributed.cuda_count() if ctx.device == "cuda" else 0)) > 1:
+        return distributed.run(p, ctx)  # one process per device, each running train_job
+    return train_job(p, ctx)
+
+
+def train_job(p: Params, ctx, resumed: tuple | None = None) -> dict:
+    """The fine-tune itself, in the worker or in each process of a multi-process run (rank 0 writes the run folder).
+    `resumed`: a resume's (checkpoint, state, micro_batch, grad_accum) already checked by the launching worker."""
     ctx.progress(0, None, "reading the data")
     import torch
 
     from workers.finetune import data
 
     cuda = ctx.device == "cuda"
-    torch.set_num_threads(p.threads or os.cpu_count() or 1)
+    main = _rank() == 0
+    torch.set_num_threads(p.threads or max(1, (os.cpu_count() or 1) // _world()))  # the cores shared among ranks
     source = base_source(p.base)
     tok = _load_tokenizer(p, source)
     own_template = data.ensure_template(tok)
@@ -273,7 +342,8 @@ def run(p: Params, ctx) -> dict:
         train_ex, dev_ex = data.split(examples, p.dev_fraction, p.dev_max, p.seed)
     report = data.report(p.data, tok, p.max_seq_len, p.train_on_prompt, p.eval_data, p.dev_fraction, p.dev_max,
                          p.seed, examples=examples)
-    (ctx.run_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    if main:
+        (ctx.run_dir / "data_report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
     ctx.emit("data_report", report=report)
     train_enc, skipped = data.encode_all(train_ex, tok, p.max_seq_len, p.train_on_prompt)
     dev_enc, _ = data.encode_all(dev_ex, tok, p.max_seq_len, p.train_on_prompt)
@@ -285,10 +355,14 @@ def run(p: Params, ctx) -> dict:
     data_hash = data.file_hash(p.data)
     dev_hash = data.file_hash(p.eval_data) if p.eval_data else None
     prompts = eval_set(dev_ex, tok, p.max_seq_len, p.eval_prompts)
+    if prompts and p.deepspeed == "zero3":  # rank 0 cannot generate alone from weights sharded over every GPU
+        ctx.log("ZeRO-3: the base and tuned dev answers are skipped (the weights are sharded across the GPUs); "
+                "Chat with the adapter or merge it to compare")
+        prompts = []
     base_answers = None  # answered before training (kept in the checkpoint's state, so a resume has them too)
 
-    resume_ckpt, state, micro_batch, grad_accum = resume_state(ctx, p.resume_from, data_hash, p.micro_batch,
-                                                               p.grad_accum)
+    resume_ckpt, state, micro_batch, grad_accum = resumed or resume_state(ctx, p.resume_from, data_hash,
+                                                                          p.micro_batch, p.grad_accum)
     resumed_step = state.get("step", 0)
     base_answers = state.get("eval_base")  # the base's answers from before the first run
 
@@ -298,6 +372,10 @@ def run(p: Params, ctx) -> dict:
 
     ctx.progress(0, None, f"loading {Path(source).name} ({p.method})")
     transformers.set_seed(p.seed)  # LoRA's initial A matrices come from the global RNG
+    # ZeRO-3 loads each weight straight into its shard (zero.Init) only when the Trainer's DeepSpeed config exists
+    # before from_pretrained: the arguments are made first and kept until the Trainer makes its own
+    zero3_args = _sft_config(p, ctx.run_dir / "checkpoint", micro_batch, grad_accum, cuda, bool(dev_enc), trl) \
+        if p.deepspeed == "zero3" else None
     model = _load_model(p, source, cuda)
     base_revision = getattr(model.config, "_commit_hash", None)
     if p.method != "full":
@@ -335,19 +413,26 @@ def run(p: Params, ctx) -> dict:
     callback = _make_callback(ctx, cuda, ckpt_root, extra, resumed_step)
     if resume_ckpt is not None:
         callback.start_dev = state.get("dev_loss_start")  # the dev loss before the first of the runs
-    if prompts and base_answers is None and resume_ckpt is None:  # the base as loaded (a new LoRA changes nothing)
-        base_answers = _base_answers(model, tok, prompts, ctx, p.eval_new_tokens, cuda)
+    if main and prompts and base_answers is None and resume_ckpt is None:  # the base as loaded (a new LoRA changes
+        base_answers = _base_answers(model, tok, prompts, ctx, p.eval_new_tokens, cuda)  # nothing); rank 0 records it
+    # a rank's cancel sync goes first: every rank reads the cancel just before the studio callback acts on it
+    rank_callbacks = ctx.trainer_callbacks if hasattr(ctx, "trainer_callbacks") else list
     trainer, result_metrics, ooms = train_loop(
-        lambda mb, ga: _trainer(p, model, tok, train_ds, dev_ds, ckpt_root, mb, ga, cuda, callback, trl,
-                                transformers),
+        lambda mb, ga: _trainer(p, model, tok, train_ds, dev_ds, ckpt_root, mb, ga, cuda,
+                                [*rank_callbacks(), callback], trl, transformers),
         ctx, model, ckpt_root, extra, callback, sizes, resume_ckpt, dev_ds is not None, cuda,
         lambda: f"Lower max_seq_len (now {p.max_seq_len}; try {max(256, p.max_seq_len // 2)}), lora_r, or pick a "
                 "smaller base")
+    del zero3_args  # the Trainer's own arguments hold the DeepSpeed config now
     micro_batch, grad_accum = sizes["micro_batch"], sizes["grad_accum"]
     state, final_dev = finish(trainer, ctx, ckpt_root, extra, callback, dev_ds is not None)
     out_dir = ctx.run_dir / ("model" if p.method == "full" else "adapter")
     ctx.progress(trainer.state.global_step, trainer.state.max_steps, "saving the result")
-    trainer.save_model(str(out_dir))
+    trainer.save_model(str(out_dir))  # every rank: ZeRO-3 gathers the shards; rank 0 writes
+    if not main:
+        return {}  # the other ranks only train: rank 0 writes the result and answers the dev prompts
+    if hasattr(ctx, "alone"):
+        ctx.alone()
     tok.save_pretrained(str(out_dir))
     if p.method != "full":
         cfg_path = out_dir / "adapter_config.json"
@@ -426,6 +511,8 @@ def train_loop(make_trainer, ctx, model, ckpt_root: Path, extra, callback, sizes
                 callback.evaluating = None
                 callback.start_dev = m.get("eval_loss")
                 ctx.metric(0, dev_loss=callback.start_dev, perplexity=_ppl(callback.start_dev))
+                if _world() > 1:  # evaluate() marked the model prepared (for inference), and accelerate then skips
+                    trainer.model._is_accelerate_prepared = False  # the DDP wrapper train() needs: ranks would drift
             out = trainer.train(resume_from_checkpoint=str(resume_ckpt) if resume_ckpt else None)
             return trainer, dict(out.metrics), ooms
         except JobCancelled:
@@ -435,6 +522,12 @@ def train_loop(make_trainer, ctx, model, ckpt_root: Path, extra, callback, sizes
             raise
         except torch.OutOfMemoryError:
             step = trainer.state.global_step
+            if _world() > 1:  # the other ranks wait in an all-reduce this one never joins: stop them all
+                raise OutOfMemoryAtMicroBatch1(
+                    f"Out of memory at step {step + 1} on one of the {_world()} devices (micro_batch "
+                    f"{sizes['micro_batch']} per device). Across several devices the studio does not halve the "
+                    "micro-batch mid-run: lower micro_batch and raise grad_accum to keep the effective batch, then "
+                    f"Resume. {advice()}") from None
             model.zero_grad(set_to_none=True)
             if cuda:
                 torch.cuda.empty_cache()
@@ -578,17 +671,29 @@ def _fmt(v):
 
 
 def _save(trainer, ckpt_root: Path, extra, callback) -> dict | None:
-    """A checkpoint at the trainer's step (unless the last recorded one is already there) and its state.json."""
+    """A checkpoint at the trainer's step (unless the last recorded one is already there) and its state.json. With
+    several ranks every one calls this at the same step: each writes its part (its RNG state, its ZeRO shard) and rank
+    0 records the checkpoint once all are written; the others return None."""
     step = trainer.state.global_step
     if step == 0:
         return None
+    _barrier()  # rank 0's last record is complete: every rank reads the same state.json
     state_file = ckpt_root / "state.json"
     if state_file.exists():
         st = json.loads(state_file.read_text())
         if st["step"] == step and (ckpt_root / st["dir"]).exists():
             return st
     trainer._save_checkpoint(trainer.model, trial=None)  # transformers' own checkpoint writer
-    return record_checkpoint(ckpt_root, step, extra())
+    return _record_when_written(ckpt_root, step, extra)
+
+
+def _record_when_written(ckpt_root: Path, step: int, extra) -> dict | None:
+    """record_checkpoint once every rank has written its files (rank 0 hashes them all); the other ranks wait until it
+    is recorded, so none exits (on a cancel) while rank 0 still hashes."""
+    _barrier()
+    state = record_checkpoint(ckpt_root, step, extra()) if _rank() == 0 else None
+    _barrier()
+    return state
 
 
 def trainer_args(p, ckpt_root: Path, micro_batch: int, grad_accum: int, cuda: bool, has_dev: bool) -> dict:
@@ -622,20 +727,31 @@ def trainer_args(p, ckpt_root: Path, micro_batch: int, grad_accum: int, cuda: bo
     )
 
 
-def _trainer(p: Params, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callback, trl,
-             transformers):
-    args = trl.SFTConfig(
-        **trainer_args(p, ckpt_root, micro_batch, grad_accum, cuda, dev_ds is not None),
+def _sft_config(p: Params, ckpt_root: Path, micro_batch: int, grad_accum: int, cuda: bool, has_dev: bool, trl):
+    if p.deepspeed:
+        optim = "adamw_torch"  # ZeRO shards the Trainer's AdamW; a paged 8-bit one is not DeepSpeed's to shard
+    else:
+        optim = ("paged_adamw_8bit" if p.method != "full" else "adamw_torch_fused") if cuda else "adamw_torch"
+    return trl.SFTConfig(
+        **trainer_args(p, ckpt_root, micro_batch, grad_accum, cuda, has_dev),
         lr_scheduler_type=p.scheduler,
-        optim=("paged_adamw_8bit" if p.method != "full" else "adamw_torch_fused") if cuda else "adamw_torch",
+        optim=optim,
         gradient_checkpointing=p.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if p.gradient_checkpointing else None,
         max_length=p.max_seq_len,
         packing=p.packing,
+        ddp_find_unused_parameters=False,  # every LoRA (or full) weight gets a gradient: DDP need not search
+        # ZeRO: the config the launcher's DeepSpeed plugin reads, its "auto" values filled from these arguments
+        deepspeed=str(ckpt_root.parent / distributed.FOLDER / "deepspeed.json") if p.deepspeed else None,
     )
+
+
+def _trainer(p: Params, model, tok, train_ds, dev_ds, ckpt_root, micro_batch, grad_accum, cuda, callbacks: list, trl,
+             transformers):
+    args = _sft_config(p, ckpt_root, micro_batch, grad_accum, cuda, dev_ds is not None, trl)
     transformers.logging.set_verbosity_error()
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=dev_ds,
-                             processing_class=tok, callbacks=[callback])
+                             processing_class=tok, callbacks=callbacks)
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)  # the studio's events say it instead
     return trainer
 
@@ -674,7 +790,7 @@ def _make_callback(ctx, cuda: bool, ckpt_root: Path, extra, resumed_step: int):
 
         def on_save(self, args, state, control, **kw):
             if (ckpt_root / f"checkpoint-{state.global_step}").exists():
-                record_checkpoint(ckpt_root, state.global_step, extra())
+                _record_when_written(ckpt_root, state.global_step, extra)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
