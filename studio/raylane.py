@@ -365,7 +365,9 @@ class RayWorker:
         self.cancel = _Flag(self._send_cancel)
         self.address, self.num_cpus, self.ship = address, num_cpus, ship
         self.num_gpus = num_gpus  # None: 1 when the cluster has GPUs, else 0
-        self._inbox, self._settings = inbox, settings
+        # `settings` (the parent's pid, the idle unload) has nothing to act on here: Ray ends a driver's tasks with
+        # it, and no model outlives its job
+        self._inbox = inbox
         self._chan = None
         self._env: dict = {}
         self._job: str | None = None
@@ -409,24 +411,26 @@ class RayWorker:
 
     def _serve(self) -> None:
         try:
-            ready = self._start()
-        except Exception as e:
-            self._died(f"could not start on Ray at {self.address!r}: {type(e).__name__}: {e}")
-            return
-        self._report(ready)
-        while True:
-            msg = self.inq.get()
-            t = msg.get("type")
-            if t == "stop":
-                break
-            if t == "_kill":
-                self._died("killed while idle")
+            try:
+                ready = self._start()
+            except Exception as e:
+                self._died(f"could not start on Ray at {self.address!r}: {type(e).__name__}: {e}")
                 return
-            if t == "run" and not self._run(msg):
-                return
-            # "settings" and "evict": nothing is kept between jobs on Ray
-        self._close()
-        self.proc.exitcode = 0
+            self._report(ready)
+            while True:
+                msg = self.inq.get()
+                t = msg.get("type")
+                if t == "stop":
+                    self.proc.exitcode = 0
+                    return
+                if t == "_kill":
+                    self._died("killed while idle")
+                    return
+                if t == "run" and not self._run(msg):
+                    return
+                # "settings" and "evict": nothing is kept between jobs on Ray
+        finally:
+            self._close()  # the channel actor goes with this worker (a new one comes with the next)
 
     def _start(self) -> dict:
         connect(self.address)
