@@ -616,6 +616,12 @@ def cmd_test(args) -> int:
     if missing:
         print(f"[studio] {' '.join(missing)} missing, so the tests that need them are skipped. Install with: "
               f"sudo apt-get install {' '.join(missing)}", flush=True)
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:  # optional for users (requirements-ray.txt); the tests cover it
+        print("[studio] installing requirements-ray.txt for the Ray tests …", flush=True)
+        if subprocess.call([sys.executable, "-m", "pip", "install", "-q", "-r", str(ROOT / "requirements-ray.txt")]):
+            print("[studio] Ray could not be installed, so tests/test_ray.py is skipped", flush=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     pytest_args = args.pytest_args or ["-q", "tests"]
     if not any(a.startswith("--timeout") for a in pytest_args):

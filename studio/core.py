@@ -112,7 +112,7 @@ class Lane:
 
 def describe_exit(code: int | None) -> str:
     if code is None:
-        return "exit status unknown"
+        return "stopped (exit status unknown)"
     if code < 0:
         try:
             return f"killed by {signal.Signals(-code).name}"
@@ -133,6 +133,10 @@ class Studio:
             self.store = Store(config.db_path)
         except (sqlite3.Error, OSError) as e:
             raise DataDirError(DataDirError.explain(config.data_dir, e)) from None
+        if not devices and not device and config.ray_address:  # the cluster's cards, read on their nodes
+            from .raylane import ray_devices
+
+            devices = ray_devices(config.ray_address)
         self.devices: list[Device] = list(devices) if devices else [device] if device else detect_all()
         self.device = self.devices[0]
         self.owner = False
@@ -273,7 +277,7 @@ class Studio:
     def _settings(self, lane: Lane) -> dict:
         cuda = getattr(self.devices[lane.index], "cuda_index", None) if lane.index is not None else None
         return {"parent_pid": os.getpid(), "idle_unload_s": self.config.idle_unload_s, "lane": lane.name,
-                "cuda_device": cuda}
+                "cuda_device": cuda, "data_dir": str(self.config.data_dir)}
 
     def _start_worker(self, lane: Lane) -> None:
         self._generation += 1
