@@ -177,3 +177,38 @@ def test_the_job_fails_with_the_error_of_the_rank_that_failed_first(tmp_path):
         f.unlink()
     (tmp_path / "launch.log").write_text("torch.distributed.elastic: failed to bind port\n")
     assert "failed to bind port" in str(distributed._failure(tmp_path, 1, 2))
+
+
+def test_devices_on_a_machine_with_gpus_names_existing_cards_only():
+    assert distributed.parse_devices("all", 4) == [0, 1, 2, 3] and distributed.parse_devices("1, 3", 4) == [1, 3]
+    assert distributed.parse_devices("", 4) is None and distributed.parse_devices("2", 0) == 2
+    assert distributed.processes(distributed.parse_devices("2", 4)) == 1  # with GPUs, "2" is card 2: one process
+    with pytest.raises(ValueError, match="there is no GPU 2; this machine has 2 .ids 0 to 1."):
+        distributed.parse_devices("0,2", 2)
+    with pytest.raises(ValueError, match="names a GPU twice"):
+        distributed.parse_devices("1,1", 2)
+
+
+def test_the_estimate_is_per_device():
+    """DDP: each GPU holds what one GPU holds alone (plus its process's CUDA context); ZeRO shards what it shards;
+    CPU processes share the RAM, a whole copy each."""
+    from studio.config import GiB
+    from studio.device import DeviceReading
+    from studio.params import build
+    from workers.finetune import train
+
+    gpu = DeviceReading(kind="cuda", name="Fake RTX", total=24 * GiB, used=0, free=24 * GiB, studio_used=0,
+                        utilization=0, temperature=40, power_w=30.0, driver="fake", cuda="13.0")
+    ram = DeviceReading(kind="cpu", name="CPU", total=64 * GiB, used=0, free=64 * GiB, studio_used=0, utilization=0)
+
+    def est(device, **kw):
+        return train.estimate(build(train.Params, {"data": "x.jsonl", "method": "lora", **kw}), device)
+
+    one, ddp = est(gpu), est(gpu, devices="0,1")
+    assert ddp.parts["weights"] == one.parts["weights"] and ddp.parts["optimizer"] == one.parts["optimizer"]
+    assert 0 < ddp.total - one.total < 1 * GiB and "per GPU of 2 (DDP)" in ddp.note
+    zero2, zero3 = est(gpu, devices="0,1", deepspeed="zero2"), est(gpu, devices="0,1,2,3", deepspeed="zero3")
+    assert zero2.parts["optimizer"] == one.parts["optimizer"] // 2 and zero2.parts["weights"] == one.parts["weights"]
+    assert zero3.parts["weights"] == one.parts["weights"] // 4 and zero3.total < 0.5 * one.total
+    single, two = est(ram, base="Phi-3-mini-4k-instruct"), est(ram, base="Phi-3-mini-4k-instruct", devices="2")
+    assert two.working > 2 * single.working and "2 CPU processes" in two.note

@@ -222,7 +222,7 @@ def run(p, ctx) -> dict:
             "data_dir": str(ctx.data_dir), "device": ctx.device, "owner": ctx.owner, "parent": me,
             "resumed": [str(resumed[0]) if resumed[0] else None, resumed[1], resumed[2], resumed[3]]}
     (folder / "spec.json").write_text(json.dumps(spec, indent=1, default=str))
-    backend = f"DeepSpeed {p.deepspeed.upper()}" if p.deepspeed else ("DDP (nccl)" if cuda else "DDP (gloo)")
+    backend = f"DeepSpeed ZeRO-{p.deepspeed[-1]}" if p.deepspeed else ("DDP (nccl)" if cuda else "DDP (gloo)")
     ctx.card(distributed={"processes": n, "devices": ids if cuda else "cpu", "backend": backend,
                           "launcher": "accelerate launch", "micro_batch_per_process": p.micro_batch,
                           "effective_batch": p.micro_batch * p.grad_accum * n})

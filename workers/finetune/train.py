@@ -70,11 +70,10 @@ class Params:
     eval_prompts: int = 5  # dev prompts the base and the tuned model answer side by side (ROUGE-L); 0: none
     eval_new_tokens: int = 96  # at most this many tokens per answer (greedy)
     resume_from: str = ""  # a finetune job id whose checkpoint this run continues (set by Resume; also extends a finished run)
-    # "": the worker's one device (as always); on CUDA "0,1" or "all": DDP over those GPUs through accelerate, holding
-    # all of them; on a machine without CUDA a count such as "2": that many CPU processes joined with gloo
-    devices: str = ""
-    # DeepSpeed ZeRO through accelerate over `devices` (zero2: optimizer and gradients sharded; zero3: weights too)
-    deepspeed: Literal["", "zero2", "zero3"] = ""
+    # devices: "" = the worker's one device (as always); on CUDA "0,1" or "all" = DDP over those GPUs through
+    # accelerate, holding all of them; on a machine without CUDA a count such as "2" = that many CPU processes (gloo)
+    devices: str = ""  # where it trains: "", GPU ids or "all", or without CUDA a number of CPU processes
+    deepspeed: Literal["", "zero2", "zero3"] = ""  # ZeRO over devices: zero2 shards optimizer+grads, zero3 weights too
 
     def __post_init__(self):
         for name, lo, hi in [("lora_r", 1, 1024), ("lora_alpha", 1, 4096), ("lora_dropout", 0.0, 0.9),
@@ -148,7 +147,7 @@ def estimate(p: Params, device) -> Estimate:
         sharded = {"zero2": ("grads", "optimizer"), "zero3": ("weights", "grads", "optimizer")}.get(p.deepspeed, ())
         parts = {k: v // n if k in sharded else v for k, v in parts.items()}
         parts["workspace"] += RANK_CONTEXT["cuda"]
-        note += f"; per GPU of {n} ({f'DeepSpeed {p.deepspeed.upper()}' if p.deepspeed else 'DDP'})"
+        note += f"; per GPU of {n} ({f'DeepSpeed ZeRO-{p.deepspeed[-1]}' if p.deepspeed else 'DDP'})"
     elif n > 1:
         parts = {k: v * n for k, v in parts.items()}
         parts["libraries"] = parts.get("libraries", 0) + n * RANK_CONTEXT["cpu"]
