@@ -397,6 +397,7 @@ def _rank_context(spec: dict, rank: int, folder: Path):
             super().__init__(spec["job_id"], spec["kind"], Path(spec["run_dir"]), Path(spec["data_dir"]),
                              spec["device"], CancelFile(folder / "cancel"), owner=spec.get("owner"))
             self.rank = rank
+            self.world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's
 
         def progress(self, done, total=None, message="", **extra):
             self.check_cancel()

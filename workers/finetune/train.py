@@ -293,16 +293,21 @@ def _load_tokenizer(p: Params, source: str):
 
 
 def _rank() -> int:
-    """This process's rank in a multi-process run (torchrun sets RANK); 0 for a single process."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank among the training processes (0 alone)."""
+    import torch.distributed as dist
 
-
-def _local_rank() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _world() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _local_rank() -> int:
+    """The GPU this process trains on among those it sees (torchrun's LOCAL_RANK; 0 alone)."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _barrier() -> None:
@@ -329,8 +334,8 @@ def train_job(p: Params, ctx, resumed: tuple | None = None) -> dict:
     from workers.finetune import data
 
     cuda = ctx.device == "cuda"
-    main = _rank() == 0
-    torch.set_num_threads(p.threads or max(1, (os.cpu_count() or 1) // _world()))  # the cores shared among ranks
+    main = getattr(ctx, "rank", 0) == 0  # a rank's context says which it is; the worker's is the only one
+    torch.set_num_threads(p.threads or max(1, (os.cpu_count() or 1) // getattr(ctx, "world", 1)))  # cores shared
     source = base_source(p.base)
     tok = _load_tokenizer(p, source)
     own_template = data.ensure_template(tok)
