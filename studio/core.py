@@ -139,6 +139,7 @@ class Studio:
             devices = ray_devices(config.ray_address)
         self.devices: list[Device] = list(devices) if devices else [device] if device else detect_all()
         self.device = self.devices[0]
+        self.cuda_count = len(self.devices) if self.device.read().kind == "cuda" else 0  # what devices=0,1 can name
         self.owner = False
         self.admin: str | None = None  # with auth: the user who may do everything (see studio.access)
         # one device worker per device in use, each seeing only its own card; the first one's lane keeps the name
@@ -806,20 +807,26 @@ class Studio:
             if job.kind not in registry.WORKERS:
                 moved = self._start(idle[0], job, []) or moved  # fails it with the reason
                 continue
-            held = self._devices_held(job)
+            try:
+                held = self._devices_held(job)
+            except ValueError as e:  # queued by a studio with other cards
+                self._finish(job.id, JobStatus.FAILED, frm=(JobStatus.QUEUED,), error=str(e))
+                moved = True
+                continue
             lanes = self._lanes_for(job, held)
             if isinstance(lanes, str):
                 self._set_wait(job, lanes)
                 continue
+            several = bool(held) and len(held) > 1
             free = [lane for lane in lanes if lane in idle and lane.name not in kept]
-            if held and len(free) < len(lanes):  # a job that holds several devices waits for all of them
+            if several and len(free) < len(lanes):  # a job that holds several devices waits for all of them
                 kept.update(lane.name for lane in lanes)
                 continue
             if not free:
                 kept.update(lane.name for lane in lanes)
                 continue
             plans, reasons = [], []
-            for lane in free[:1] if held else free:
+            for lane in free[:1] if several else free:
                 plan = self._plan_memory(lane, job)
                 (reasons if isinstance(plan, str) else plans).append((lane, plan))
             if not plans:
@@ -833,17 +840,18 @@ class Studio:
                 return (sum(b for k, b in lane.cache.items() if k in est.models), self._reading(lane.index).free)
 
             lane, evict = max(plans, key=preference)
-            moved = self._start(lane, job, evict, also=[x for x in lanes if x is not lane] if held else []) or moved
+            moved = self._start(lane, job, evict, also=[x for x in lanes if x is not lane] if several else []) or moved
             idle = [x for x in idle if x is not lane and x.held_by is None]
         return moved
 
     def _devices_held(self, job: Job) -> list[int] | None:
-        """The devices a job holds at once (a fine-tune across GPUs: `devices=0,1`), or None for one device."""
+        """The devices a job's own params name (a fine-tune across GPUs: `devices=0,1`; one id: that card), held
+        together while it runs; None when the kind names none (it goes where it fits)."""
         module = registry.module_for(job.kind)
         if not hasattr(module, "devices_of"):
             return None
-        held = module.devices_of(params_mod.build(module.Params, job.resolved or job.params), len(self.devices))
-        return sorted(held) if held and len(held) > 1 else None
+        held = module.devices_of(params_mod.build(module.Params, job.resolved or job.params), self.cuda_count)
+        return sorted(held) if held else None
 
     def _lanes_for(self, job: Job, held: list[int] | None) -> list[Lane] | str:
         """The device lanes a job may start on (its pinned card, the cards it holds, or every card whose budget it
@@ -967,26 +975,29 @@ class Studio:
         it in the queue that can use them too."""
         ahead: dict[str, Job] = {}  # lane name -> the first queued job that can use it
         for job in queued:
+            held = None
             if job.kind not in registry.WORKERS:
                 continue
             if registry.lane_of(job.kind) == "io":
                 lanes = [self.lanes["io"]]
             else:
                 try:
-                    lanes = self._lanes_for(job, self._devices_held(job))
+                    held = self._devices_held(job)
                 except ValueError:
                     continue
+                lanes = self._lanes_for(job, held)
                 if isinstance(lanes, str):
                     continue  # it has its own reason
             before = next((ahead[lane.name] for lane in lanes if lane.name in ahead), None)
             for lane in lanes:
                 ahead.setdefault(lane.name, job)
             busy = [lane for lane in lanes if lane.running or lane.held_by]
+            together = registry.lane_of(job.kind) != "io" and held is not None and len(held) > 1
             if paused:
                 reason = "Queue paused: Resume queue starts it."
             elif before is not None:
                 reason = f"Queued behind job {before.id} ({before.kind})."
-            elif busy and len(busy) == len(lanes):
+            elif busy and (together or len(busy) == len(lanes)):  # a job on several cards waits for each
                 jobs = [f"job {lane.running or lane.held_by}"
                         + (f" on {self.device_label(lane.index)}" if len(self.device_lanes()) > 1 and lane.index
                            is not None else "") for lane in busy]

@@ -14,7 +14,8 @@ from tabs.header import meter_html
 
 
 def register_test_kinds():
-    for kind, module in (("test_steps", "helpers_steps"), ("test_sleeper", "helpers_worker")):
+    for kind, module in (("test_steps", "helpers_steps"), ("test_sleeper", "helpers_worker"),
+                         ("test_multi", "helpers_multi")):
         if kind not in registry.WORKERS:
             registry.register(kind, module)
 
@@ -109,6 +110,24 @@ def test_a_pinned_job_waits_for_its_card_while_others_use_the_free_one(gpus):
     assert again.device_pin == 1 and again.device == 1
 
 
+def test_a_job_holding_two_cards_waits_for_both_and_keeps_both_while_it_runs(gpus):
+    s, _ = gpus
+    first = s.submit("test_steps", {**steps(20, 0.1), "device": 1})
+    wait_for(lambda: s.job(first.id).status is JobStatus.RUNNING, 30, "the job on card 1")
+    both = s.submit("test_multi", {**steps(20, 0.1), "devices": "0,1"})
+    later = s.submit("test_steps", steps(2, 0.05))
+    time.sleep(0.6)  # a few scheduler ticks
+    assert s.job(both.id).status is JobStatus.QUEUED and f"Waiting for job {first.id}" in s.job(both.id).wait_reason
+    assert s.job(later.id).status is JobStatus.QUEUED  # card 0 is idle, but kept for the job ahead of it
+    wait_for(lambda: s.job(both.id).status is JobStatus.RUNNING, 30, "the two-card job")
+    assert {lane.index: lane.running or lane.held_by for lane in s.device_lanes()} == {0: both.id, 1: both.id}
+    assert [row["job"] for row in s.meter()["devices"]] == [both.id, both.id]
+    assert s.job(later.id).status is JobStatus.QUEUED
+    assert s.wait(both.id, 60).status is JobStatus.DONE and s.job(both.id).device == 0  # on the first card's worker
+    assert s.wait(later.id, 30).status is JobStatus.DONE
+    assert not any(lane.held_by for lane in s.device_lanes())
+
+
 def test_killing_one_worker_interrupts_only_its_job(gpus):
     s, _ = gpus
     a, b = s.submit("test_steps", steps(30, 0.1)), s.submit("test_steps", steps(30, 0.1))
@@ -180,3 +199,11 @@ def test_cli_pins_a_job_to_a_device_and_names_the_devices_there_are(tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     bad = cli("run", "selftest", "--param", "device=3", "--data-dir", str(tmp_path))
     assert bad.returncode == 1 and "there is no device 3; this studio has 0: the CPU" in bad.stdout
+
+
+def test_a_finetune_across_gpus_names_the_cards_it_holds():
+    from workers.finetune.train import Params, devices_of
+
+    assert devices_of(Params(devices="0,1"), 2) == [0, 1] and devices_of(Params(devices="all"), 3) == [0, 1, 2]
+    assert devices_of(Params(devices="1"), 2) == [1]  # one card: it runs there, in that card's worker
+    assert devices_of(Params(devices=""), 2) is None and devices_of(Params(devices="2"), 0) is None  # CPU processes

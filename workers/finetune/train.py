@@ -108,6 +108,13 @@ def validate(p: Params, config) -> Params:
     return replace(p, devices=devices) if devices != p.devices else p
 
 
+def devices_of(p: Params, n_devices: int) -> list[int] | None:
+    """The studio's devices (CUDA ids) this run holds while it runs, so the scheduler keeps them all for it and
+    starts it on the first one's worker; None for a run on one device, wherever it fits (or CPU processes)."""
+    parsed = distributed.parse_devices(p.devices, n_devices) if p.devices else None
+    return parsed if isinstance(parsed, list) else None
+
+
 def check_seq_len(max_seq_len: int, text_config: dict, base: str) -> None:
     """A max_seq_len past the positions the model was trained for is refused, naming the most it takes."""
     max_pos = int(text_config.get("max_position_embeddings") or 0)
