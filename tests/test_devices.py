@@ -204,6 +204,6 @@ def test_cli_pins_a_job_to_a_device_and_names_the_devices_there_are(tmp_path):
 def test_a_finetune_across_gpus_names_the_cards_it_holds():
     from workers.finetune.train import Params, devices_of
 
-    assert devices_of(Params(devices="0,1"), 2) == [0, 1] and devices_of(Params(devices="all"), 3) == [0, 1, 2]
-    assert devices_of(Params(devices="1"), 2) == [1]  # one card: it runs there, in that card's worker
-    assert devices_of(Params(devices=""), 2) is None and devices_of(Params(devices="2"), 0) is None  # CPU processes
+    assert devices_of(Params(data="d.jsonl", devices="0,1"), 2) == [0, 1] and devices_of(Params(data="d.jsonl", devices="all"), 3) == [0, 1, 2]
+    assert devices_of(Params(data="d.jsonl", devices="1"), 2) == [1]  # one card: it runs there, in that card's worker
+    assert devices_of(Params(data="d.jsonl", devices=""), 2) is None and devices_of(Params(data="d.jsonl", devices="2"), 0) is None  # CPU processes
