@@ -19,7 +19,7 @@ from .common import (Follow, LivePlot, bind, eta, finished_run, gib, owned_job, 
 # the training params the form sets, each an input of the same name (so a re-attached job fills them by name)
 PARAMS = ("base", "method", "lora_r", "lora_alpha", "lora_dropout", "target_modules", "max_seq_len", "micro_batch",
           "grad_accum", "epochs", "max_steps", "lr", "scheduler", "warmup", "packing", "train_on_prompt",
-          "gradient_checkpointing", "seed", "eval_every", "eval_prompts")
+          "gradient_checkpointing", "seed", "eval_every", "eval_prompts", "devices", "deepspeed")
 # the Train button's inputs: the /finetune_train endpoint's parameters, in this order
 TRAIN_INPUTS = ("data_files", "data_path", "eval_file", "eval_path", *PARAMS)
 CHECK_INPUTS = ("data_files", "data_path", "eval_file", "eval_path", "base", "max_seq_len", "train_on_prompt",
@@ -400,6 +400,12 @@ def build(studio, auth: bool = False) -> dict:
                     packing = gr.Checkbox(False, label="Pack short examples")
                     train_on_prompt = gr.Checkbox(False, label="Train on the prompt too")
                     gradient_checkpointing = gr.Checkbox(True, label="Gradient checkpointing")
+            with gr.Accordion("Several GPUs", open=False):
+                with gr.Row():
+                    devices = gr.Textbox("", label="Devices (empty: one card; 0,1 or all: DDP over those GPUs; "
+                                         "without CUDA a number of CPU processes)")
+                    deepspeed = gr.Dropdown(["", "zero2", "zero3"], value="", label="DeepSpeed ZeRO (needs "
+                                            "pip install deepspeed)")
             with gr.Row():
                 train = gr.Button("Train", variant="primary")
                 cancel = gr.Button("Cancel", variant="stop")
@@ -430,8 +436,8 @@ def build(studio, auth: bool = False) -> dict:
               micro_batch=micro_batch, grad_accum=grad_accum, eval_every=eval_every, eval_prompts=eval_prompts,
               scheduler=scheduler,
               warmup=warmup, seed=seed, packing=packing, train_on_prompt=train_on_prompt,
-              gradient_checkpointing=gradient_checkpointing, train=train, cancel=cancel, resume=resume,
-              status=status, plot=plot, stats=stats, report=report, evaluation=evaluation, runs=runs,
+              gradient_checkpointing=gradient_checkpointing, devices=devices, deepspeed=deepspeed, train=train,
+              cancel=cancel, resume=resume, status=status, plot=plot, stats=stats, report=report, evaluation=evaluation, runs=runs,
               run=run, chat_with_it=chat_with_it, more_epochs=more_epochs, extend=extend, merge=merge, gguf=gguf,
               quant=quant, merge_status=merge_status,
               job_id=job_id)

@@ -196,6 +196,12 @@ def test_train_streams_the_loss_and_the_form_comes_back(served, studio, qa):
     job = studio.job(job_id)
     assert job.status is JobStatus.DONE, job.error
     assert "DONE" in status and "dev loss" in stats and "12 examples" in report
+    try:  # the form's Devices box: GPUs asked for on a machine without CUDA are refused, saying what to give
+        said = json.dumps(client.predict(data_files=[handle_file(str(data))], **{**form, "devices": "0,1"},
+                                         api_name="/finetune_train"))
+    except Exception as e:  # noqa: BLE001 - gr.Error reaches the client as an exception
+        said = str(e)
+    assert "asks for GPUs" in said and "devices=2" in said
     series = {row["series"] for row in plot["value"]["data"]} if isinstance(plot, dict) and "value" in plot else \
         {row[2] for row in plot["data"]}
     assert {"train_loss", "dev_loss"} <= series
