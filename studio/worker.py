@@ -37,15 +37,41 @@ def package_versions(names=CORE_PACKAGES) -> dict[str, str]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """The processes a job started (a multi-process fine-tune's launcher and its ranks), through Linux's per-thread
+    children lists: one small read when there are none, so the 50 ms sampler stays cheap. A process forks from the
+    thread that calls it, and the jobs that start processes do so from their main thread."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                kids = [int(x) for x in f.read().split()]
+        except (OSError, ValueError):
+            kids = []
+        out += kids
+        todo += kids
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def memory_reader(device: str, nvml_index: int | None = None):
-    """A function that returns this process's memory on its device now: NVML's per-process figure on CUDA (what
-    llama.cpp and CTranslate2 allocate too), torch's reserved memory where NVML cannot see the process (containers),
-    the resident set on the CPU."""
+    """A function that returns the memory this process and the processes its job started hold on its device now:
+    NVML's per-process figures on CUDA (what llama.cpp and CTranslate2 allocate too), torch's reserved memory where
+    NVML cannot see the process (containers), resident sets on the CPU."""
     import psutil
 
     proc = psutil.Process()
     if device != "cuda":
-        return lambda: proc.memory_info().rss
+        me = os.getpid()
+        return lambda: proc.memory_info().rss + sum(_rss(k) for k in descendants(me))
     import torch
 
     try:
@@ -58,10 +84,10 @@ def memory_reader(device: str, nvml_index: int | None = None):
         pid = os.getpid()
 
         def read_nvml() -> int:
-            for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h):
-                if p.pid == pid and p.usedGpuMemory:
-                    return p.usedGpuMemory
-            return torch.cuda.memory_reserved()
+            mine = {pid, *descendants(pid)}  # a DDP run's rank on this card is a process of the job's
+            used = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)
+                    if p.pid in mine and p.usedGpuMemory]
+            return sum(used) if used else torch.cuda.memory_reserved()
 
         read_nvml()
         return read_nvml

@@ -207,3 +207,21 @@ def test_a_finetune_across_gpus_names_the_cards_it_holds():
     assert devices_of(Params(data="d.jsonl", devices="0,1"), 2) == [0, 1] and devices_of(Params(data="d.jsonl", devices="all"), 3) == [0, 1, 2]
     assert devices_of(Params(data="d.jsonl", devices="1"), 2) == [1]  # one card: it runs there, in that card's worker
     assert devices_of(Params(data="d.jsonl", devices=""), 2) is None and devices_of(Params(data="d.jsonl", devices="2"), 0) is None  # CPU processes
+
+
+def test_the_peak_counts_the_processes_a_job_starts():
+    """A multi-process fine-tune's ranks are the job's memory too: the worker's reader adds its descendants."""
+    import subprocess
+    import sys
+
+    from studio.worker import descendants, memory_reader
+
+    read = memory_reader("cpu")
+    before = read()
+    child = subprocess.Popen([sys.executable, "-c", "import time; x = bytearray(200 << 20); time.sleep(30)"])
+    try:
+        wait_for(lambda: read() - before > 150 * 2**20, 20, "the child's memory to count")
+        assert child.pid in descendants(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
