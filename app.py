@@ -530,6 +530,9 @@ def launch(demo, studio, openai_api: bool = False, **kwargs):
 
     from tabs.header import GRADIO_STRINGS
 
+    # Gradio's queue re-summarises its past events with pandas (for its monitoring page) after every N events; at
+    # its default of 1 a long-running server pays ~20 ms an event for a page the studio does not use
+    os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "100")
     return demo.queue(default_concurrency_limit=16).launch(
         i18n=gr.I18n(**GRADIO_STRINGS),
         allowed_paths=[str(cfg.runs_dir)],  # so a handler may return a run's file (Gradio copies it to its cache)

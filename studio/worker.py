@@ -220,7 +220,7 @@ def main(inq, conn, cancel_flag, settings: dict[str, Any]) -> None:
         "pid": os.getpid(),
         "device": device,
         "device_name": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__ if torch else None,
+        "torch": str(torch.__version__) if torch else None,
         "torch_cuda": torch.version.cuda if torch else None,
         "baseline": baseline,
     })

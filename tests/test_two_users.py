@@ -6,7 +6,7 @@ import time
 import uuid
 
 import pytest
-from conftest import free_port
+from conftest import FakeNvml, free_port
 
 import app
 from studio import Config, Studio
@@ -76,10 +76,14 @@ class RemoteUser:
 
 @pytest.fixture(scope="module")
 def two_users(tmp_path_factory):
-    s = Studio(Config.load(tmp_path_factory.mktemp("two-users"))).start()
+    # two (fake) cards, so the endpoints a multi-GPU box adds (Settings' per-card table) are swept too
+    s = Studio(Config.load(tmp_path_factory.mktemp("two-users")), devices=[FakeNvml(), FakeNvml()]).start()
     s.admin = "ann"
     s.pause("two-user test: nothing runs")
     anns = s.submit("selftest", {"mib": 1}, owner="ann")
+    # a queued job of a tab's kind with the secret in its params: a tab's attach/follow must not show it to bob
+    s.submit("chat", {"model": "gemma-3-270m-packaged", "prompt": SECRET, "n_ctx": 512, "max_tokens": 4},
+             owner="ann")
     cid = Conversations(s.config.data_dir / "chat.db").create(SECRET, owner="ann")
     Conversations(s.config.data_dir / "chat.db").add(cid, "user", SECRET)
     collections = s.config.data_dir / "rag" / "collections"
@@ -168,4 +172,5 @@ def test_every_endpoint_refuses_bob_what_is_anns(two_users):
     assert not list(studio.config.users_dir.rglob("hostname"))
     assert not list(studio.config.uploads_dir.rglob("hostname"))
     assert studio.config.budget_gb == Config.load(studio.config.data_dir).budget_gb  # settings unchanged
+    assert "/save_device_settings" in endpoints and Config.load(studio.config.data_dir).devices == {}
     assert studio.store.paused  # bob could not resume the queue either
