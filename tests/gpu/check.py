@@ -362,6 +362,57 @@ def asr_checks(args, data_dir: Path, device: str, cache: ModelCache, reading, re
             torch.cuda.empty_cache()
 
 
+class SecondCard:
+    """A fake second card that reads as the real one does (NVML's figures, another name): with it the studio starts
+    a second device worker, so the two-device path runs on a machine with one GPU. Its worker sets no
+    CUDA_VISIBLE_DEVICES (cuda_index None), so its jobs land on the same real card."""
+
+    cuda_index = None
+
+    def __init__(self, real):
+        self.real, self.name = real, "second card (fake)"
+
+    def read(self, pids=()):
+        from dataclasses import replace
+
+        return replace(self.real.read(pids), name=self.name)
+
+
+def two_device_check(args, data: str, summary: dict) -> None:
+    """The multi-GPU scheduler on the real card plus a fake second one: `--two-device-jobs` small Tiny LM jobs
+    submitted at once through a Studio; records which card each ran on, whether the two workers overlapped, the wall
+    time against the jobs' summed run time, and the meter's rows."""
+    from studio import Config, Studio
+
+    real = detect()
+    with tempfile.TemporaryDirectory() as tmp:
+        if not Path(data).exists():  # the synthetic corpus went with main()'s folder
+            from tests.conftest import make_corpus
+
+            data = str(make_corpus(Path(tmp) / "corpus.txt", n_chars=200_000))
+        studio = Studio(Config.load(Path(tmp) / "data"), devices=[real, SecondCard(real)]).start()
+        try:
+            t0 = time.time()
+            while not all(lane.info.ready for lane in studio.device_lanes()) and time.time() - t0 < 300:
+                time.sleep(0.1)
+            t0 = time.time()
+            ids = [studio.submit("tinylm", {"data": data, "preset": "gpu-baby", "max_steps": args.two_device_steps,
+                                            "eval_every": args.two_device_steps, "eval_iters": 5}).id
+                   for _ in range(args.two_device_jobs)]
+            jobs = [studio.wait(i, 1800) for i in ids]
+            wall = time.time() - t0
+            spans = [(j.started, j.finished) for j in jobs if j.started and j.finished]
+            overlap = any(a[0] < b[1] and b[0] < a[1] for k, a in enumerate(spans) for b in spans[k + 1:])
+            row = {"jobs": [{"status": j.status.value, "device": j.device, "seconds": (j.finished or 0) -
+                             (j.started or 0), "peak_gib": (j.peak_bytes or 0) / GiB, "error": j.error} for j in jobs],
+                   "wall_s": wall, "summed_s": sum(b - a for a, b in spans), "overlapped": overlap,
+                   "meter_rows": [r["label"] for r in studio.meter()["devices"]]}
+        finally:
+            studio.shutdown()
+    summary["two_devices"] = row
+    print("two_devices", json.dumps(row), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="TinyShakespeare input.txt (default: a synthetic corpus)")
@@ -386,6 +437,9 @@ def main() -> None:
     ap.add_argument("--asr-steps", type=int, default=5, help="whisper-small full / medium LoRA steps at micro-batch 8 "
                                                              "(0: skip)")
     ap.add_argument("--asr-base", default=None, help=argparse.SUPPRESS)  # a small Whisper folder: CPU smoke run
+    ap.add_argument("--two-device-jobs", type=int, default=4, help="Tiny LM jobs on the real card + a fake second "
+                    "one through the multi-GPU scheduler (0: skip)")
+    ap.add_argument("--two-device-steps", type=int, default=300, help="steps of each of those jobs")
     args = ap.parse_args()
 
     import torch
@@ -597,6 +651,8 @@ def main() -> None:
     summary["gate"] = decisions
     for k, v in decisions.items():
         print(f"gate {k}: {v}")
+    if args.two_device_jobs:
+        two_device_check(args, args.data or "", summary)
     print(json.dumps(summary))
 
 

@@ -25,7 +25,7 @@ Run folder of a `finetune` job (runs/<job id>/):
         checkpoint-<step>/        transformers' Trainer checkpoint (adapter safetensors, optimizer, scheduler, RNG,
                                   trainer_state.json); only the newest is kept
     distributed/                  a run over several processes (devices=0,1 / all / N; workers.finetune.distributed):
-                                  how the worker and the ranks talk (spec.json, accelerate.json, progress.json,
+                                  how the worker and the ranks talk (spec.json, accelerate.json, progress.jsonl,
                                   cancel, result.json, rank<k>.log): see that module's docstring
 
 Another job uses the result through `adapter_dir(run_dir)` (workers.finetune.train): the Chat kind's `adapter=` and

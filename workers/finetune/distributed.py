@@ -13,8 +13,8 @@ The worker and the ranks talk through files in `runs/<job>/distributed/`:
     accelerate.json     the launcher's config (distributed type, processes, port, mixed precision, DeepSpeed file)
     deepspeed.json      the ZeRO config (deepspeed="zero2"/"zero3"), read by accelerate's DeepSpeed plugin and the
                         Trainer
-    progress.json       rank 0's latest progress; the worker relays it to its own ctx.progress (the meter, the UI,
-                        and the worker's cancel point)
+    progress.jsonl      rank 0's progress, a line a call; the worker relays each to its own ctx.progress (the meter,
+                        the UI, and the worker's cancel point), so none is lost between two reads
     cancel              written by the worker when the job is cancelled; the ranks stop at the same micro-batch, rank 0
                         saves the checkpoint as a single-process cancel does, and all exit
     result.json         rank 0's result, which the worker returns
@@ -42,7 +42,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]  # the repository root: the ranks import workers.* and studio.* from it
 MAX_CPU_PROCESSES = 256  # a CPU process count past this is a typo, not a plan
 CANCEL_WAIT_S = 8.0  # ranks still running this long after a cancel are killed; inside the studio's 10 s cancel grace
-RELAY_S = 0.25  # the worker reads rank 0's progress this often: past JobContext.progress's 0.2 s, so none is dropped
+RELAY_S = 0.25  # the worker reads rank 0's new progress lines this often
 CANCELLED_RC = 3  # a rank's exit code after a cancel (non-zero, so torchrun stops the other ranks at once)
 FOLDER = "distributed"
 
@@ -256,26 +256,31 @@ def run(p, ctx) -> dict:
 
 def _follow(proc, ctx, folder: Path) -> None:
     """Relay rank 0's progress to the worker's ctx until the launcher exits; each pass is a cancel point."""
-    seen = None
+    offset = 0
     while proc.poll() is None:
         ctx.check_cancel()
-        seen = _relay(ctx, folder, seen)
+        offset = _relay(ctx, folder, offset)
         time.sleep(RELAY_S)
-    _relay(ctx, folder, seen)
+    _relay(ctx, folder, offset)
 
 
-def _relay(ctx, folder: Path, seen):
+def _relay(ctx, folder: Path, offset: int) -> int:
+    """Pass on every whole progress line rank 0 wrote since `offset` (the ctx keeps its own pace: only the last
+    of a burst and each final "done of total" reach the events); returns the new offset."""
     try:
-        text = (folder / "progress.json").read_text()
+        with open(folder / "progress.jsonl", "rb") as f:
+            f.seek(offset)
+            data = f.read()
     except FileNotFoundError:
-        return seen
-    if text != seen and text:
+        return offset
+    whole = data[:data.rfind(b"\n") + 1]
+    for line in whole.splitlines():
         try:
-            pr = json.loads(text)
-        except ValueError:  # never half-written (os.replace), but a reader must not fail the job on it
-            return seen
+            pr = json.loads(line)
+        except ValueError:  # one write a line, so never half a line; a reader must not fail the job on it anyway
+            continue
         ctx.progress(pr["done"], pr["total"], pr["message"], **pr.get("extra", {}))
-    return text
+    return offset + len(whole)
 
 
 def _process_identity(pid: int) -> list:
@@ -405,10 +410,12 @@ def _rank_context(spec: dict, rank: int, folder: Path):
             if self.rank or (now - self._last_progress < 0.2 and not (total is not None and done >= total)):
                 return
             self._last_progress = now
-            tmp = folder / "progress.json.tmp"
-            tmp.write_text(json.dumps({"done": done, "total": total, "message": message, "extra": extra},
-                                      default=str))
-            os.replace(tmp, folder / "progress.json")
+            line = json.dumps({"done": done, "total": total, "message": message, "extra": extra}, default=str)
+            fd = os.open(folder / "progress.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, (line + "\n").encode())  # one write: the worker never reads half a line
+            finally:
+                os.close(fd)
 
         def metric(self, step, **values):
             if self.rank:
