@@ -786,7 +786,8 @@ class Studio:
             lane.cancel_sent_at = time.monotonic()
             events.append(self.run_dir(lane.running), "log", message="Cancel requested; stopping at the next step.")
         elif lane.cancel_sent_at is not None and time.monotonic() - lane.cancel_sent_at > self.config.cancel_grace_s:
-            log.warning("job %s ignored cancel for %.0f s; killing the worker", lane.running, self.config.cancel_grace_s)
+            log.warning("job %s ignored cancel for %.0f s; killing the worker", lane.running,
+                        self.config.cancel_grace_s)
             w.kill()  # the forwarder reports the death; _worker_died records CANCELLED
 
     def _dispatch(self, lane: Lane, queued: list[Job]) -> bool:

@@ -446,13 +446,25 @@ def wire_training(studio, auth: bool, ui: dict, *, prefix: str, kind: str, api: 
                    [*(ui[n] for n in fix_names), c["fix"]], api_name=f"{api}_apply_fix", show_progress="hidden")
 
     def on_cancel(current, request: gr.Request):
-        if not (current or "").strip():
-            return "No job to cancel."
-        job = studio.cancel(owned_job(studio, current, user_of(request, auth)).id)
-        return progress_html(job) + ("<br>Cancel requested: it stops at the next step and keeps a checkpoint; "
-                                     "Resume continues from it." if not job.status.final else "")
+        yield from cancel_and_follow(studio, current, user_of(request, auth))
 
     c["cancel"].click(on_cancel, c["job_id"], c["status"], api_name=f"{api}_cancel")
+
+
+def cancel_and_follow(studio, current: str, owner: str | None) -> Iterator[str]:
+    """Cancel a training job: the request is shown at once, then its final status (CANCELLED, with Resume's
+    checkpoint) when it stops, so the Cancel button's own event ends on it even when no other stream still follows
+    the job (one that died with a dropped connection)."""
+    if not (current or "").strip():
+        yield "No job to cancel."
+        return
+    job = studio.cancel(owned_job(studio, current, owner).id)
+    yield progress_html(job) + ("<br>Cancel requested: it stops at the next step and keeps a checkpoint; "
+                                "Resume continues from it." if not job.status.final else "")
+    if not job.status.final:
+        for row, _ in watch(studio, job, every=0.5):
+            if row.status.final:
+                yield progress_html(row)
 
 
 def finished_run(studio, owner: str | None, current: str, kind: str, none_yet: str) -> Job:

@@ -13,7 +13,7 @@ import gradio as gr
 
 from studio import Job, JobStatus
 
-from .common import (Follow, LivePlot, bind, eta, finished_run, gib, owned_job, progress_html, resume_run,
+from .common import (Follow, LivePlot, bind, cancel_and_follow, eta, finished_run, gib, progress_html, resume_run,
                      stash_uploads, user_of, watch)
 
 # the training params the form sets, each an input of the same name (so a re-attached job fills them by name)
@@ -437,7 +437,8 @@ def build(studio, auth: bool = False) -> dict:
               scheduler=scheduler,
               warmup=warmup, seed=seed, packing=packing, train_on_prompt=train_on_prompt,
               gradient_checkpointing=gradient_checkpointing, devices=devices, deepspeed=deepspeed, train=train,
-              cancel=cancel, resume=resume, status=status, plot=plot, stats=stats, report=report, evaluation=evaluation, runs=runs,
+              cancel=cancel, resume=resume, status=status, plot=plot, stats=stats, report=report,
+              evaluation=evaluation, runs=runs,
               run=run, chat_with_it=chat_with_it, more_epochs=more_epochs, extend=extend, merge=merge, gguf=gguf,
               quant=quant, merge_status=merge_status,
               job_id=job_id)
@@ -460,11 +461,7 @@ def build(studio, auth: bool = False) -> dict:
                  show_progress="hidden")
 
     def on_cancel(current, request: gr.Request):
-        if not (current or "").strip():
-            return "No job to cancel."
-        job = studio.cancel(owned_job(studio, current, user_of(request, auth)).id)
-        return progress_html(job) + ("<br>Cancel requested: it stops at the next step and keeps a checkpoint; "
-                                     "Resume continues from it." if not job.status.final else "")
+        yield from cancel_and_follow(studio, current, user_of(request, auth))
 
     cancel.click(on_cancel, job_id, status, api_name="finetune_cancel")
 

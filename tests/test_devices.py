@@ -204,9 +204,12 @@ def test_cli_pins_a_job_to_a_device_and_names_the_devices_there_are(tmp_path):
 def test_a_finetune_across_gpus_names_the_cards_it_holds():
     from workers.finetune.train import Params, devices_of
 
-    assert devices_of(Params(data="d.jsonl", devices="0,1"), 2) == [0, 1] and devices_of(Params(data="d.jsonl", devices="all"), 3) == [0, 1, 2]
-    assert devices_of(Params(data="d.jsonl", devices="1"), 2) == [1]  # one card: it runs there, in that card's worker
-    assert devices_of(Params(data="d.jsonl", devices=""), 2) is None and devices_of(Params(data="d.jsonl", devices="2"), 0) is None  # CPU processes
+    def held(devices, n):
+        return devices_of(Params(data="d.jsonl", devices=devices), n)
+
+    assert held("0,1", 2) == [0, 1] and held("all", 3) == [0, 1, 2]
+    assert held("1", 2) == [1]  # one card: it runs there, in that card's worker
+    assert held("", 2) is None and held("2", 0) is None  # CPU processes
 
 
 def test_the_peak_counts_the_processes_a_job_starts():
