@@ -386,7 +386,7 @@ def two_device_check(args, data: str, summary: dict) -> None:
 
     real = detect()
     with tempfile.TemporaryDirectory() as tmp:
-        if not Path(data).exists():  # the synthetic corpus went with main()'s folder
+        if not data or not Path(data).exists():  # the synthetic corpus went with main()'s folder
             from tests.conftest import make_corpus
 
             data = str(make_corpus(Path(tmp) / "corpus.txt", n_chars=200_000))
