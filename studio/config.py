@@ -48,7 +48,9 @@ class Config:
     # per CUDA device, by index: {"1": {"budget_gb": 10, "reserve_gb": 1, "use": false}}; a key left out takes the
     # values above, and "use": false keeps the studio off that card (the one that drives the desktop)
     devices: dict = field(default_factory=dict)
-    ray_address: str = ""  # a Ray cluster ("auto", "ray://host:10001", "local"): device jobs run there as Ray tasks
+    # a Ray cluster ("auto", "ray://host:10001", "local"): device jobs run there as Ray tasks; from --ray only, never
+    # saved, so a later plain start stays on this machine
+    ray_address: str = ""
 
     @property
     def runs_dir(self) -> Path:
@@ -99,7 +101,7 @@ class Config:
         path = cfg.settings_path
         if path.exists():
             saved = json.loads(path.read_text())
-            known = {f.name for f in fields(cls)} - {"data_dir"}
+            known = {f.name for f in fields(cls)} - {"data_dir", "ray_address"}
             types = {f.name: f.type for f in fields(cls)}
             cfg = replace(cfg, **{k: (float(v) if types[k] == "float" else v) for k, v in saved.items() if k in known})
         overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -107,7 +109,7 @@ class Config:
 
     def save(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        data = {k: v for k, v in asdict(self).items() if k != "data_dir"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("data_dir", "ray_address")}
         self.settings_path.write_text(json.dumps(data, indent=2))
 
     def ensure_dirs(self) -> None:

@@ -897,9 +897,12 @@ class Studio:
             module = registry.module_for(job.kind)
             if job.device is not None and job.device != lane.index and hasattr(module, "fit"):
                 # gated on another card: size it to this one (an LLM's GPU layers on a smaller card)
-                try:
-                    _, params, est, budget = self._gate_on(lane.index, module, params_mod.build(
-                        module.Params, job.params), None, True)
+                try:  # from the params as asked, checked again, so "auto" is chosen for this card
+                    p = params_mod.build(module.Params, job.params)
+                    if hasattr(module, "validate"):
+                        checked = module.validate(p, self.config)
+                        p = checked if isinstance(checked, module.Params) else p
+                    _, params, est, budget = self._gate_on(lane.index, module, p, None, True)
                     fields.update(resolved=json.dumps(params), estimate=json.dumps(est.to_dict()),
                                   budget_bytes=budget)
                 except (Refused, ValueError) as e:

@@ -15,7 +15,7 @@ from tabs.header import meter_html
 
 def register_test_kinds():
     for kind, module in (("test_steps", "helpers_steps"), ("test_sleeper", "helpers_worker"),
-                         ("test_multi", "helpers_multi")):
+                         ("test_multi", "helpers_multi"), ("test_fit", "helpers_fit")):
         if kind not in registry.WORKERS:
             registry.register(kind, module)
 
@@ -126,6 +126,23 @@ def test_a_job_holding_two_cards_waits_for_both_and_keeps_both_while_it_runs(gpu
     assert s.wait(both.id, 60).status is JobStatus.DONE and s.job(both.id).device == 0  # on the first card's worker
     assert s.wait(later.id, 30).status is JobStatus.DONE
     assert not any(lane.held_by for lane in s.device_lanes())
+
+
+def test_a_job_sized_for_one_card_is_sized_again_for_the_card_it_starts_on(gpus):
+    s, devs = gpus
+    devs[1].total, devs[1].free = 24 * GiB, 23 * GiB  # the bigger card: the job is gated (and sized) there
+    try:
+        busy = s.submit("test_steps", {**steps(20, 0.1), "device": 1})
+        wait_for(lambda: s.job(busy.id).status is JobStatus.RUNNING, 30, "card 1 busy")
+        job = s.submit("test_fit", {"steps": 2, "seconds": 0.05})
+        assert job.device == 1 and job.resolved["mib"] == (23 * GiB // 8) >> 20
+        done = s.wait(job.id, 30)  # card 1 is busy, so it starts on card 0, sized for card 0's budget
+        assert done.status is JobStatus.DONE and done.device == 0
+        assert done.resolved["mib"] == (11 * GiB // 8) >> 20 and done.budget_bytes == 11 * GiB
+        assert done.params["mib"] == 0  # as asked: Retry sizes it again
+        s.wait(busy.id, 60)
+    finally:
+        devs[1].total = 12 * GiB
 
 
 def test_killing_one_worker_interrupts_only_its_job(gpus):
