@@ -155,6 +155,7 @@ class Studio:
         self._pending: dict[str, dict] = {}  # final outcomes the store could not take yet (disk full): job id -> fields
         self._last_error: str | None = None  # the scheduler's last failure, shown by the meter
         self._wait_written: dict[str, float] = {}  # job id -> when its wait reason was last written
+        self._readings: dict[int, DeviceReading] = {}  # the scheduler pass's device readings (_reading)
         self._shutting_down = False
         self._ended = threading.Condition()  # notified whenever a job ends here: wait() in the owner need not poll
         self._stopping = threading.Event()
@@ -326,15 +327,12 @@ class Studio:
         if "device" in params and "device" not in {f.name for f in dataclasses.fields(module.Params)}:
             asked = params.pop("device")
             device = asked if device is None else device
-        pin = self._pinned_device(device) if registry.uses_device(kind) else None
+        uses_device = registry.uses_device(kind)
+        pin = self._pinned_device(device) if uses_device else None
         p = params_mod.build(module.Params, params)
         requested = params_mod.to_dict(p)
         access.check(self, kind, module, requested, self.user(owner))  # before validate reads any file it names
-        if hasattr(module, "validate"):  # raises on bad input; may return the params with names resolved to paths
-            checked = module.validate(p, self.config)
-            if isinstance(checked, module.Params):
-                p = checked
-        uses_device = registry.uses_device(kind)
+        p = self._validated(module, p)
         if uses_device:
             candidates = [pin] if pin is not None else [lane.index for lane in self.device_lanes()]
             if not candidates:
@@ -370,6 +368,12 @@ class Studio:
         events.append(self.run_dir(job.id), "queued", estimate=est.to_dict())
         self._inbox.put(("wake",))
         return job
+
+    def _validated(self, module, p):
+        """The kind's cheap checks at submit (raise on bad input); they may return the params with names resolved
+        to paths."""
+        checked = module.validate(p, self.config) if hasattr(module, "validate") else None
+        return checked if isinstance(checked, module.Params) else p
 
     def _pinned_device(self, device: int | str | None) -> int | None:
         """The device number a user asked for, checked; None for "wherever it fits"."""
@@ -553,12 +557,15 @@ class Studio:
             mine = self.user(owner).admin  # a remote user sees the device and the queue's length, not others' jobs
             own = [j for j in queued if mine or j.owner == owner]
             visible = {j.id for j in running if mine or j.owner == owner}
-            # one row per device: its memory, budget, worker and the job on it (a remote user sees only hers)
+
+            def job_on(i: int) -> str | None:  # a remote user sees her own job's id, and only "busy" for others'
+                j = (lanes[i].running or lanes[i].held_by) if i in lanes else None
+                return j if j in visible or j is None else "busy"
+
+            # one row per device: its memory, budget, worker and the job on it
             out["devices"] = [{
                 "index": i, "label": self.device_label(i, r), "reading": r.to_dict(),
-                "budget": self.config.budget_bytes(r.total, i), "use": i in lanes,
-                "job": (lambda j: j if j in visible else ("busy" if j else None))(
-                    lanes[i].running or lanes[i].held_by) if i in lanes else None,
+                "budget": self.config.budget_bytes(r.total, i), "use": i in lanes, "job": job_on(i),
                 "cache_bytes": sum(lanes[i].cache.values()) if i in lanes else 0,
                 "ready": lanes[i].info.ready if i in lanes else False,
             } for i, r in enumerate(readings)]
@@ -750,6 +757,7 @@ class Studio:
             self._start_worker(lane)
 
     def _tick(self) -> None:
+        self._readings = {}  # fresh readings for this pass
         paused = self.store.paused
         queued = None
         idle = []
@@ -877,7 +885,10 @@ class Studio:
                         "Cancel drops it."
 
     def _reading(self, index: int) -> DeviceReading:
-        return self.devices[index].read(self.studio_pids())
+        """A device's reading, taken once per scheduler pass (placing, budgets and queue notes all ask for it)."""
+        if index not in self._readings:
+            self._readings[index] = self.devices[index].read(self.studio_pids())
+        return self._readings[index]
 
     def _budget(self, index: int) -> int:
         return self.config.budget_bytes(self._reading(index).total, index)
@@ -898,10 +909,7 @@ class Studio:
             if job.device is not None and job.device != lane.index and hasattr(module, "fit"):
                 # gated on another card: size it to this one (an LLM's GPU layers on a smaller card)
                 try:  # from the params as asked, checked again, so "auto" is chosen for this card
-                    p = params_mod.build(module.Params, job.params)
-                    if hasattr(module, "validate"):
-                        checked = module.validate(p, self.config)
-                        p = checked if isinstance(checked, module.Params) else p
+                    p = self._validated(module, params_mod.build(module.Params, job.params))
                     _, params, est, budget = self._gate_on(lane.index, module, p, None, True)
                     fields.update(resolved=json.dumps(params), estimate=json.dumps(est.to_dict()),
                                   budget_bytes=budget)

@@ -36,6 +36,12 @@ def _device_items(d: dict, budget: int, label: str | None = None) -> list[tuple[
     return items
 
 
+def _running(r: dict) -> tuple[str, bool]:
+    """The header's item for a running job: its kind, its id (optional on a narrow screen) and its progress."""
+    pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
+    return f"running <b>{html.escape(r['kind'])}</b> <code class='meter-opt'>{r['id']}</code>{pct}", False
+
+
 def _spans(items: list[tuple[str, bool]]) -> str:
     return "".join(f"<span class='meter-opt'>{i}</span>" if opt else f"<span>{i}</span>" for i, opt in items if i)
 
@@ -55,10 +61,7 @@ def meter_html(m: dict) -> str:
             if not row["use"]:
                 items.append(("not used (Settings)", False))
             elif job in kinds:
-                r = kinds[job]
-                pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
-                items.append((f"running <b>{html.escape(r['kind'])}</b> <code class='meter-opt'>{job}</code>{pct}",
-                              False))
+                items.append(_running(kinds[job]))
             else:
                 items.append(("busy" if job else "idle", False))
             if row["cache_bytes"]:
@@ -67,13 +70,7 @@ def meter_html(m: dict) -> str:
         items = []
     else:
         items = _device_items(d, m["budget"])
-        if m["running"]:
-            r = m["running"][0]
-            pct = f" {100 * r['progress']:.0f}%" if r["progress"] is not None else ""
-            items.append((f"running <b>{html.escape(r['kind'])}</b> <code class='meter-opt'>{r['id']}</code>{pct}",
-                          False))
-        else:
-            items.append(("idle", False))
+        items.append(_running(m["running"][0]) if m["running"] else ("idle", False))
     q = f"queue {m['queued']}"
     if m["paused"]:
         q += " · <b style='color:#b91c1c'>paused</b>"
